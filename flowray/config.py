@@ -1,0 +1,142 @@
+"""Settings for a flowray cluster, with defaults that suit one machine.
+
+Every limit lives here with its unit in its name, so an operator can find and change
+it in one place. ``Settings.from_env`` reads ``FLOWRAY_*`` variables, which is how the
+CLI, the Ray actors and the tests configure the same code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+DEFAULT_DATA_DIR = "./flowray-data"
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+@dataclass(frozen=True)
+class Settings:
+    data_dir: Path = field(default_factory=lambda: Path(DEFAULT_DATA_DIR))
+    host: str = "127.0.0.1"
+    port: int = 8000
+    groups: int = 2
+    replicas: int = 3
+    shards: int = 8
+    # Empty string: no Redis, use the in-process cache.
+    redis_url: str = DEFAULT_REDIS_URL
+    redis_timeout_s: float = 0.05
+    cache_ttl_s: int = 3600
+    # A block (shard, hour) is sealed once its hour has ended plus this grace period,
+    # so stragglers from clients with late clocks still land in the first pass.
+    seal_grace_s: float = 300.0
+    # A block of an hour long past (backfill, late events) is sealed once no event has
+    # arrived for this long, or once it has been open this long.
+    seal_idle_s: float = 10.0
+    seal_open_max_s: float = 120.0
+    block_bytes_max: int = 256 * 1024 * 1024
+    process_interval_s: float = 5.0
+    reduce_keys: int = 4
+    map_slice_bytes: int = 32 * 1024 * 1024
+    # Ingest limits.
+    body_bytes_max: int = 32 * 1024 * 1024
+    batch_events_max: int = 200_000
+    future_skew_s: float = 300.0
+    commit_timeout_s: float = 10.0
+    rpc_timeout_s: float = 5.0
+    process_timeout_s: float = 600.0
+    # Query limits: the longest range per interval, in days.
+    query_minute_days_max: int = 31
+    query_hour_days_max: int = 3 * 366
+    query_day_days_max: int = 50 * 366
+    num_cpus: int = field(default_factory=lambda: os.cpu_count() or 2)
+
+    def validate(self) -> Settings:
+        if self.replicas < 1 or self.replicas % 2 == 0:
+            raise ValueError(
+                f"replicas must be an odd number (1, 3, 5, ...), got {self.replicas}: "
+                "with an even count a split vote can leave no majority"
+            )
+        if self.groups < 1:
+            raise ValueError(f"groups must be at least 1, got {self.groups}")
+        if self.shards < self.groups:
+            raise ValueError(
+                f"shards ({self.shards}) must be at least groups ({self.groups})"
+            )
+        if not 1 <= self.port <= 65535:
+            raise ValueError(f"port must be 1..65535, got {self.port}")
+        return self
+
+    @property
+    def cluster_file(self) -> Path:
+        return self.data_dir / "cluster.json"
+
+    @property
+    def layout_file(self) -> Path:
+        return self.data_dir / "layout.json"
+
+    @property
+    def warehouse_dir(self) -> Path:
+        return self.data_dir / "warehouse"
+
+    def replica_dir(self, group: int, replica: int) -> Path:
+        return self.data_dir / "groups" / f"g{group:03d}" / f"r{replica}"
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["data_dir"] = str(self.data_dir)
+        return out
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Settings:
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        if "data_dir" in values:
+            values["data_dir"] = Path(values["data_dir"])
+        return cls(**values)
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> Settings:
+        """Defaults, then ``FLOWRAY_<FIELD>`` variables, then explicit overrides."""
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = os.environ.get(f"FLOWRAY_{f.name.upper()}")
+            if raw is None:
+                continue
+            values[f.name] = _coerce(f.type, raw)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        if "data_dir" in values:
+            values["data_dir"] = Path(values["data_dir"])
+        return cls(**values)
+
+    def with_layout(self, layout: dict[str, int]) -> Settings:
+        return replace(self, **layout)
+
+
+def _coerce(type_name: object, raw: str) -> Any:
+    name = str(type_name)
+    if name == "int":
+        return int(raw)
+    if name == "float":
+        return float(raw)
+    if name == "Path":
+        return Path(raw)
+    return raw
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON so readers see the old or the new file, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w") as fh:
+        json.dump(data, fh, indent=2, sort_keys=True)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)

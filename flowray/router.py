@@ -1,0 +1,116 @@
+"""Site routing: a normalized site name, a stable hash, shards, and shard groups.
+
+Python's ``hash()`` is salted per process, so routing uses BLAKE2b, which gives every
+process on every machine the same answer. The shard of a site never changes; the group
+that owns a shard is data (:class:`ShardMap`), so a shard can be moved later.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+SITE_BYTES_MAX = 253
+_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
+
+
+class SiteError(ValueError):
+    """A site name that cannot be a web site's host name."""
+
+
+def normalize_site(raw: object) -> str:
+    """Return the canonical form of a site name, or raise :class:`SiteError`.
+
+    Host names are case-insensitive and may carry a trailing root dot, so both are
+    folded away; internationalized names are stored in their ASCII (IDNA) form so the
+    same site always hashes the same. A URL, a port or a path is refused rather than
+    guessed at: the caller sends the host name.
+    """
+    if not isinstance(raw, str):
+        raise SiteError("site must be a string")
+    site = raw.strip().lower().rstrip(".")
+    if not site:
+        raise SiteError("site is empty")
+    if not site.isascii():
+        try:
+            site = site.encode("idna").decode("ascii")
+        except UnicodeError as exc:
+            raise SiteError(f"site {raw!r} is not a valid host name") from exc
+    if len(site) > SITE_BYTES_MAX:
+        raise SiteError(f"site is longer than {SITE_BYTES_MAX} characters")
+    labels = site.split(".")
+    if not all(_LABEL.match(label) for label in labels):
+        raise SiteError(f"site {raw!r} is not a valid host name")
+    return site
+
+
+def stable_hash64(value: str, salt: bytes = b"") -> int:
+    """A 64-bit hash of ``value`` that is the same in every process and release."""
+    digest = hashlib.blake2b(value.encode("utf-8"), digest_size=8, person=salt[:16])
+    return int.from_bytes(digest.digest(), "little")
+
+
+SHARD_SALT = b"flowray-shard"
+REDUCE_SALT = b"flowray-reduce"
+
+
+def shard_for_site(site: str, shard_count: int) -> int:
+    """The shard (0..shard_count-1) that owns an already normalized site."""
+    if shard_count < 1:
+        raise ValueError("shard_count must be at least 1")
+    return stable_hash64(site, SHARD_SALT) % shard_count
+
+
+def reduce_key_for_site(site: str, key_count: int) -> int:
+    """The reduce key of a site: independent of its shard, so keys spread evenly."""
+    return stable_hash64(site, REDUCE_SALT) % key_count
+
+
+@dataclass(frozen=True)
+class ShardMap:
+    """Which group owns each shard. ``owners[s]`` is the group id of shard ``s``."""
+
+    owners: tuple[int, ...]
+
+    @classmethod
+    def round_robin(cls, shard_count: int, group_count: int) -> ShardMap:
+        """Spread shards evenly: shard s goes to group s mod G (seed: 10 shards, 5 groups)."""
+        if group_count < 1:
+            raise ValueError("group_count must be at least 1")
+        if shard_count < group_count:
+            raise ValueError(
+                f"shards ({shard_count}) must be at least groups ({group_count}): "
+                "a group without a shard would sit idle"
+            )
+        return cls(tuple(s % group_count for s in range(shard_count)))
+
+    @property
+    def shard_count(self) -> int:
+        return len(self.owners)
+
+    @property
+    def group_count(self) -> int:
+        return max(self.owners) + 1
+
+    def group_of_shard(self, shard: int) -> int:
+        return self.owners[shard]
+
+    def shards_of_group(self, group: int) -> list[int]:
+        return [s for s, g in enumerate(self.owners) if g == group]
+
+    def group_of_site(self, site: str) -> int:
+        return self.owners[shard_for_site(site, self.shard_count)]
+
+    def to_json(self) -> list[int]:
+        return list(self.owners)
+
+    @classmethod
+    def from_json(cls, owners: Sequence[int]) -> ShardMap:
+        return cls(tuple(int(g) for g in owners))
+
+
+def shards_of_sites(sites: Iterable[str], shard_count: int) -> dict[str, int]:
+    """Shard of each distinct site; callers hash the distinct values once per batch."""
+    return {site: shard_for_site(site, shard_count) for site in set(sites)}
