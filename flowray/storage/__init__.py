@@ -1,0 +1,1 @@
+"""Durable storage: the replicated raw log (segments) and the Parquet warehouse."""

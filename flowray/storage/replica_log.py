@@ -1,0 +1,246 @@
+"""One replica's copy of a group's replicated log, stored as one segment per block.
+
+A block is (shard, hour, part): the events of one shard whose time falls in one hour,
+in the order they were committed. ``part`` starts at 0 and grows when a block of an
+hour that was already sealed receives late events. Entries carry one global index per
+group, so the files of a replica together hold the log 1..last_index; recovery keeps
+the longest gap-free prefix, since an append touching several files is acknowledged
+only after every file is fsynced.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from flowray.invariant import require
+from flowray.storage import segment
+from flowray.storage.segment import KIND_DATA, KIND_SEAL, Entry, RecordRef
+
+BlockKey = tuple[int, int, int]  # (shard, hour since epoch, part)
+HOUR_MS = 3_600_000
+
+
+def hour_label(hour: int) -> str:
+    return datetime.fromtimestamp(hour * 3600, tz=UTC).strftime("%Y-%m-%dT%H")
+
+
+def block_path(root: Path, key: BlockKey) -> Path:
+    shard, hour, part = key
+    return root / "blocks" / f"s{shard:04d}" / f"{hour_label(hour)}.h{hour}.p{part:04d}.seg"
+
+
+@dataclass
+class BlockInfo:
+    """What the log says about one block: size and whether (and where) it was sealed."""
+
+    key: BlockKey
+    bytes: int = 0
+    entries: int = 0
+    first_index: int = 0
+    last_index: int = 0
+    seal_index: int = 0  # 0 while the block is open
+    refs: list[RecordRef] = field(default_factory=list)
+
+    @property
+    def sealed(self) -> bool:
+        return self.seal_index > 0
+
+
+class ReplicaLog:
+    """Append, truncate and read one replica's log; durable when a call returns."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        (root / "blocks").mkdir(parents=True, exist_ok=True)
+        self._terms: list[int] = [0]  # _terms[i] is the term of entry i; slot 0 unused
+        self._where: list[BlockKey | None] = [None]
+        self._refs: list[RecordRef | None] = [None]
+        self.blocks: dict[BlockKey, BlockInfo] = {}
+        self._fds: dict[BlockKey, int] = {}
+        self._recover()
+
+    # ---- state ---------------------------------------------------------------
+    @property
+    def last_index(self) -> int:
+        return len(self._terms) - 1
+
+    @property
+    def last_term(self) -> int:
+        return self._terms[-1]
+
+    def term_at(self, index: int) -> int:
+        """Term of entry ``index``; 0 for index 0 (the empty prefix)."""
+        require(0 <= index <= self.last_index, f"no entry {index} (last {self.last_index})")
+        return self._terms[index]
+
+    # ---- recovery ------------------------------------------------------------
+    def _recover(self) -> None:
+        refs: list[tuple[RecordRef, BlockKey]] = []
+        for path in sorted((self.root / "blocks").glob("s*/*.seg")):
+            for ref in segment.recover(path):
+                refs.append((ref, (ref.shard, ref.hour, ref.part)))
+        refs.sort(key=lambda pair: pair[0].index)
+        keep = 0
+        for ref, _key in refs:
+            if ref.index != keep + 1:
+                break
+            keep += 1
+        for ref, key in refs[:keep]:
+            self._track(ref, key)
+        if keep < len(refs):
+            self._cut_files_after(keep)
+
+    def _track(self, ref: RecordRef, key: BlockKey) -> None:
+        require(ref.index == self.last_index + 1, "entries must be tracked in index order")
+        require(ref.term >= self.last_term, "terms never decrease along the log")
+        self._terms.append(ref.term)
+        self._where.append(key)
+        self._refs.append(ref)
+        info = self.blocks.get(key)
+        if info is None:
+            info = self.blocks[key] = BlockInfo(key, first_index=ref.index)
+        require(not info.sealed, f"entry {ref.index} appended to sealed block {key}")
+        info.bytes += segment.HEADER_BYTES + ref.length
+        info.entries += 1
+        info.last_index = ref.index
+        info.refs.append(ref)
+        if ref.kind == KIND_SEAL:
+            info.seal_index = ref.index
+
+    # ---- writes --------------------------------------------------------------
+    def append(self, entries: Iterable[Entry]) -> int:
+        """Append entries that extend the log and fsync every touched file.
+
+        Returns the bytes written. Entries must continue the log without a gap.
+        """
+        written = 0
+        touched: set[BlockKey] = set()
+        new_files = False
+        for entry in entries:
+            require(entry.index == self.last_index + 1, f"gap before entry {entry.index}")
+            key = entry.block
+            fd = self._fds.get(key)
+            if fd is None:
+                fd, created = self._open(key)
+                new_files = new_files or created
+            frame = segment.encode(entry)
+            offset = os.lseek(fd, 0, os.SEEK_END)
+            os.write(fd, frame)
+            ref = RecordRef(
+                offset, len(entry.payload), entry.kind, entry.term, entry.index,
+                entry.shard, entry.hour, entry.part,
+            )
+            self._track(ref, key)
+            touched.add(key)
+            written += len(frame)
+        for key in touched:
+            os.fsync(self._fds[key])
+        if new_files:
+            self._fsync_dirs(touched)
+        for key in touched:
+            if self.blocks[key].sealed:
+                self._close(key)
+        return written
+
+    def _open(self, key: BlockKey) -> tuple[int, bool]:
+        path = block_path(self.root, key)
+        created = not path.exists()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+        self._fds[key] = fd
+        return fd, created
+
+    def _close(self, key: BlockKey) -> None:
+        fd = self._fds.pop(key, None)
+        if fd is not None:
+            os.close(fd)
+
+    def _fsync_dirs(self, keys: Iterable[BlockKey]) -> None:
+        dirs = {block_path(self.root, key).parent for key in keys}
+        dirs.add(self.root / "blocks")
+        for d in dirs:
+            dir_fd = os.open(d, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+
+    def truncate_after(self, index: int) -> None:
+        """Drop entries after ``index`` (an uncommitted divergent tail)."""
+        require(0 <= index <= self.last_index, f"cannot truncate after {index}")
+        if index == self.last_index:
+            return
+        self._cut_files_after(index)
+        for i in range(self.last_index, index, -1):
+            key = self._where[i]
+            require(key is not None, "tracked entry without a block")
+            info = self.blocks[key]  # type: ignore[index]
+            ref = info.refs.pop()
+            require(ref.index == i, "block refs out of order")
+            info.bytes -= segment.HEADER_BYTES + ref.length
+            info.entries -= 1
+            info.last_index = info.refs[-1].index if info.refs else 0
+            if info.seal_index == i:
+                info.seal_index = 0
+            if not info.refs:
+                del self.blocks[key]  # type: ignore[arg-type]
+        del self._terms[index + 1 :]
+        del self._where[index + 1 :]
+        del self._refs[index + 1 :]
+
+    def _cut_files_after(self, index: int) -> None:
+        for path in sorted((self.root / "blocks").glob("s*/*.seg")):
+            refs = segment.recover(path)
+            cut = next((r.offset for r in refs if r.index > index), None)
+            if cut is None:
+                continue
+            key = (refs[0].shard, refs[0].hour, refs[0].part)
+            self._close(key)
+            if cut == 0:
+                path.unlink()
+                continue
+            with open(path, "r+b") as fh:
+                fh.truncate(cut)
+                fh.flush()
+                os.fsync(fh.fileno())
+
+    # ---- reads ---------------------------------------------------------------
+    def read(self, from_index: int, bytes_max: int) -> list[Entry]:
+        """Entries from ``from_index`` on, at least one, then up to ``bytes_max`` bytes."""
+        out: list[Entry] = []
+        size = 0
+        fds: dict[BlockKey, int] = {}
+        try:
+            for i in range(from_index, self.last_index + 1):
+                key, ref = self._where[i], self._refs[i]
+                require(key is not None and ref is not None, "tracked entry without a block")
+                assert key is not None and ref is not None  # for the type checker
+                fd = fds.get(key)
+                if fd is None:
+                    fd = fds[key] = os.open(block_path(self.root, key), os.O_RDONLY)
+                entry = segment.read_one(fd, ref)
+                out.append(entry)
+                size += len(entry.payload)
+                if size >= bytes_max:
+                    break
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+        return out
+
+    def block_payloads(self, key: BlockKey, upto_index: int) -> list[bytes]:
+        """The data payloads of a block whose entries up to ``upto_index`` are committed."""
+        info = self.blocks.get(key)
+        if info is None:
+            return []
+        refs = [r for r in info.refs if r.kind == KIND_DATA and r.index <= upto_index]
+        path = block_path(self.root, key)
+        return [e.payload for e in segment.read_entries(path, refs)]
+
+    def close(self) -> None:
+        for key in list(self._fds):
+            self._close(key)

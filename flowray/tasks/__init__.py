@@ -1,0 +1,1 @@
+"""Ray tasks for batch processing: map, reduce, and writing the warehouse."""
