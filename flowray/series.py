@@ -31,7 +31,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import numpy as np
 
-from flowray.invariant import require
+from flowray.invariant import InvariantError, require
 
 INTERVALS = ("minute", "hour", "day")
 
@@ -286,7 +286,8 @@ def _first_change_s(zone: ZoneInfo, a: int, b: int, offset_a: int) -> int:
 
 def _offset_s(zone: ZoneInfo, instant_s: int) -> int:
     offset = datetime.fromtimestamp(instant_s, zone).utcoffset()
-    require(offset is not None, f"zone {zone.key} has no offset at {instant_s}")
+    if offset is None:  # ZoneInfo always has one; this narrows the type for mypy
+        raise InvariantError(f"zone {zone.key} has no offset at {instant_s}")
     return offset // timedelta(seconds=1)
 
 

@@ -373,6 +373,18 @@ def test_every_local_date_has_one_day_bucket(tz: str, day: int) -> None:
     assert len(starts) == len(seen_dates)
 
 
+@pytest.mark.parametrize("tz", ZONES)
+def test_hour_and_day_buckets_over_years(tz: str) -> None:
+    zone = parse_zone(tz)
+    start, end = ms("2010-06-01T00:00+00:00"), ms("2013-06-01T00:00+00:00")
+    for interval in ("hour", "day"):
+        starts = bucket_starts(start, end, interval, zone)
+        assert_aligned(starts.tolist(), tz, interval)
+        gap_max = 90 * MINUTE if interval == "hour" else 50 * HOUR
+        assert int(np.diff(starts).max()) <= gap_max
+        assert labels(starts, zone, interval) == [local(s, tz).isoformat() for s in starts.tolist()]
+
+
 def test_speed_sanity() -> None:
     zone = parse_zone("America/New_York")
     start = parse_time("2015-01-01", zone)

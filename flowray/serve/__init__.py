@@ -1,0 +1,1 @@
+"""The HTTP API: a FastAPI app built by a factory, and the Ray Serve deployment around it."""

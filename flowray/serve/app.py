@@ -1,0 +1,249 @@
+"""The flowray HTTP API, built by a factory that takes its dependencies.
+
+The factory does no I/O of its own: the ingest path, the warehouse, the admin calls
+and the cache come in as arguments, so tests drive the app in-process through
+``httpx.ASGITransport`` with fakes or the real things, and the Ray Serve deployment
+passes handles to the cluster's actors.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import numpy as np
+import orjson
+import pyarrow as pa
+from fastapi import FastAPI, Path, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from flowray import events as ev
+from flowray import series
+from flowray.config import Settings
+from flowray.ingest import Piece, split_batch
+from flowray.router import ShardMap, SiteError, normalize_site
+from flowray.serve.cache import Cache
+from flowray.serve.dashboard import DASHBOARD_HTML
+
+INTERVAL_DAYS_MAX = {"minute": "query_minute_days_max", "hour": "query_hour_days_max",
+                     "day": "query_day_days_max"}
+
+
+class Unavailable(RuntimeError):
+    """A group cannot commit now (no quorum, election, overload): answer 503."""
+
+    def __init__(self, message: str, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class Ingest(Protocol):
+    async def commit(self, pieces: dict[int, list[Piece]]) -> None:
+        """Return once every piece is committed by a majority, or raise Unavailable."""
+
+
+class Minutes(Protocol):
+    def snapshot(self) -> tuple[int, int, int | None]: ...
+
+    def minutes(
+        self, site: str, start_ms: int, end_ms: int, version: int
+    ) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+class Admin(Protocol):
+    async def status(self) -> dict[str, Any]: ...
+
+    async def process(self, mode: str) -> dict[str, Any]: ...
+
+
+class _Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.events = Counter("flowray_ingest_events_total", "Events accepted",
+                              registry=self.registry)
+        self.rejected = Counter("flowray_ingest_rejected_total", "Batches rejected",
+                                ["status"], registry=self.registry)
+        self.commit = Histogram("flowray_ingest_commit_seconds", "Ingest latency to commit",
+                                registry=self.registry,
+                                buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1, 5))
+        self.queries = Counter("flowray_queries_total", "Traffic queries", ["cache"],
+                               registry=self.registry)
+        self.query_s = Histogram("flowray_query_seconds", "Traffic query latency",
+                                 registry=self.registry,
+                                 buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1))
+
+
+def _error(status: int, message: str, **extra: Any) -> JSONResponse:
+    return JSONResponse({"error": message, **extra}, status_code=status)
+
+
+def create_app(
+    *, settings: Settings, shard_map: ShardMap, ingest: Ingest, warehouse: Minutes,
+    admin: Admin, cache: Cache, clock: Callable[[], float] = time.time,
+) -> FastAPI:
+    app = FastAPI(
+        title="flowray",
+        version="0.1.0",
+        description="Minute-by-minute web traffic: ingest page views, query per-site series.",
+    )
+    metrics = _Metrics()
+    app.state.metrics = metrics
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        details = [
+            {"field": ".".join(str(p) for p in e.get("loc", ())), "reason": e.get("msg", "")}
+            for e in exc.errors()
+        ]
+        return _error(422, "invalid request", details=details)
+
+    async def read_body(request: Request) -> bytes | JSONResponse:
+        limit = settings.body_bytes_max
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            return _error(413, f"body larger than {limit} bytes")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                return _error(413, f"body larger than {limit} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def accept(
+        request: Request, parse: Callable[[bytes, ev.Limits], pa.Table]
+    ) -> Response:
+        started = time.perf_counter()
+        body = await read_body(request)
+        if isinstance(body, JSONResponse):
+            metrics.rejected.labels("413").inc()
+            return body
+        limits = ev.Limits(now_ms=int(clock() * 1000),
+                           future_skew_ms=int(settings.future_skew_s * 1000),
+                           batch_events_max=settings.batch_events_max)
+        try:
+            table = parse(body, limits)
+        except ev.BatchRejected as exc:
+            metrics.rejected.labels("422").inc()
+            return _error(
+                422, str(exc), total_errors=exc.total_errors,
+                errors=[{"position": e.position, "reason": e.reason} for e in exc.errors],
+            )
+        try:
+            await ingest.commit(split_batch(table, shard_map))
+        except Unavailable as exc:
+            metrics.rejected.labels("503").inc()
+            return JSONResponse({"error": str(exc)}, status_code=503,
+                                headers={"Retry-After": str(exc.retry_after_s)})
+        metrics.events.inc(table.num_rows)
+        metrics.commit.observe(time.perf_counter() - started)
+        return JSONResponse({"accepted": table.num_rows})
+
+    @app.post("/v1/events", summary="Ingest page-view events (JSON array, object, or NDJSON)",
+              responses={413: {"description": "Body too large"},
+                         422: {"description": "Batch rejected; every bad item listed"},
+                         503: {"description": "No quorum; retry after Retry-After"}})
+    async def post_events(request: Request) -> Response:
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        parse = ev.parse_ndjson_body if ctype == "application/x-ndjson" else ev.parse_json_body
+        return await accept(request, parse)
+
+    @app.post("/v1/logs", summary="Ingest seed-form log lines (text/plain)",
+              responses={413: {"description": "Body too large"},
+                         422: {"description": "Batch rejected; every bad line listed"},
+                         503: {"description": "No quorum; retry after Retry-After"}})
+    async def post_logs(request: Request) -> Response:
+        return await accept(request, ev.parse_seed_body)
+
+    @app.get("/v1/sites/{site}/traffic", summary="A site's traffic series")
+    async def traffic(
+        request: Request,
+        site: str = Path(..., description="The site's host name, e.g. example.com"),
+        start: str = Query(..., description="Inclusive start: ISO-8601, date, or epoch ms"),
+        end: str = Query(..., description="Exclusive end: ISO-8601, date, or epoch ms"),
+        interval: str = Query("minute", description="minute, hour or day"),
+        tz: str = Query("UTC", description="IANA time zone for buckets and labels"),
+        format: str = Query("json", description="json or csv"),
+    ) -> Response:
+        started = time.perf_counter()
+        try:
+            name = normalize_site(site)
+            zone = series.parse_zone(tz)
+            start_ms, end_ms = series.parse_time(start, zone), series.parse_time(end, zone)
+            days_max = getattr(settings, INTERVAL_DAYS_MAX.get(interval, "query_minute_days_max"))
+            series.check_range(start_ms, end_ms, interval, days_max)
+        except (SiteError, series.RangeError) as exc:
+            return _error(422, str(exc))
+        want_csv = format == "csv" or "text/csv" in request.headers.get("accept", "")
+        if format not in ("json", "csv"):
+            return _error(422, "format must be json or csv")
+        generation, version, watermark = warehouse.snapshot()
+        key = f"q1:{generation}:{name}:{start_ms}:{end_ms}:{interval}:{tz}:{int(want_csv)}"
+        body = await cache.get(key)
+        metrics.queries.labels("hit" if body is not None else "miss").inc()
+        if body is None:
+            body = _render(warehouse, name, start_ms, end_ms, interval, zone, tz, version,
+                           watermark, want_csv)
+            await cache.set(key, body, settings.cache_ttl_s)
+        metrics.query_s.observe(time.perf_counter() - started)
+        return Response(body, media_type="text/csv" if want_csv else "application/json")
+
+    @app.get("/healthz", summary="Liveness")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok", "cache": cache.name}
+
+    @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
+    async def prometheus() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/", summary="Dashboard", response_class=HTMLResponse)
+    async def dashboard() -> HTMLResponse:
+        return HTMLResponse(DASHBOARD_HTML)
+
+    @app.get("/v1/admin/status", summary="Groups, replicas, blocks and warehouse versions")
+    async def status() -> dict[str, Any]:
+        out = await admin.status()
+        out["cache"] = cache.name
+        return out
+
+    @app.post("/v1/admin/process", summary="Seal and process due blocks now")
+    async def process(
+        mode: str = Query("closed", description="due, closed (hour over) or all (open too)"),
+    ) -> Response:
+        if mode not in ("due", "closed", "all"):
+            return _error(422, "mode must be one of due, closed, all")
+        try:
+            return JSONResponse(await admin.process(mode))
+        except Unavailable as exc:
+            return JSONResponse({"error": str(exc)}, status_code=503,
+                                headers={"Retry-After": str(exc.retry_after_s)})
+
+    return app
+
+
+def _render(
+    warehouse: Minutes, site: str, start_ms: int, end_ms: int, interval: str, zone: Any,
+    tz: str, version: int, watermark: int | None, want_csv: bool,
+) -> bytes:
+    minute_ms, counts = warehouse.minutes(site, start_ms, end_ms, version)
+    starts, totals = series.dense_series(minute_ms, counts, start_ms, end_ms, interval, zone)
+    labels = series.labels(starts, zone, interval)
+    final_before = watermark if watermark is not None else 0
+    provisional = (starts >= final_before) if watermark is not None else np.ones(len(starts), bool)
+    if want_csv:
+        lines = ["t,count,provisional"]
+        lines += [f"{t},{int(c)},{'true' if p else 'false'}"
+                  for t, c, p in zip(labels, totals.tolist(), provisional.tolist(), strict=True)]
+        return ("\n".join(lines) + "\n").encode()
+    points = [{"t": t, "count": c, "provisional": p}
+              for t, c, p in zip(labels, totals.tolist(), provisional.tolist(), strict=True)]
+    wm = None
+    if watermark is not None:
+        wm = series.labels(np.array([watermark], dtype=np.int64), zone, "minute")[0]
+    return orjson.dumps({"site": site, "interval": interval, "tz": tz, "points": points,
+                         "watermark": wm})
+
