@@ -21,6 +21,8 @@ DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 class Settings:
     data_dir: Path = field(default_factory=lambda: Path(DEFAULT_DATA_DIR))
     host: str = "127.0.0.1"
+    # Ray namespace of the cluster's named actors; one per cluster sharing a Ray instance.
+    namespace: str = "flowray"
     port: int = 8000
     groups: int = 2
     replicas: int = 3

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from flowray.storage.replica_log import BlockInfo, BlockKey
+from flowray.storage.segment import CONTROL_SHARD
 
 HOUR_MS = 3_600_000
 SEAL_MODES = ("due", "closed", "all")
@@ -45,6 +46,8 @@ class BlockTable:
         self.next_part.clear()
         for key, info in sorted(blocks.items()):
             shard, hour, part = key
+            if shard == CONTROL_SHARD:
+                continue
             self.next_part[(shard, hour)] = max(self.next_part.get((shard, hour), 0), part + 1)
             if not info.sealed:
                 self.open[(shard, hour)] = OpenBlock(key, info.bytes, now_ms, now_ms)

@@ -30,7 +30,7 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
-@ray.remote(num_cpus=0, max_restarts=-1)
+@ray.remote(num_cpus=0, max_restarts=0)
 class Processor:
     def __init__(self, settings_json: dict[str, Any], masters: dict[int, Any]) -> None:
         self.settings = Settings.from_json(settings_json)

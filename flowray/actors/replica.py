@@ -331,7 +331,9 @@ class Replica:
         return payloads[slice_no::slices]
 
     def status(self) -> dict[str, Any]:
-        open_blocks = [b for b in self.log.blocks.values() if not b.sealed]
+        open_blocks = [
+            b for b in self.log.blocks.values() if not b.sealed and b.key[0] != CONTROL_SHARD
+        ]
         return {
             "group": self.group, "replica": self.replica, "role": self.role, "term": self.term,
             "last_index": self.log.last_index, "commit_index": self.commit_index,

@@ -78,6 +78,9 @@ class Warehouse:
             self._local.con = con
         return con
 
+    def snapshot(self) -> tuple[int, int, int | None]:
+        return self.catalog.snapshot()
+
     def minutes(
         self, site: str, start_ms: int, end_ms: int, version: int
     ) -> tuple[np.ndarray, np.ndarray]:

@@ -1,0 +1,3 @@
+from flowray.cli import main
+
+main()

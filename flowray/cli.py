@@ -1,0 +1,359 @@
+"""The ``flowray`` command line: run a cluster, feed it, process, query.
+
+Commands that talk to a running cluster find its URL in the data directory (written
+by ``flowray up``) or take ``--url`` / ``FLOWRAY_URL``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import orjson
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from flowray.client import ApiError, Client, ClusterNotFound, find_url
+from flowray.config import DEFAULT_DATA_DIR, Settings, write_json_atomic
+
+app = typer.Typer(help="flowray: minute-by-minute web traffic analytics on Ray.",
+                  no_args_is_help=True, add_completion=False)
+console = Console()
+err = Console(stderr=True)
+
+DataDir = Annotated[Path, typer.Option("--data-dir", envvar="FLOWRAY_DATA_DIR",
+                                       help="Where the cluster keeps its data.")]
+Url = Annotated[str | None, typer.Option("--url", envvar="FLOWRAY_URL",
+                                         help="API URL of a running cluster (default: "
+                                              "the one recorded in --data-dir).")]
+UP_TIMEOUT_S = 180.0
+DOWN_TIMEOUT_S = 60.0
+BAD_LINES_SHOWN_MAX = 20
+
+
+def _fail(message: str, code: int = 1) -> None:
+    err.print(f"[red]error:[/red] {message}")
+    raise typer.Exit(code)
+
+
+def _client(data_dir: Path, url: str | None) -> Client:
+    try:
+        return Client(find_url(data_dir, url), token=os.environ.get("FLOWRAY_TOKEN")
+                      or os.environ.get("FLOWRAY_ADMIN_TOKEN"))
+    except ClusterNotFound as exc:
+        _fail(str(exc))
+        raise  # unreachable; for the type checker
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _session_pids(sid: int) -> list[int]:
+    """Pids of the processes in session ``sid`` (Linux /proc; empty elsewhere)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == sid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def _record(data_dir: Path) -> dict[str, Any] | None:
+    path = data_dir / "cluster.json"
+    if not path.exists():
+        return None
+    record: dict[str, Any] = json.loads(path.read_text())
+    return record
+
+
+@app.command()
+def up(
+    data_dir: DataDir = Path(DEFAULT_DATA_DIR),
+    port: Annotated[int, typer.Option(help="HTTP port of the API.")] = 8000,
+    groups: Annotated[int, typer.Option(help="Shard groups.")] = 2,
+    replicas: Annotated[int, typer.Option(help="Replicas per group (odd).")] = 3,
+    shards: Annotated[int, typer.Option(help="Shards (fixed once data exists).")] = 8,
+    detach: Annotated[bool, typer.Option(help="Return once the API answers.")] = False,
+) -> None:
+    """Start a local Ray cluster (or join RAY_ADDRESS), the shard groups and the API."""
+    data_dir = data_dir.resolve()
+    record = _record(data_dir)
+    if record and _pid_alive(int(record["pid"])):
+        _fail(f"a cluster is already running for {data_dir} at {record['url']} "
+              f"(pid {record['pid']}); stop it with 'flowray down'")
+    try:
+        settings = Settings.from_env(data_dir=data_dir, port=port, groups=groups,
+                                     replicas=replicas, shards=shards).validate()
+    except ValueError as exc:
+        _fail(str(exc))
+        return
+    if detach:
+        _up_detached(settings)
+        return
+    _up_foreground(settings)
+
+
+def _up_detached(settings: Settings) -> None:
+    logs = settings.data_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    log_path = logs / "up.log"
+    args = [sys.executable, "-m", "flowray", "up", "--data-dir", str(settings.data_dir),
+            "--port", str(settings.port), "--groups", str(settings.groups),
+            "--replicas", str(settings.replicas), "--shards", str(settings.shards)]
+    with open(log_path, "ab") as out:
+        child = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT,
+                                 stdin=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + UP_TIMEOUT_S
+    url = f"http://{settings.host}:{settings.port}"
+    with Client(url) as client:
+        while time.monotonic() < deadline:
+            if child.poll() is not None:
+                tail = log_path.read_text()[-3000:]
+                _fail(f"flowray up exited with {child.returncode}; log {log_path}:\n{tail}")
+            record = _record(settings.data_dir)
+            if record and record.get("pid") == child.pid and client.healthy():
+                console.print(f"flowray is up at {url} (pid {child.pid}, log {log_path})")
+                return
+            time.sleep(0.5)
+    _fail(f"the API did not answer within {UP_TIMEOUT_S:.0f} s; see {log_path}")
+
+
+def _up_foreground(settings: Settings) -> None:
+    if not os.environ.get("RAY_ADDRESS"):
+        # Read by Ray at import: a local single-node Ray then binds only to loopback.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    from flowray import cluster
+    from flowray.serve.cache import redis_answers
+
+    if not redis_answers(settings.redis_url):
+        console.print(f"no Redis at {settings.redis_url or '(none)'}: using the in-process cache")
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        running = cluster.start(settings)
+    except cluster.LayoutError as exc:
+        _fail(str(exc))
+        return
+    url = f"http://{settings.host}:{settings.port}"
+    write_json_atomic(settings.cluster_file, {
+        "pid": os.getpid(), "url": url, "data_dir": str(settings.data_dir),
+        "started_ms": int(time.time() * 1000), "ray_pids": _ray_child_pids(),
+    })
+    console.print(f"flowray is serving {url} (data in {settings.data_dir}); Ctrl-C to stop")
+    try:
+        while not stop.wait(1.0):
+            pass
+    finally:
+        console.print("stopping flowray ...")
+        cluster.stop(running)
+        import ray
+
+        ray.shutdown()
+        with contextlib.suppress(FileNotFoundError):
+            settings.cluster_file.unlink()
+
+
+def _ray_child_pids() -> list[int]:
+    """Pids of the Ray processes this process started (empty when it joined a cluster)."""
+    try:
+        import ray
+
+        node = ray._private.worker._global_node  # noqa: SLF001 - no public API for this
+        if node is None or not node.head:
+            return []
+        return [int(info.process.pid) for infos in node.all_processes.values()
+                for info in infos if info.process is not None]
+    except Exception:  # best effort: down falls back to the main pid only
+        return []
+
+
+@app.command()
+def down(data_dir: DataDir = Path(DEFAULT_DATA_DIR)) -> None:
+    """Stop the cluster that 'flowray up' started for this data directory."""
+    data_dir = data_dir.resolve()
+    record = _record(data_dir)
+    if record is None:
+        _fail(f"no running cluster recorded in {data_dir}")
+        return
+    pid = int(record["pid"])
+    if _pid_alive(pid):
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + DOWN_TIMEOUT_S
+        while _pid_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if _pid_alive(pid):
+            err.print(f"pid {pid} did not stop in {DOWN_TIMEOUT_S:.0f} s; killing it")
+            os.kill(pid, signal.SIGKILL)
+    # 'up --detach' runs in a session of its own: whatever is left in it (Ray agents
+    # that outlive their raylet) was started by us, and nothing else is in it.
+    leftovers = set(_session_pids(pid)) | {int(p) for p in record.get("ray_pids", [])}
+    for child in sorted(leftovers):
+        if child != os.getpid() and _pid_alive(child):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGKILL)
+    with contextlib.suppress(FileNotFoundError):
+        (data_dir / "cluster.json").unlink()
+    console.print("flowray is down")
+
+
+@app.command()
+def status(
+    data_dir: DataDir = Path(DEFAULT_DATA_DIR), url: Url = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Every group's replicas (role, term, last and committed index, pid, node) and more."""
+    with _client(data_dir, url) as client:
+        try:
+            body = client.status()
+        except (ApiError, OSError) as exc:
+            _fail(str(exc))
+            return
+    if as_json:
+        console.print_json(data=body)
+        return
+    table = Table(title="flowray groups")
+    for col in ("group", "replica", "role", "term", "last", "committed", "pid", "node",
+                "open", "sealed"):
+        table.add_column(col)
+    for group in body["groups"]:
+        for r in group["replicas"]:
+            table.add_row(*(str(r.get(k, "-")) for k in (
+                "group", "replica", "role", "term", "last_index", "commit_index", "pid")),
+                str(r.get("node", "-"))[:12], str(r.get("blocks_open", "-")),
+                str(r.get("blocks_sealed", "-")))
+    console.print(table)
+    proc = body.get("processor", {})
+    console.print(f"warehouse: {proc.get('catalog')}  jobs: {proc.get('jobs')}  "
+                  f"last job: {proc.get('last_job')}  cache: {body.get('cache')}")
+    if proc.get("last_error"):
+        console.print(f"[yellow]last processing error:[/yellow] {proc['last_error']}")
+
+
+def _event_dicts(table: Any) -> list[dict[str, Any]]:
+    return [{k: v for k, v in row.items() if v is not None} for row in table.to_pylist()]
+
+
+@app.command()
+def ingest(
+    files: Annotated[list[Path], typer.Argument(help="Log files (plain or .gz).")],
+    data_dir: DataDir = Path(DEFAULT_DATA_DIR), url: Url = None,
+    format: Annotated[str, typer.Option(help="auto, seed, combined or ndjson.")] = "auto",
+    site: Annotated[str | None, typer.Option(help="Site of every event (needed for "
+                                                  "combined logs).")] = None,
+    batch: Annotated[int, typer.Option(help="Events per request.")] = 5000,
+) -> None:
+    """Stream events from files to the API, with a progress bar; bad lines are reported."""
+    from flowray import events as ev
+
+    if format not in ev.FORMATS:
+        _fail(f"--format must be one of {', '.join(ev.FORMATS)}")
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        _fail(f"no such file: {', '.join(missing)}")
+    accepted, bad_total = 0, 0
+    with _client(data_dir, url) as client, Progress(
+        TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
+        console=err,
+    ) as progress:
+        for path in files:
+            task = progress.add_task(path.name, total=path.stat().st_size)
+            limits = ev.Limits(now_ms=int(time.time() * 1000))
+            try:
+                chunks = ev.iter_file(path, format, limits, site=site, chunk_lines=batch)
+                for chunk in chunks:
+                    for item in chunk.bad:
+                        bad_total += 1
+                        if bad_total <= BAD_LINES_SHOWN_MAX:
+                            progress.console.print(f"{path}:{item.position}: {item.reason}")
+                    if chunk.events.num_rows:
+                        accepted += client.send_events(_event_dicts(chunk.events))
+                    progress.update(task, advance=chunk.bytes)
+            except (ValueError, ApiError, OSError) as exc:
+                _fail(f"{path}: {exc}")
+    if bad_total > BAD_LINES_SHOWN_MAX:
+        err.print(f"... and {bad_total - BAD_LINES_SHOWN_MAX} more bad lines")
+    console.print(f"accepted {accepted} events; {bad_total} bad lines skipped")
+
+
+@app.command()
+def process(
+    data_dir: DataDir = Path(DEFAULT_DATA_DIR), url: Url = None,
+    all_blocks: Annotated[bool, typer.Option("--all", help="Also seal blocks of hours "
+                                                            "that are still open.")] = False,
+) -> None:
+    """Seal and process every block that is due now (normally automatic)."""
+    with _client(data_dir, url) as client, err.status("processing ..."):
+        try:
+            result = client.process("all" if all_blocks else "closed")
+        except (ApiError, OSError) as exc:
+            _fail(str(exc))
+            return
+    console.print(f"processed {result['blocks']} blocks into {result['units']} units "
+                  f"({result['events']} events) in {result['seconds']} s; "
+                  f"generation {result['generation']}")
+
+
+@app.command()
+def query(
+    site: Annotated[str, typer.Argument(help="The site, e.g. example.com")],
+    start: Annotated[str, typer.Option(help="Inclusive start (ISO-8601, date, epoch ms).")],
+    end: Annotated[str, typer.Option(help="Exclusive end (ISO-8601, date, epoch ms).")],
+    data_dir: DataDir = Path(DEFAULT_DATA_DIR), url: Url = None,
+    interval: Annotated[str, typer.Option(help="minute, hour or day.")] = "minute",
+    tz: Annotated[str, typer.Option(help="IANA time zone.")] = "UTC",
+    format: Annotated[str, typer.Option(help="table, json or csv.")] = "table",
+) -> None:
+    """A site's traffic series."""
+    if format not in ("table", "json", "csv"):
+        _fail("--format must be one of table, json, csv")
+    params = {"start": start, "end": end, "interval": interval, "tz": tz}
+    with _client(data_dir, url) as client:
+        try:
+            if format == "csv":
+                sys.stdout.write(client.traffic_text(site, format="csv", **params))
+                return
+            body = client.traffic(site, **params)
+        except (ApiError, OSError) as exc:
+            _fail(str(exc))
+            return
+    if format == "json":
+        sys.stdout.write(orjson.dumps(body, option=orjson.OPT_INDENT_2).decode() + "\n")
+        return
+    table = Table(title=f"{body['site']} per {interval} ({tz})")
+    table.add_column("t")
+    table.add_column("count", justify="right")
+    table.add_column("provisional")
+    for p in body["points"]:
+        table.add_row(p["t"], str(p["count"]), "yes" if p["provisional"] else "")
+    console.print(table)
+    total = sum(p["count"] for p in body["points"])
+    console.print(f"total {total}; final up to {body['watermark']}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+"""A small HTTP client for a running flowray cluster, used by the CLI and the tests.
+
+Writes are retried on 503 and connection errors with the same bytes, so events that
+carry ids are counted once however many times a batch is sent.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+RETRIES_MAX = 8
+BACKOFF_S_MAX = 5.0
+
+
+class ClusterNotFound(RuntimeError):
+    pass
+
+
+class ApiError(RuntimeError):
+    def __init__(self, status: int, body: Any) -> None:
+        message = body.get("error") if isinstance(body, dict) else str(body)
+        super().__init__(f"HTTP {status}: {message}")
+        self.status = status
+        self.body = body
+
+
+def find_url(data_dir: Path, url: str | None) -> str:
+    """The API's URL: given explicitly, or recorded by ``flowray up`` in the data dir."""
+    if url:
+        return url.rstrip("/")
+    record = data_dir / "cluster.json"
+    if not record.exists():
+        raise ClusterNotFound(
+            f"no running cluster recorded in {data_dir} (start one with 'flowray up "
+            f"--data-dir {data_dir}', or pass --url)"
+        )
+    return str(json.loads(record.read_text())["url"]).rstrip("/")
+
+
+class Client:
+    def __init__(self, url: str, token: str | None = None, timeout_s: float = 60.0) -> None:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.http = httpx.Client(base_url=url, timeout=timeout_s, headers=headers)
+
+    def close(self) -> None:
+        self.http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def _json(self, response: httpx.Response) -> Any:
+        try:
+            body = response.json()
+        except ValueError:
+            body = response.text
+        if response.status_code >= 400:
+            raise ApiError(response.status_code, body)
+        return body
+
+    def post_with_retry(self, path: str, content: bytes, content_type: str) -> Any:
+        """POST, retrying 503s and transport errors with backoff; other errors raise."""
+        delay = 0.2
+        for attempt in range(RETRIES_MAX + 1):
+            try:
+                response = self.http.post(path, content=content,
+                                          headers={"Content-Type": content_type})
+            except httpx.TransportError:
+                if attempt == RETRIES_MAX:
+                    raise
+            else:
+                if response.status_code != 503 or attempt == RETRIES_MAX:
+                    return self._json(response)
+                delay = float(response.headers.get("Retry-After", delay))
+            time.sleep(min(delay, BACKOFF_S_MAX))
+            delay = min(delay * 2, BACKOFF_S_MAX)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def send_events(self, events: list[dict[str, Any]]) -> int:
+        import orjson
+
+        body = b"\n".join(orjson.dumps(e) for e in events)
+        return int(self.post_with_retry("/v1/events", body, "application/x-ndjson")["accepted"])
+
+    def traffic(self, site: str, **params: Any) -> Any:
+        return self._json(self.http.get(f"/v1/sites/{site}/traffic", params=params))
+
+    def traffic_text(self, site: str, **params: Any) -> str:
+        response = self.http.get(f"/v1/sites/{site}/traffic", params=params)
+        if response.status_code >= 400:
+            self._json(response)
+        return response.text
+
+    def status(self) -> Any:
+        return self._json(self.http.get("/v1/admin/status"))
+
+    def process(self, mode: str = "closed") -> Any:
+        return self._json(self.http.post("/v1/admin/process", params={"mode": mode},
+                                         timeout=900))
+
+    def healthy(self) -> bool:
+        try:
+            return self.http.get("/healthz", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False

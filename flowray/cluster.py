@@ -1,0 +1,127 @@
+"""Start and stop a flowray cluster on Ray: replicas, processor, Serve app.
+
+Used by ``flowray up`` (which then waits for a signal) and by the tests (which share
+one Ray instance per session). Everything it starts is named in the cluster's Ray
+namespace, so ``stop`` ends exactly what ``start`` began and nothing else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from dataclasses import dataclass, replace
+from typing import Any
+
+import ray
+from ray import serve
+
+from flowray.actors.processor import Processor
+from flowray.actors.replica import Replica, actor_name
+from flowray.config import Settings, write_json_atomic
+from flowray.serve.deployment import PROCESSOR_NAME, SETTINGS_ENV, Api
+
+APP_NAME = "flowray"
+START_TIMEOUT_S = 120.0
+LAYOUT_KEYS = ("groups", "replicas", "shards")
+
+
+class LayoutError(ValueError):
+    """The data directory was made with another shard layout."""
+
+
+def init_ray(settings: Settings) -> None:
+    """Join the cluster in RAY_ADDRESS, or start a local Ray bound to 127.0.0.1."""
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], namespace=settings.namespace)
+        return
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    ray.init(
+        num_cpus=settings.num_cpus,
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        namespace=settings.namespace,
+        object_store_memory=1024 * 1024 * 1024,
+        logging_level="WARNING",
+    )
+
+
+def settle_layout(settings: Settings) -> Settings:
+    """The shard layout is fixed by the first ``up`` over a data directory.
+
+    A site's shard depends on the shard count, so a different count over old data
+    would route sites to shards that do not hold their history.
+    """
+    settings.validate()
+    path = settings.layout_file
+    wanted = {k: getattr(settings, k) for k in LAYOUT_KEYS}
+    if path.exists():
+        stored = json.loads(path.read_text())
+        if stored != wanted:
+            raise LayoutError(
+                f"{settings.data_dir} holds data made with {stored}; "
+                f"start with those values or use another --data-dir"
+            )
+    else:
+        write_json_atomic(path, wanted)
+    return settings
+
+
+@dataclass
+class Cluster:
+    settings: Settings
+    replicas: dict[tuple[int, int], Any]
+    processor: Any
+
+    @property
+    def masters(self) -> dict[int, Any]:
+        return {g: self.replicas[(g, 0)] for g in range(self.settings.groups)}
+
+
+def start(settings: Settings, serve_app: bool = True) -> Cluster:
+    """Create the groups, elect their masters, start the processor and the API."""
+    settle_layout(settings)
+    settings = replace(settings, data_dir=settings.data_dir.resolve())
+    init_ray(settings)
+    blob = settings.to_json()
+    ns = settings.namespace
+    replicas = {
+        (g, r): Replica.options(name=actor_name(g, r), namespace=ns).remote(blob, g, r)
+        for g in range(settings.groups)
+        for r in range(settings.replicas)
+    }
+    ray.get(
+        [
+            replicas[(g, 0)].become_master.remote(
+                {r: replicas[(g, r)] for r in range(1, settings.replicas)}
+            )
+            for g in range(settings.groups)
+        ],
+        timeout=START_TIMEOUT_S,
+    )
+    masters = {g: replicas[(g, 0)] for g in range(settings.groups)}
+    processor = Processor.options(name=PROCESSOR_NAME, namespace=ns).remote(blob, masters)
+    ray.get(processor.start.remote(), timeout=START_TIMEOUT_S)
+    if serve_app:
+        serve.start(http_options={"host": settings.host, "port": settings.port})
+        app = Api.options(
+            ray_actor_options={
+                "num_cpus": 0,
+                "runtime_env": {"env_vars": {SETTINGS_ENV: json.dumps(blob)}},
+            }
+        ).bind()
+        serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
+    return Cluster(settings, replicas, processor)
+
+
+def stop(cluster: Cluster, serve_app: bool = True) -> None:
+    """Stop the API, the processor and the replicas this cluster started."""
+    if serve_app:
+        with contextlib.suppress(Exception):  # Serve already gone: nothing left to stop
+            serve.delete(APP_NAME)
+    with contextlib.suppress(Exception):  # the processor died already
+        ray.get(cluster.processor.stop.remote(), timeout=10)
+    for handle in [cluster.processor, *cluster.replicas.values()]:
+        ray.kill(handle, no_restart=True)

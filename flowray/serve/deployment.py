@@ -1,0 +1,145 @@
+"""The Ray Serve deployment: the app factory, fed with handles to the cluster's actors.
+
+Serve evaluates ``build_app`` on each replica, so every replica has its own DuckDB
+connections, cache client and actor handles. Settings travel in an environment
+variable of the replica's runtime environment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from typing import Any
+
+import ray
+from fastapi import FastAPI
+from ray import serve
+from ray.exceptions import GetTimeoutError, RayActorError
+
+from flowray.actors.replica import NoQuorum, NotMaster, Overloaded, actor_name
+from flowray.config import Settings
+from flowray.ingest import Piece
+from flowray.router import ShardMap
+from flowray.serve.app import Unavailable, create_app
+from flowray.serve.cache import make_cache
+from flowray.storage.warehouse import Warehouse
+
+SETTINGS_ENV = "FLOWRAY_SETTINGS_JSON"
+LOCAL_MODE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def _bind_replica_grpc_to_loopback() -> None:
+    """In local mode, keep Serve's inter-deployment gRPC server on 127.0.0.1.
+
+    Ray 2.60 binds each Serve replica's internal gRPC server to ``[::]:0`` whatever
+    the node address is; a local flowray must listen on loopback only. The wrapper
+    changes only that wildcard address and only when Ray runs single-node on loopback.
+    """
+    if os.environ.get(LOCAL_MODE_ENV) != "0":
+        return
+    from ray.serve._private import replica as serve_replica
+
+    original = getattr(serve_replica, "add_port_to_grpc_server", None)
+    if original is None or getattr(original, "_flowray_loopback", False):
+        return
+
+    def loopback(server: Any, address: str) -> Any:
+        if address.startswith("[::]:"):
+            address = "127.0.0.1:" + address.rsplit(":", 1)[1]
+        return original(server, address)
+
+    loopback._flowray_loopback = True  # type: ignore[attr-defined]
+    serve_replica.add_port_to_grpc_server = loopback
+
+
+_bind_replica_grpc_to_loopback()
+PROCESSOR_NAME = "flowray-processor"
+_UNAVAILABLE = (NotMaster, NoQuorum, Overloaded, RayActorError, GetTimeoutError, TimeoutError)
+
+
+class RayIngest:
+    """Sends each group's pieces to its master and waits for every commit."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.masters = {
+            g: ray.get_actor(actor_name(g, 0), namespace=settings.namespace)
+            for g in range(settings.groups)
+        }
+
+    async def commit(self, pieces: dict[int, list[Piece]]) -> None:
+        calls = [
+            self.masters[g].propose.remote([(p.shard, p.hour, p.payload) for p in group_pieces])
+            for g, group_pieces in pieces.items()
+        ]
+        timeout = self.settings.commit_timeout_s + self.settings.rpc_timeout_s
+        try:
+            await asyncio.wait_for(asyncio.gather(*calls), timeout)
+        except _UNAVAILABLE as exc:
+            raise Unavailable(f"write not committed: {type(exc).__name__}: {exc}") from exc
+
+
+class RayAdmin:
+    """Status of every replica and the processor, and on-demand processing."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        ns = settings.namespace
+        self.replicas = {
+            (g, r): ray.get_actor(actor_name(g, r), namespace=ns)
+            for g in range(settings.groups)
+            for r in range(settings.replicas)
+        }
+        self.processor = ray.get_actor(PROCESSOR_NAME, namespace=ns)
+
+    async def _ask(self, call: Any, timeout: float) -> Any:
+        try:
+            return await asyncio.wait_for(call, timeout)
+        except _UNAVAILABLE as exc:
+            return {"status": "down", "error": f"{type(exc).__name__}: {exc}"}
+
+    async def status(self) -> dict[str, Any]:
+        timeout = self.settings.rpc_timeout_s
+        answers = await asyncio.gather(
+            *(self._ask(h.status.remote(), timeout) for h in self.replicas.values())
+        )
+        groups: dict[int, list[dict[str, Any]]] = {}
+        for (g, r), answer in zip(self.replicas, answers, strict=True):
+            answer.setdefault("group", g)
+            answer.setdefault("replica", r)
+            groups.setdefault(g, []).append(answer)
+        processor = await self._ask(self.processor.status.remote(), timeout)
+        return {
+            "groups": [{"group": g, "replicas": reps} for g, reps in sorted(groups.items())],
+            "processor": processor,
+            "layout": {"groups": self.settings.groups, "replicas": self.settings.replicas,
+                       "shards": self.settings.shards},
+        }
+
+    async def process(self, mode: str) -> dict[str, Any]:
+        try:
+            result: dict[str, Any] = await asyncio.wait_for(
+                self.processor.run.remote(mode), self.settings.process_timeout_s
+            )
+            return result
+        except _UNAVAILABLE as exc:
+            raise Unavailable(f"processing did not finish: {type(exc).__name__}: {exc}") from exc
+
+
+def build_app() -> FastAPI:
+    settings = Settings.from_json(json.loads(os.environ[SETTINGS_ENV]))
+    return create_app(
+        settings=settings,
+        shard_map=ShardMap.round_robin(settings.shards, settings.groups),
+        ingest=RayIngest(settings),
+        warehouse=Warehouse(settings.warehouse_dir, settings.shards),
+        admin=RayAdmin(settings),
+        cache=make_cache(settings.redis_url, settings.redis_timeout_s, settings.cache_ttl_s),
+    )
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256)
+@serve.ingress(build_app)
+class Api:
+    """flowray's HTTP API on Ray Serve."""
