@@ -1,0 +1,67 @@
+"""Shared fixtures: one real Ray instance per session, real Redis, free ports.
+
+Ray is started once, bound to loopback, and shared by every test that asks for it;
+clusters started by tests live in their own Ray namespaces and are stopped by pid-free
+means (named actors killed by handle), never by ``ray stop``.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Read by Ray when it is imported: a single-node Ray then listens on loopback only.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+import socket
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REDIS_URL_ENV = "FLOWRAY_TEST_REDIS_URL"
+DEFAULT_TEST_REDIS = "redis://127.0.0.1:6379/0"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    """A Redis that answers; the test command starts a private one when needed."""
+    from flowray.serve.cache import redis_answers
+
+    url = os.environ.get(REDIS_URL_ENV, DEFAULT_TEST_REDIS)
+    if not redis_answers(url):
+        pytest.fail(f"no Redis answers at {url}: run the suite with scripts/test, which "
+                    f"starts one, or set {REDIS_URL_ENV}")
+    return url
+
+
+@pytest.fixture(scope="session")
+def ray_session() -> Iterator[None]:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, namespace="flowray-tests",
+                 object_store_memory=512 * 1024 * 1024, logging_level="WARNING",
+                 log_to_driver=False)
+    address = ray.get_runtime_context().gcs_address
+    assert address.startswith("127.0.0.1:"), f"Ray must bind loopback, got {address}"
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture
+def unique() -> str:
+    return uuid.uuid4().hex[:10]
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    d = tmp_path / "data"
+    d.mkdir()
+    return d
