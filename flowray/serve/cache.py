@@ -97,8 +97,8 @@ def redis_answers(url: str, timeout_s: float = 0.5) -> bool:
         return False
 
 
-def make_cache(url: str, timeout_s: float, ttl_s: int) -> Cache:
+def make_cache(url: str, timeout_s: float, ttl_s: int, prefix: str = "flowray:") -> Cache:
     """Redis at ``url`` when it answers now, else the in-process cache."""
     if redis_answers(url):
-        return RedisCache(url, timeout_s)
+        return RedisCache(url, timeout_s, prefix)
     return MemoryCache(ttl_s=ttl_s)

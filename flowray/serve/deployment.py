@@ -129,13 +129,16 @@ class RayAdmin:
 
 def build_app() -> FastAPI:
     settings = Settings.from_json(json.loads(os.environ[SETTINGS_ENV]))
+    warehouse = Warehouse(settings.warehouse_dir, settings.shards)
+    prefix = f"flowray:{warehouse.catalog.identity}:"
     return create_app(
         settings=settings,
         shard_map=ShardMap.round_robin(settings.shards, settings.groups),
         ingest=RayIngest(settings),
-        warehouse=Warehouse(settings.warehouse_dir, settings.shards),
+        warehouse=warehouse,
         admin=RayAdmin(settings),
-        cache=make_cache(settings.redis_url, settings.redis_timeout_s, settings.cache_ttl_s),
+        cache=make_cache(settings.redis_url, settings.redis_timeout_s, settings.cache_ttl_s,
+                         prefix),
     )
 
 

@@ -9,6 +9,7 @@ processor writes, from any process on the machine.
 
 from __future__ import annotations
 
+import secrets
 import sqlite3
 import time
 from collections.abc import Iterable, Iterator
@@ -59,6 +60,10 @@ class Catalog:
                 )
                 self._set_meta("current_version", 1)
                 self._set_meta("generation", 0)
+                # Names this warehouse in shared caches: two clusters sharing one Redis
+                # must never read each other's entries at the same generation.
+                self._set_meta("identity", secrets.randbits(62))
+        self.identity = f"{self._meta('identity'):016x}"
 
     @contextmanager
     def _tx(self) -> Iterator[None]:
