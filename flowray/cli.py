@@ -26,16 +26,26 @@ from rich.table import Table
 from flowray.client import ApiError, Client, ClusterNotFound, find_url
 from flowray.config import DEFAULT_DATA_DIR, Settings, write_json_atomic
 
-app = typer.Typer(help="flowray: minute-by-minute web traffic analytics on Ray.",
-                  no_args_is_help=True, add_completion=False)
+app = typer.Typer(
+    help="flowray: minute-by-minute web traffic analytics on Ray.",
+    no_args_is_help=True,
+    add_completion=False,
+)
 console = Console()
 err = Console(stderr=True)
 
-DataDir = Annotated[Path, typer.Option("--data-dir", envvar="FLOWRAY_DATA_DIR",
-                                       help="Where the cluster keeps its data.")]
-Url = Annotated[str | None, typer.Option("--url", envvar="FLOWRAY_URL",
-                                         help="API URL of a running cluster (default: "
-                                              "the one recorded in --data-dir).")]
+DataDir = Annotated[
+    Path,
+    typer.Option("--data-dir", envvar="FLOWRAY_DATA_DIR", help="Where the cluster keeps its data."),
+]
+Url = Annotated[
+    str | None,
+    typer.Option(
+        "--url",
+        envvar="FLOWRAY_URL",
+        help="API URL of a running cluster (default: the one recorded in --data-dir).",
+    ),
+]
 UP_TIMEOUT_S = 180.0
 DOWN_TIMEOUT_S = 60.0
 BAD_LINES_SHOWN_MAX = 20
@@ -48,8 +58,10 @@ def _fail(message: str, code: int = 1) -> None:
 
 def _client(data_dir: Path, url: str | None) -> Client:
     try:
-        return Client(find_url(data_dir, url), token=os.environ.get("FLOWRAY_TOKEN")
-                      or os.environ.get("FLOWRAY_ADMIN_TOKEN"))
+        return Client(
+            find_url(data_dir, url),
+            token=os.environ.get("FLOWRAY_TOKEN") or os.environ.get("FLOWRAY_ADMIN_TOKEN"),
+        )
     except ClusterNotFound as exc:
         _fail(str(exc))
         raise  # unreachable; for the type checker
@@ -99,11 +111,14 @@ def up(
     data_dir = data_dir.resolve()
     record = _record(data_dir)
     if record and _pid_alive(int(record["pid"])):
-        _fail(f"a cluster is already running for {data_dir} at {record['url']} "
-              f"(pid {record['pid']}); stop it with 'flowray down'")
+        _fail(
+            f"a cluster is already running for {data_dir} at {record['url']} "
+            f"(pid {record['pid']}); stop it with 'flowray down'"
+        )
     try:
-        settings = Settings.from_env(data_dir=data_dir, port=port, groups=groups,
-                                     replicas=replicas, shards=shards).validate()
+        settings = Settings.from_env(
+            data_dir=data_dir, port=port, groups=groups, replicas=replicas, shards=shards
+        ).validate()
     except ValueError as exc:
         _fail(str(exc))
         return
@@ -117,12 +132,30 @@ def _up_detached(settings: Settings) -> None:
     logs = settings.data_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     log_path = logs / "up.log"
-    args = [sys.executable, "-m", "flowray", "up", "--data-dir", str(settings.data_dir),
-            "--port", str(settings.port), "--groups", str(settings.groups),
-            "--replicas", str(settings.replicas), "--shards", str(settings.shards)]
+    args = [
+        sys.executable,
+        "-m",
+        "flowray",
+        "up",
+        "--data-dir",
+        str(settings.data_dir),
+        "--port",
+        str(settings.port),
+        "--groups",
+        str(settings.groups),
+        "--replicas",
+        str(settings.replicas),
+        "--shards",
+        str(settings.shards),
+    ]
     with open(log_path, "ab") as out:
-        child = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT,
-                                 stdin=subprocess.DEVNULL, start_new_session=True)
+        child = subprocess.Popen(
+            args,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
     deadline = time.monotonic() + UP_TIMEOUT_S
     url = f"http://{settings.host}:{settings.port}"
     with Client(url) as client:
@@ -156,10 +189,16 @@ def _up_foreground(settings: Settings) -> None:
         _fail(str(exc))
         return
     url = f"http://{settings.host}:{settings.port}"
-    write_json_atomic(settings.cluster_file, {
-        "pid": os.getpid(), "url": url, "data_dir": str(settings.data_dir),
-        "started_ms": int(time.time() * 1000), "ray_pids": _ray_child_pids(),
-    })
+    write_json_atomic(
+        settings.cluster_file,
+        {
+            "pid": os.getpid(),
+            "url": url,
+            "data_dir": str(settings.data_dir),
+            "started_ms": int(time.time() * 1000),
+            "ray_pids": _ray_child_pids(),
+        },
+    )
     console.print(f"flowray is serving {url} (data in {settings.data_dir}); Ctrl-C to stop")
     try:
         while not stop.wait(1.0):
@@ -182,8 +221,12 @@ def _ray_child_pids() -> list[int]:
         node = ray._private.worker._global_node  # noqa: SLF001 - no public API for this
         if node is None or not node.head:
             return []
-        return [int(info.process.pid) for infos in node.all_processes.values()
-                for info in infos if info.process is not None]
+        return [
+            int(info.process.pid)
+            for infos in node.all_processes.values()
+            for info in infos
+            if info.process is not None
+        ]
     except Exception:  # best effort: down falls back to the main pid only
         return []
 
@@ -219,7 +262,8 @@ def down(data_dir: DataDir = Path(DEFAULT_DATA_DIR)) -> None:
 
 @app.command()
 def status(
-    data_dir: DataDir = Path(DEFAULT_DATA_DIR), url: Url = None,
+    data_dir: DataDir = Path(DEFAULT_DATA_DIR),
+    url: Url = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Every group's replicas (role, term, last and committed index, pid, node) and more."""
@@ -233,19 +277,44 @@ def status(
         console.print_json(data=body)
         return
     table = Table(title="flowray groups")
-    for col in ("group", "replica", "role", "term", "last", "committed", "pid", "node",
-                "open", "sealed"):
+    for col in (
+        "group",
+        "replica",
+        "role",
+        "term",
+        "last",
+        "committed",
+        "pid",
+        "node",
+        "open",
+        "sealed",
+    ):
         table.add_column(col)
     for group in body["groups"]:
         for r in group["replicas"]:
-            table.add_row(*(str(r.get(k, "-")) for k in (
-                "group", "replica", "role", "term", "last_index", "commit_index", "pid")),
-                str(r.get("node", "-"))[:12], str(r.get("blocks_open", "-")),
-                str(r.get("blocks_sealed", "-")))
+            table.add_row(
+                *(
+                    str(r.get(k, "-"))
+                    for k in (
+                        "group",
+                        "replica",
+                        "role",
+                        "term",
+                        "last_index",
+                        "commit_index",
+                        "pid",
+                    )
+                ),
+                str(r.get("node", "-"))[:12],
+                str(r.get("blocks_open", "-")),
+                str(r.get("blocks_sealed", "-")),
+            )
     console.print(table)
     proc = body.get("processor", {})
-    console.print(f"warehouse: {proc.get('catalog')}  jobs: {proc.get('jobs')}  "
-                  f"last job: {proc.get('last_job')}  cache: {body.get('cache')}")
+    console.print(
+        f"warehouse: {proc.get('catalog')}  jobs: {proc.get('jobs')}  "
+        f"last job: {proc.get('last_job')}  cache: {body.get('cache')}"
+    )
     if proc.get("last_error"):
         console.print(f"[yellow]last processing error:[/yellow] {proc['last_error']}")
 
@@ -257,10 +326,12 @@ def _event_dicts(table: Any) -> list[dict[str, Any]]:
 @app.command()
 def ingest(
     files: Annotated[list[Path], typer.Argument(help="Log files (plain or .gz).")],
-    data_dir: DataDir = Path(DEFAULT_DATA_DIR), url: Url = None,
+    data_dir: DataDir = Path(DEFAULT_DATA_DIR),
+    url: Url = None,
     format: Annotated[str, typer.Option(help="auto, seed, combined or ndjson.")] = "auto",
-    site: Annotated[str | None, typer.Option(help="Site of every event (needed for "
-                                                  "combined logs).")] = None,
+    site: Annotated[
+        str | None, typer.Option(help="Site of every event (needed for combined logs).")
+    ] = None,
     batch: Annotated[int, typer.Option(help="Events per request.")] = 5000,
 ) -> None:
     """Stream events from files to the API, with a progress bar; bad lines are reported."""
@@ -272,10 +343,16 @@ def ingest(
     if missing:
         _fail(f"no such file: {', '.join(missing)}")
     accepted, bad_total = 0, 0
-    with _client(data_dir, url) as client, Progress(
-        TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
-        console=err,
-    ) as progress:
+    with (
+        _client(data_dir, url) as client,
+        Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            DownloadColumn(),
+            TimeRemainingColumn(),
+            console=err,
+        ) as progress,
+    ):
         for path in files:
             task = progress.add_task(path.name, total=path.stat().st_size)
             limits = ev.Limits(now_ms=int(time.time() * 1000))
@@ -298,9 +375,11 @@ def ingest(
 
 @app.command()
 def process(
-    data_dir: DataDir = Path(DEFAULT_DATA_DIR), url: Url = None,
-    all_blocks: Annotated[bool, typer.Option("--all", help="Also seal blocks of hours "
-                                                            "that are still open.")] = False,
+    data_dir: DataDir = Path(DEFAULT_DATA_DIR),
+    url: Url = None,
+    all_blocks: Annotated[
+        bool, typer.Option("--all", help="Also seal blocks of hours that are still open.")
+    ] = False,
 ) -> None:
     """Seal and process every block that is due now (normally automatic)."""
     with _client(data_dir, url) as client, err.status("processing ..."):
@@ -309,9 +388,11 @@ def process(
         except (ApiError, OSError) as exc:
             _fail(str(exc))
             return
-    console.print(f"processed {result['blocks']} blocks into {result['units']} units "
-                  f"({result['events']} events) in {result['seconds']} s; "
-                  f"generation {result['generation']}")
+    console.print(
+        f"processed {result['blocks']} blocks into {result['units']} units "
+        f"({result['events']} events) in {result['seconds']} s; "
+        f"generation {result['generation']}"
+    )
 
 
 @app.command()
@@ -319,7 +400,8 @@ def query(
     site: Annotated[str, typer.Argument(help="The site, e.g. example.com")],
     start: Annotated[str, typer.Option(help="Inclusive start (ISO-8601, date, epoch ms).")],
     end: Annotated[str, typer.Option(help="Exclusive end (ISO-8601, date, epoch ms).")],
-    data_dir: DataDir = Path(DEFAULT_DATA_DIR), url: Url = None,
+    data_dir: DataDir = Path(DEFAULT_DATA_DIR),
+    url: Url = None,
     interval: Annotated[str, typer.Option(help="minute, hour or day.")] = "minute",
     tz: Annotated[str, typer.Option(help="IANA time zone.")] = "UTC",
     format: Annotated[str, typer.Option(help="table, json or csv.")] = "table",

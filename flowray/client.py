@@ -70,8 +70,9 @@ class Client:
         delay = 0.2
         for attempt in range(RETRIES_MAX + 1):
             try:
-                response = self.http.post(path, content=content,
-                                          headers={"Content-Type": content_type})
+                response = self.http.post(
+                    path, content=content, headers={"Content-Type": content_type}
+                )
             except httpx.TransportError:
                 if attempt == RETRIES_MAX:
                     raise
@@ -102,8 +103,7 @@ class Client:
         return self._json(self.http.get("/v1/admin/status"))
 
     def process(self, mode: str = "closed") -> Any:
-        return self._json(self.http.post("/v1/admin/process", params={"mode": mode},
-                                         timeout=900))
+        return self._json(self.http.post("/v1/admin/process", params={"mode": mode}, timeout=900))
 
     def healthy(self) -> bool:
         try:

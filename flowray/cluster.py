@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 from dataclasses import dataclass, replace
 from typing import Any
@@ -44,7 +45,7 @@ def init_ray(settings: Settings) -> None:
         _node_ip_address="127.0.0.1",
         namespace=settings.namespace,
         object_store_memory=1024 * 1024 * 1024,
-        logging_level="WARNING",
+        logging_level=logging.WARNING,
     )
 
 
@@ -88,7 +89,9 @@ def start(settings: Settings, serve_app: bool = True) -> Cluster:
     blob = settings.to_json()
     ns = settings.namespace
     replicas = {
-        (g, r): Replica.options(name=actor_name(g, r), namespace=ns).remote(blob, g, r)
+        (g, r): Replica.options(  # type: ignore[attr-defined]
+            name=actor_name(g, r), namespace=ns
+        ).remote(blob, g, r)
         for g in range(settings.groups)
         for r in range(settings.replicas)
     }
@@ -102,11 +105,13 @@ def start(settings: Settings, serve_app: bool = True) -> Cluster:
         timeout=START_TIMEOUT_S,
     )
     masters = {g: replicas[(g, 0)] for g in range(settings.groups)}
-    processor = Processor.options(name=PROCESSOR_NAME, namespace=ns).remote(blob, masters)
+    processor = Processor.options(  # type: ignore[attr-defined]
+        name=PROCESSOR_NAME, namespace=ns
+    ).remote(blob, masters)
     ray.get(processor.start.remote(), timeout=START_TIMEOUT_S)
     if serve_app:
         serve.start(http_options={"host": settings.host, "port": settings.port})
-        app = Api.options(
+        app = Api.options(  # type: ignore[attr-defined]
             ray_actor_options={
                 "num_cpus": 0,
                 "runtime_env": {"env_vars": {SETTINGS_ENV: json.dumps(blob)}},

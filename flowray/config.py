@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -64,9 +64,7 @@ class Settings:
         if self.groups < 1:
             raise ValueError(f"groups must be at least 1, got {self.groups}")
         if self.shards < self.groups:
-            raise ValueError(
-                f"shards ({self.shards}) must be at least groups ({self.groups})"
-            )
+            raise ValueError(f"shards ({self.shards}) must be at least groups ({self.groups})")
         if not 1 <= self.port <= 65535:
             raise ValueError(f"port must be 1..65535, got {self.port}")
         return self
@@ -112,9 +110,6 @@ class Settings:
         if "data_dir" in values:
             values["data_dir"] = Path(values["data_dir"])
         return cls(**values)
-
-    def with_layout(self, layout: dict[str, int]) -> Settings:
-        return replace(self, **layout)
 
 
 def _coerce(type_name: object, raw: str) -> Any:

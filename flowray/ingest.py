@@ -63,4 +63,3 @@ def split_batch(table: pa.Table, shard_map: ShardMap) -> dict[int, list[Piece]]:
         piece = Piece(shard, hour, hi - lo, to_ipc(rows))
         out.setdefault(shard_map.group_of_shard(shard), []).append(piece)
     return out
-

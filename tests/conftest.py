@@ -36,8 +36,10 @@ def redis_url() -> str:
 
     url = os.environ.get(REDIS_URL_ENV, DEFAULT_TEST_REDIS)
     if not redis_answers(url):
-        pytest.fail(f"no Redis answers at {url}: run the suite with scripts/test, which "
-                    f"starts one, or set {REDIS_URL_ENV}")
+        pytest.fail(
+            f"no Redis answers at {url}: run the suite with scripts/test, which "
+            f"starts one, or set {REDIS_URL_ENV}"
+        )
     return url
 
 
@@ -46,9 +48,14 @@ def ray_session() -> Iterator[None]:
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, namespace="flowray-tests",
-                 object_store_memory=512 * 1024 * 1024, logging_level="WARNING",
-                 log_to_driver=False)
+        ray.init(
+            num_cpus=2,
+            include_dashboard=False,
+            namespace="flowray-tests",
+            object_store_memory=512 * 1024 * 1024,
+            logging_level="WARNING",
+            log_to_driver=False,
+        )
     address = ray.get_runtime_context().gcs_address
     assert address.startswith("127.0.0.1:"), f"Ray must bind loopback, got {address}"
     yield

@@ -22,8 +22,13 @@ COMMANDS = ["up", "down", "status", "ingest", "process", "query"]
 def flowray(
     *args: str, env: dict[str, str], timeout: float = 300
 ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "flowray", *args], env=env, text=True,
-                          capture_output=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "flowray", *args],
+        env=env,
+        text=True,
+        capture_output=True,
+        timeout=timeout,
+    )
 
 
 @pytest.mark.parametrize("command", [None, *COMMANDS])
@@ -50,12 +55,27 @@ def _session_alive(sid: int) -> list[int]:
 @pytest.fixture(scope="module")
 def cli_env(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[dict[str, str]]:
     data_dir = tmp_path_factory.mktemp("cli") / "flowray-data"
-    env = dict(os.environ, FLOWRAY_DATA_DIR=str(data_dir), FLOWRAY_REDIS_URL=redis_url,
-               FLOWRAY_SEAL_GRACE_S="0")
+    env = dict(
+        os.environ,
+        FLOWRAY_DATA_DIR=str(data_dir),
+        FLOWRAY_REDIS_URL=redis_url,
+        FLOWRAY_SEAL_GRACE_S="0",
+    )
     env.pop("RAY_ADDRESS", None)
     port = free_port()
-    result = flowray("up", "--detach", "--port", str(port), "--groups", "2", "--replicas", "3",
-                     "--shards", "4", env=env)
+    result = flowray(
+        "up",
+        "--detach",
+        "--port",
+        str(port),
+        "--groups",
+        "2",
+        "--replicas",
+        "3",
+        "--shards",
+        "4",
+        env=env,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     record = json.loads((data_dir / "cluster.json").read_text())
     env["_PID"] = str(record["pid"])
@@ -93,8 +113,9 @@ def test_new_user_flow(cli_env: dict[str, str], tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert "accepted 4 events" in result.stdout
     assert "seed.log:3:" in result.stderr  # the bad line, by number
-    result = flowray("ingest", str(combined), "--format", "combined", "--site", "taobao.com",
-                     env=cli_env)
+    result = flowray(
+        "ingest", str(combined), "--format", "combined", "--site", "taobao.com", env=cli_env
+    )
     assert result.returncode == 0, result.stderr
     assert "accepted 2 events" in result.stdout and "access.log.gz:3:" in result.stderr
     result = flowray("ingest", str(ndjson), env=cli_env)
@@ -106,21 +127,51 @@ def test_new_user_flow(cli_env: dict[str, str], tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert "processed" in result.stdout
 
-    result = flowray("query", "taobao.com", "--start", "2020-03-14T07:00:00Z", "--end",
-                     "2020-03-14T09:00:00Z", "--interval", "hour", "--format", "json", env=cli_env)
+    result = flowray(
+        "query",
+        "taobao.com",
+        "--start",
+        "2020-03-14T07:00:00Z",
+        "--end",
+        "2020-03-14T09:00:00Z",
+        "--interval",
+        "hour",
+        "--format",
+        "json",
+        env=cli_env,
+    )
     assert result.returncode == 0, result.stderr
     points = json.loads(result.stdout)["points"]
     # 07:20:39, 07:25:59 (seed), 07:21:00 and 07:21:30 (combined), 07:22 (ndjson, once)
     assert [p["count"] for p in points] == [5, 1]
-    result = flowray("query", "tmall.com", "--start", "2020-03-14T07:25:00Z", "--end",
-                     "2020-03-14T07:27:00Z", "--format", "csv", env=cli_env)
+    result = flowray(
+        "query",
+        "tmall.com",
+        "--start",
+        "2020-03-14T07:25:00Z",
+        "--end",
+        "2020-03-14T07:27:00Z",
+        "--format",
+        "csv",
+        env=cli_env,
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == [
-        "t,count,provisional", "2020-03-14T07:25:00+00:00,1,false",
+        "t,count,provisional",
+        "2020-03-14T07:25:00+00:00,1,false",
         "2020-03-14T07:26:00+00:00,0,false",
     ]
-    table = flowray("query", "tmall.com", "--start", "2020-03-14", "--end", "2020-03-15",
-                    "--interval", "day", env=cli_env)
+    table = flowray(
+        "query",
+        "tmall.com",
+        "--start",
+        "2020-03-14",
+        "--end",
+        "2020-03-15",
+        "--interval",
+        "day",
+        env=cli_env,
+    )
     assert table.returncode == 0 and "total 2" in table.stdout, table.stdout
 
     result = flowray("status", "--json", env=cli_env)
@@ -135,8 +186,9 @@ def test_new_user_flow(cli_env: dict[str, str], tmp_path: Path) -> None:
             assert r["commit_index"] <= r["last_index"]
     assert flowray("status", env=cli_env).returncode == 0
 
-    result = flowray("query", "taobao.com", "--start", "2020-03-14", "--end", "2020-03-13",
-                     env=cli_env)
+    result = flowray(
+        "query", "taobao.com", "--start", "2020-03-14", "--end", "2020-03-13", env=cli_env
+    )
     assert result.returncode == 1 and "end must be after start" in result.stderr
 
 

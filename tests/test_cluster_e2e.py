@@ -39,13 +39,21 @@ SPAN_MS = int(3.5 * 3_600_000)  # 21:10 -> 00:40 next day: crosses hours and a d
 
 
 @pytest.fixture(scope="module")
-def running(ray_session: None, redis_url: str, tmp_path_factory: pytest.TempPathFactory
-            ) -> Iterator[tuple[cluster.Cluster, str]]:
+def running(
+    ray_session: None, redis_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[cluster.Cluster, str]]:
     port = free_port()
     settings = Settings(
-        data_dir=tmp_path_factory.mktemp("e2e"), port=port, groups=2, replicas=3, shards=6,
-        redis_url=redis_url, seal_grace_s=0, process_interval_s=3600,
-        namespace=f"flowray-e2e-{port}", reduce_keys=3,
+        data_dir=tmp_path_factory.mktemp("e2e"),
+        port=port,
+        groups=2,
+        replicas=3,
+        shards=6,
+        redis_url=redis_url,
+        seal_grace_s=0,
+        process_interval_s=3600,
+        namespace=f"flowray-e2e-{port}",
+        reduce_keys=3,
     )
     running = cluster.start(settings)
     url = f"http://127.0.0.1:{port}"
@@ -104,10 +112,13 @@ def _post(url: str, batch: list[dict[str, Any]], kind: str) -> int:
 
 def _reference(events: list[dict[str, Any]], tmp: Path) -> duckdb.DuckDBPyConnection:
     """Independent counts made directly with DuckDB; (site, id) counted once."""
-    table = pa.table({
-        "ts": [e["ts"] for e in events], "site": [e["site"] for e in events],
-        "id": [e.get("id") for e in events],
-    })
+    table = pa.table(
+        {
+            "ts": [e["ts"] for e in events],
+            "site": [e["site"] for e in events],
+            "id": [e.get("id") for e in events],
+        }
+    )
     con = duckdb.connect()
     con.register("raw", table)
     con.execute("""
@@ -153,10 +164,13 @@ def test_ingest_process_query_matches_duckdb(
     _compare_all_sites(url, ref)
 
 
-def _series(client: httpx.Client, site: str, interval: str, tz: str, start: str, end: str
-            ) -> dict[str, int]:
-    response = client.get(f"/v1/sites/{site}/traffic",
-                          params={"start": start, "end": end, "interval": interval, "tz": tz})
+def _series(
+    client: httpx.Client, site: str, interval: str, tz: str, start: str, end: str
+) -> dict[str, int]:
+    response = client.get(
+        f"/v1/sites/{site}/traffic",
+        params={"start": start, "end": end, "interval": interval, "tz": tz},
+    )
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["site"] == site and body["interval"] == interval and body["tz"] == tz
@@ -174,8 +188,9 @@ def _compare_all_sites(url: str, ref: duckdb.DuckDBPyConnection) -> None:
     assert len(sites) == SITES
     with httpx.Client(base_url=url, timeout=60) as client:
         for n, site in enumerate(sites):
-            got = _series(client, site, "minute", "UTC", "2024-05-01T21:00:00Z",
-                          "2024-05-02T01:00:00Z")
+            got = _series(
+                client, site, "minute", "UTC", "2024-05-01T21:00:00Z", "2024-05-02T01:00:00Z"
+            )
             assert len(got) == 240  # dense: every minute, zeros included
             assert _nonzero(got) == minute_ref[site], site
             got = _series(client, site, "hour", "UTC", start, end)
@@ -190,9 +205,7 @@ def _compare_all_sites(url: str, ref: duckdb.DuckDBPyConnection) -> None:
 
 
 def _grouped(ref: duckdb.DuckDBPyConnection, bucket_sql: str) -> dict[str, dict[str, int]]:
-    rows = ref.execute(
-        f"SELECT site, {bucket_sql} AS b, count(*) FROM ev GROUP BY ALL"
-    ).fetchall()
+    rows = ref.execute(f"SELECT site, {bucket_sql} AS b, count(*) FROM ev GROUP BY ALL").fetchall()
     out: dict[str, dict[str, int]] = {}
     for site, bucket, count in rows:
         out.setdefault(site, {})[datetime.fromtimestamp(bucket / 1000, tz=UTC)] = count
@@ -212,11 +225,15 @@ def _check_majority_on_disk(settings: Settings, acknowledged: list[dict[str, Any
     shard_map = ShardMap.round_robin(settings.shards, settings.groups)
     majority = settings.replicas // 2 + 1
     for group in range(settings.groups):
-        want = Counter((e["site"], e["ts"]) for e in acknowledged
-                       if shard_map.group_of_site(e["site"]) == group)
+        want = Counter(
+            (e["site"], e["ts"])
+            for e in acknowledged
+            if shard_map.group_of_site(e["site"]) == group
+        )
         assert want, f"group {group} received no events"
-        per_replica = [_events_on_disk(settings.replica_dir(group, r))
-                       for r in range(settings.replicas)]
+        per_replica = [
+            _events_on_disk(settings.replica_dir(group, r)) for r in range(settings.replicas)
+        ]
         short = [k for k, n in want.items() if sum(got[k] >= n for got in per_replica) < majority]
         assert not short, f"group {group}: {len(short)} events on fewer than {majority} replicas"
 
@@ -227,8 +244,13 @@ def _events_on_disk(root: Path) -> Counter[tuple[str, int]]:
         for entry in segment.read_entries(seg):
             if entry.kind == KIND_DATA:
                 table = from_ipc(entry.payload)
-                got.update(zip(table.column("site").to_pylist(), table.column("ts").to_pylist(),
-                               strict=True))
+                got.update(
+                    zip(
+                        table.column("site").to_pylist(),
+                        table.column("ts").to_pylist(),
+                        strict=True,
+                    )
+                )
     return got
 
 
@@ -253,7 +275,7 @@ BAD_BODIES: list[tuple[str, bytes, str, int]] = [
 
 
 def test_bad_input_is_rejected_whole_and_the_cluster_keeps_serving(
-    running: tuple[cluster.Cluster, str]
+    running: tuple[cluster.Cluster, str],
 ) -> None:
     _the_cluster, url = running
     before = _last_indexes(url)
@@ -262,15 +284,18 @@ def test_bad_input_is_rejected_whole_and_the_cluster_keeps_serving(
             response = client.post(path, content=body, headers={"Content-Type": ctype})
             assert response.status_code == status, (body, response.text)
             assert response.json()["error"], body
-        good_then_bad = orjson.dumps([{"ts": 1714600000000, "site": "good.com"},
-                                      {"ts": "nope", "site": "good.com"}])
-        response = client.post("/v1/events", content=good_then_bad,
-                                headers={"Content-Type": "application/json"})
+        good_then_bad = orjson.dumps(
+            [{"ts": 1714600000000, "site": "good.com"}, {"ts": "nope", "site": "good.com"}]
+        )
+        response = client.post(
+            "/v1/events", content=good_then_bad, headers={"Content-Type": "application/json"}
+        )
         assert response.status_code == 422
         assert [e["position"] for e in response.json()["errors"]] == [1]
         huge = b"[" + b",".join([b'{"ts":1714600000000,"site":"a.com"}'] * 1_100_000) + b"]"
-        response = client.post("/v1/events", content=huge,
-                               headers={"Content-Type": "application/json"})
+        response = client.post(
+            "/v1/events", content=huge, headers={"Content-Type": "application/json"}
+        )
         assert response.status_code == 413
     assert _last_indexes(url) == before, "a rejected batch must store nothing"
     with httpx.Client(base_url=url, timeout=30) as client:

@@ -83,12 +83,7 @@ class BlockTable:
                 now_ms - block.last_append_ms >= p.idle_ms
                 or now_ms - block.first_append_ms >= p.open_max_ms
             )
-            if (
-                mode == "all"
-                or full
-                or (closed and mode == "closed")
-                or (closed and settled)
-            ):
+            if mode == "all" or full or (closed and mode == "closed") or (closed and settled):
                 out.append(block.key)
         return sorted(out)
 

@@ -73,8 +73,12 @@ class Processor:
             work[group] = await asyncio.wait_for(
                 master.sealed_blocks.remote(self.catalog.cursor(group)), timeout
             )
-        summary: dict[str, Any] = {"blocks": sum(len(w) for w in work.values()), "units": 0,
-                                   "events": 0, "generation": self.catalog.generation()}
+        summary: dict[str, Any] = {
+            "blocks": sum(len(w) for w in work.values()),
+            "units": 0,
+            "events": 0,
+            "generation": self.catalog.generation(),
+        }
         if summary["blocks"]:
             units = await self._process(work)
             cursors = {g: max(b["seal_index"] for b in w) for g, w in work.items() if w}
@@ -116,9 +120,7 @@ class Processor:
         ]
         if keys == 1:
             map_outputs = [[m] for m in map_outputs]
-        reduced = [
-            reduce_task.remote(*[out[k] for out in map_outputs]) for k in range(keys)
-        ]
+        reduced = [reduce_task.remote(*[out[k] for out in map_outputs]) for k in range(keys)]
         job = uuid.uuid4().hex[:12]
         written: list[Unit] = await asyncio.wait_for(
             write_task.remote(str(s.warehouse_dir), "default", job, units, *reduced),
@@ -138,9 +140,13 @@ class Processor:
         await asyncio.to_thread(self.catalog.set_watermark, watermark)
 
     def status(self) -> dict[str, Any]:
-        return {"jobs": self.jobs, "last_job": self.last_job, "last_error": self.last_error,
-                "catalog": self.catalog.summary(),
-                "cursors": {g: self.catalog.cursor(g) for g in self.masters}}
+        return {
+            "jobs": self.jobs,
+            "last_job": self.last_job,
+            "last_error": self.last_error,
+            "catalog": self.catalog.summary(),
+            "cursors": {g: self.catalog.cursor(g) for g in self.masters},
+        }
 
     async def stop(self) -> None:
         if self._loop_task is not None:
@@ -165,4 +171,3 @@ def _pack(
     if current:
         packs.append(current)
     return packs
-

@@ -94,8 +94,10 @@ class Replica:
         s = self.settings
         self.blocks = BlockTable(
             SealPolicy(
-                int(s.seal_grace_s * 1000), int(s.seal_idle_s * 1000),
-                int(s.seal_open_max_s * 1000), s.block_bytes_max,
+                int(s.seal_grace_s * 1000),
+                int(s.seal_idle_s * 1000),
+                int(s.seal_open_max_s * 1000),
+                s.block_bytes_max,
             )
         )
 
@@ -309,15 +311,22 @@ class Replica:
         for key, info in self.log.blocks.items():
             if after_index < info.seal_index <= self.commit_index:
                 out.append(
-                    {"shard": key[0], "hour": key[1], "part": key[2], "seal_index": info.seal_index,
-                     "bytes": info.bytes, "entries": info.entries - 1}
+                    {
+                        "shard": key[0],
+                        "hour": key[1],
+                        "part": key[2],
+                        "seal_index": info.seal_index,
+                        "bytes": info.bytes,
+                        "entries": info.entries - 1,
+                    }
                 )
         return sorted(out, key=lambda b: b["seal_index"])
 
     def block_parts(self, shard: int, hour: int, upto_index: int) -> list[tuple[int, int]]:
         """(part, bytes) of the sealed parts of (shard, hour) sealed at or before ``upto_index``."""
         return sorted(
-            (key[2], info.bytes) for key, info in self.log.blocks.items()
+            (key[2], info.bytes)
+            for key, info in self.log.blocks.items()
             if key[0] == shard and key[1] == hour and 0 < info.seal_index <= upto_index
         )
 
@@ -335,10 +344,16 @@ class Replica:
             b for b in self.log.blocks.values() if not b.sealed and b.key[0] != CONTROL_SHARD
         ]
         return {
-            "group": self.group, "replica": self.replica, "role": self.role, "term": self.term,
-            "last_index": self.log.last_index, "commit_index": self.commit_index,
-            "pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(),
-            "host": socket.gethostname(), "dir": str(self.root),
+            "group": self.group,
+            "replica": self.replica,
+            "role": self.role,
+            "term": self.term,
+            "last_index": self.log.last_index,
+            "commit_index": self.commit_index,
+            "pid": os.getpid(),
+            "node": ray.get_runtime_context().get_node_id(),
+            "host": socket.gethostname(),
+            "dir": str(self.root),
             "blocks_open": len(open_blocks),
             "blocks_sealed": sum(1 for b in self.log.blocks.values() if b.sealed),
             "match": dict(self.match) if self.role == "master" else None,

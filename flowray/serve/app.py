@@ -29,8 +29,11 @@ from flowray.router import ShardMap, SiteError, normalize_site
 from flowray.serve.cache import Cache
 from flowray.serve.dashboard import DASHBOARD_HTML
 
-INTERVAL_DAYS_MAX = {"minute": "query_minute_days_max", "hour": "query_hour_days_max",
-                     "day": "query_day_days_max"}
+INTERVAL_DAYS_MAX = {
+    "minute": "query_minute_days_max",
+    "hour": "query_hour_days_max",
+    "day": "query_day_days_max",
+}
 
 
 class Unavailable(RuntimeError):
@@ -63,18 +66,27 @@ class Admin(Protocol):
 class _Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self.events = Counter("flowray_ingest_events_total", "Events accepted",
-                              registry=self.registry)
-        self.rejected = Counter("flowray_ingest_rejected_total", "Batches rejected",
-                                ["status"], registry=self.registry)
-        self.commit = Histogram("flowray_ingest_commit_seconds", "Ingest latency to commit",
-                                registry=self.registry,
-                                buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1, 5))
-        self.queries = Counter("flowray_queries_total", "Traffic queries", ["cache"],
-                               registry=self.registry)
-        self.query_s = Histogram("flowray_query_seconds", "Traffic query latency",
-                                 registry=self.registry,
-                                 buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1))
+        self.events = Counter(
+            "flowray_ingest_events_total", "Events accepted", registry=self.registry
+        )
+        self.rejected = Counter(
+            "flowray_ingest_rejected_total", "Batches rejected", ["status"], registry=self.registry
+        )
+        self.commit = Histogram(
+            "flowray_ingest_commit_seconds",
+            "Ingest latency to commit",
+            registry=self.registry,
+            buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1, 5),
+        )
+        self.queries = Counter(
+            "flowray_queries_total", "Traffic queries", ["cache"], registry=self.registry
+        )
+        self.query_s = Histogram(
+            "flowray_query_seconds",
+            "Traffic query latency",
+            registry=self.registry,
+            buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1),
+        )
 
 
 def _error(status: int, message: str, **extra: Any) -> JSONResponse:
@@ -82,8 +94,14 @@ def _error(status: int, message: str, **extra: Any) -> JSONResponse:
 
 
 def create_app(
-    *, settings: Settings, shard_map: ShardMap, ingest: Ingest, warehouse: Minutes,
-    admin: Admin, cache: Cache, clock: Callable[[], float] = time.time,
+    *,
+    settings: Settings,
+    shard_map: ShardMap,
+    ingest: Ingest,
+    warehouse: Minutes,
+    admin: Admin,
+    cache: Cache,
+    clock: Callable[[], float] = time.time,
 ) -> FastAPI:
     app = FastAPI(
         title="flowray",
@@ -114,48 +132,63 @@ def create_app(
             chunks.append(chunk)
         return b"".join(chunks)
 
-    async def accept(
-        request: Request, parse: Callable[[bytes, ev.Limits], pa.Table]
-    ) -> Response:
+    async def accept(request: Request, parse: Callable[[bytes, ev.Limits], pa.Table]) -> Response:
         started = time.perf_counter()
         body = await read_body(request)
         if isinstance(body, JSONResponse):
             metrics.rejected.labels("413").inc()
             return body
-        limits = ev.Limits(now_ms=int(clock() * 1000),
-                           future_skew_ms=int(settings.future_skew_s * 1000),
-                           batch_events_max=settings.batch_events_max)
+        limits = ev.Limits(
+            now_ms=int(clock() * 1000),
+            future_skew_ms=int(settings.future_skew_s * 1000),
+            batch_events_max=settings.batch_events_max,
+        )
         try:
             table = parse(body, limits)
         except ev.BatchRejected as exc:
             metrics.rejected.labels("422").inc()
             return _error(
-                422, str(exc), total_errors=exc.total_errors,
+                422,
+                str(exc),
+                total_errors=exc.total_errors,
                 errors=[{"position": e.position, "reason": e.reason} for e in exc.errors],
             )
         try:
             await ingest.commit(split_batch(table, shard_map))
         except Unavailable as exc:
             metrics.rejected.labels("503").inc()
-            return JSONResponse({"error": str(exc)}, status_code=503,
-                                headers={"Retry-After": str(exc.retry_after_s)})
+            return JSONResponse(
+                {"error": str(exc)},
+                status_code=503,
+                headers={"Retry-After": str(exc.retry_after_s)},
+            )
         metrics.events.inc(table.num_rows)
         metrics.commit.observe(time.perf_counter() - started)
         return JSONResponse({"accepted": table.num_rows})
 
-    @app.post("/v1/events", summary="Ingest page-view events (JSON array, object, or NDJSON)",
-              responses={413: {"description": "Body too large"},
-                         422: {"description": "Batch rejected; every bad item listed"},
-                         503: {"description": "No quorum; retry after Retry-After"}})
+    @app.post(
+        "/v1/events",
+        summary="Ingest page-view events (JSON array, object, or NDJSON)",
+        responses={
+            413: {"description": "Body too large"},
+            422: {"description": "Batch rejected; every bad item listed"},
+            503: {"description": "No quorum; retry after Retry-After"},
+        },
+    )
     async def post_events(request: Request) -> Response:
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         parse = ev.parse_ndjson_body if ctype == "application/x-ndjson" else ev.parse_json_body
         return await accept(request, parse)
 
-    @app.post("/v1/logs", summary="Ingest seed-form log lines (text/plain)",
-              responses={413: {"description": "Body too large"},
-                         422: {"description": "Batch rejected; every bad line listed"},
-                         503: {"description": "No quorum; retry after Retry-After"}})
+    @app.post(
+        "/v1/logs",
+        summary="Ingest seed-form log lines (text/plain)",
+        responses={
+            413: {"description": "Body too large"},
+            422: {"description": "Batch rejected; every bad line listed"},
+            503: {"description": "No quorum; retry after Retry-After"},
+        },
+    )
     async def post_logs(request: Request) -> Response:
         return await accept(request, ev.parse_seed_body)
 
@@ -186,8 +219,9 @@ def create_app(
         body = await cache.get(key)
         metrics.queries.labels("hit" if body is not None else "miss").inc()
         if body is None:
-            body = _render(warehouse, name, start_ms, end_ms, interval, zone, tz, version,
-                           watermark, want_csv)
+            body = _render(
+                warehouse, name, start_ms, end_ms, interval, zone, tz, version, watermark, want_csv
+            )
             await cache.set(key, body, settings.cache_ttl_s)
         metrics.query_s.observe(time.perf_counter() - started)
         return Response(body, media_type="text/csv" if want_csv else "application/json")
@@ -219,15 +253,26 @@ def create_app(
         try:
             return JSONResponse(await admin.process(mode))
         except Unavailable as exc:
-            return JSONResponse({"error": str(exc)}, status_code=503,
-                                headers={"Retry-After": str(exc.retry_after_s)})
+            return JSONResponse(
+                {"error": str(exc)},
+                status_code=503,
+                headers={"Retry-After": str(exc.retry_after_s)},
+            )
 
     return app
 
 
 def _render(
-    warehouse: Minutes, site: str, start_ms: int, end_ms: int, interval: str, zone: Any,
-    tz: str, version: int, watermark: int | None, want_csv: bool,
+    warehouse: Minutes,
+    site: str,
+    start_ms: int,
+    end_ms: int,
+    interval: str,
+    zone: Any,
+    tz: str,
+    version: int,
+    watermark: int | None,
+    want_csv: bool,
 ) -> bytes:
     minute_ms, counts = warehouse.minutes(site, start_ms, end_ms, version)
     starts, totals = series.dense_series(minute_ms, counts, start_ms, end_ms, interval, zone)
@@ -236,14 +281,18 @@ def _render(
     provisional = (starts >= final_before) if watermark is not None else np.ones(len(starts), bool)
     if want_csv:
         lines = ["t,count,provisional"]
-        lines += [f"{t},{int(c)},{'true' if p else 'false'}"
-                  for t, c, p in zip(labels, totals.tolist(), provisional.tolist(), strict=True)]
+        lines += [
+            f"{t},{int(c)},{'true' if p else 'false'}"
+            for t, c, p in zip(labels, totals.tolist(), provisional.tolist(), strict=True)
+        ]
         return ("\n".join(lines) + "\n").encode()
-    points = [{"t": t, "count": c, "provisional": p}
-              for t, c, p in zip(labels, totals.tolist(), provisional.tolist(), strict=True)]
+    points = [
+        {"t": t, "count": c, "provisional": p}
+        for t, c, p in zip(labels, totals.tolist(), provisional.tolist(), strict=True)
+    ]
     wm = None
     if watermark is not None:
         wm = series.labels(np.array([watermark], dtype=np.int64), zone, "minute")[0]
-    return orjson.dumps({"site": site, "interval": interval, "tz": tz, "points": points,
-                         "watermark": wm})
-
+    return orjson.dumps(
+        {"site": site, "interval": interval, "tz": tz, "points": points, "watermark": wm}
+    )

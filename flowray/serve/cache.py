@@ -55,14 +55,16 @@ class RedisCache:
         self.prefix = prefix
         self.errors = 0
         self._client = aioredis.Redis.from_url(
-            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+            url,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
             retry_on_timeout=False,
         )
 
     async def get(self, key: str) -> bytes | None:
         try:
-            value: bytes | None = await self._client.get(self.prefix + key)
-            return value
+            value = await self._client.get(self.prefix + key)
+            return value if isinstance(value, bytes) else None
         except (redis.RedisError, OSError) as exc:
             self._failed(exc)
             return None
@@ -87,8 +89,9 @@ def redis_answers(url: str, timeout_s: float = 0.5) -> bool:
     if not url:
         return False
     try:
-        client = redis.Redis.from_url(url, socket_timeout=timeout_s,
-                                      socket_connect_timeout=timeout_s)
+        client = redis.Redis.from_url(
+            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s
+        )
         try:
             return bool(client.ping())
         finally:

@@ -113,8 +113,11 @@ class RayAdmin:
         return {
             "groups": [{"group": g, "replicas": reps} for g, reps in sorted(groups.items())],
             "processor": processor,
-            "layout": {"groups": self.settings.groups, "replicas": self.settings.replicas,
-                       "shards": self.settings.shards},
+            "layout": {
+                "groups": self.settings.groups,
+                "replicas": self.settings.replicas,
+                "shards": self.settings.shards,
+            },
         }
 
     async def process(self, mode: str) -> dict[str, Any]:
@@ -137,8 +140,9 @@ def build_app() -> FastAPI:
         ingest=RayIngest(settings),
         warehouse=warehouse,
         admin=RayAdmin(settings),
-        cache=make_cache(settings.redis_url, settings.redis_timeout_s, settings.cache_ttl_s,
-                         prefix),
+        cache=make_cache(
+            settings.redis_url, settings.redis_timeout_s, settings.cache_ttl_s, prefix
+        ),
     )
 
 

@@ -46,8 +46,9 @@ class Catalog:
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        self._db = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None,
-                                   check_same_thread=False)
+        self._db = sqlite3.connect(
+            path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
+        )
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         for stmt in SCHEMA.strip().split(";"):
@@ -99,8 +100,10 @@ class Catalog:
     def snapshot(self) -> tuple[int, int, int | None]:
         """(generation, current version, watermark) read together."""
         rows = dict(self._db.execute("SELECT key, value FROM meta").fetchall())
-        return int(rows.get("generation", 0)), int(rows.get("current_version", 1)), (
-            None if rows.get("watermark_ms") is None else int(rows["watermark_ms"])
+        return (
+            int(rows.get("generation", 0)),
+            int(rows.get("current_version", 1)),
+            (None if rows.get("watermark_ms") is None else int(rows["watermark_ms"])),
         )
 
     def unit_paths(self, version: int, shard: int, hour_lo: int, hour_hi: int) -> list[str]:
@@ -129,8 +132,13 @@ class Catalog:
         n, events = self._db.execute(
             "SELECT count(*), coalesce(sum(events), 0) FROM units WHERE version = ?", (version,)
         ).fetchone()
-        return {"generation": generation, "current_version": version, "units": int(n),
-                "events": int(events), "watermark_ms": watermark}
+        return {
+            "generation": generation,
+            "current_version": version,
+            "units": int(n),
+            "events": int(events),
+            "watermark_ms": watermark,
+        }
 
     # ---- writes ----------------------------------------------------------------------
     def publish(self, units: Iterable[Unit], cursors: dict[int, int]) -> int:

@@ -131,8 +131,14 @@ class ReplicaLog:
             offset = os.lseek(fd, 0, os.SEEK_END)
             os.write(fd, frame)
             ref = RecordRef(
-                offset, len(entry.payload), entry.kind, entry.term, entry.index,
-                entry.shard, entry.hour, entry.part,
+                offset,
+                len(entry.payload),
+                entry.kind,
+                entry.term,
+                entry.index,
+                entry.shard,
+                entry.hour,
+                entry.part,
             )
             self._track(ref, key)
             touched.add(key)

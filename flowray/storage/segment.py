@@ -65,8 +65,16 @@ def encode(entry: Entry) -> bytes:
     require(entry.term >= 1 and entry.index >= 1, "term and index start at 1")
     require(len(entry.payload) <= PAYLOAD_BYTES_MAX, "payload over the record size limit")
     header = HEADER.pack(
-        MAGIC, VERSION, entry.kind, entry.shard, entry.part, entry.hour,
-        len(entry.payload), 0, entry.term, entry.index,
+        MAGIC,
+        VERSION,
+        entry.kind,
+        entry.shard,
+        entry.part,
+        entry.hour,
+        len(entry.payload),
+        0,
+        entry.term,
+        entry.index,
     )
     crc = _crc(header, entry.payload)
     return header[:_CRC_AT] + struct.pack("<I", crc) + header[_CRC_AT + 4 :] + entry.payload
@@ -177,7 +185,12 @@ def read_entries(path: Path, refs: list[RecordRef] | None = None) -> Iterator[En
             raise CorruptSegment(f"{path} at byte {ref.offset}: {problem}")
         start = ref.offset + HEADER_BYTES
         yield Entry(
-            ref.term, ref.index, ref.kind, ref.shard, ref.hour, ref.part,
+            ref.term,
+            ref.index,
+            ref.kind,
+            ref.shard,
+            ref.hour,
+            ref.part,
             data[start : start + ref.length],
         )
 
@@ -188,6 +201,4 @@ def read_one(fd: int, ref: RecordRef) -> Entry:
     problem = _check_record(buf, 0)
     if problem is not None:
         raise CorruptSegment(f"record {ref.index} at byte {ref.offset}: {problem}")
-    return Entry(
-        ref.term, ref.index, ref.kind, ref.shard, ref.hour, ref.part, buf[HEADER_BYTES:]
-    )
+    return Entry(ref.term, ref.index, ref.kind, ref.shard, ref.hour, ref.part, buf[HEADER_BYTES:])

@@ -46,8 +46,12 @@ def write_unit(path: Path, table: pa.Table) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     pq.write_table(
-        table.cast(UNIT_SCHEMA), tmp, row_group_size=ROW_GROUP_ROWS, compression="zstd",
-        use_dictionary=["site"], write_statistics=True,
+        table.cast(UNIT_SCHEMA),
+        tmp,
+        row_group_size=ROW_GROUP_ROWS,
+        compression="zstd",
+        use_dictionary=["site"],
+        write_statistics=True,
     )
     fd = os.open(tmp, os.O_RDONLY)
     try:
@@ -90,9 +94,13 @@ class Warehouse:
         paths = self.catalog.unit_paths(version, shard, hour_lo, hour_hi)
         if not paths:
             return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64)
-        result = self._con().execute(
-            "SELECT epoch_ms(minute) AS m, count FROM read_parquet(?)"
-            " WHERE site = ? AND epoch_ms(minute) >= ? AND epoch_ms(minute) < ?",
-            [paths, site, start_ms, end_ms],
-        ).fetchnumpy()
+        result = (
+            self._con()
+            .execute(
+                "SELECT epoch_ms(minute) AS m, count FROM read_parquet(?)"
+                " WHERE site = ? AND epoch_ms(minute) >= ? AND epoch_ms(minute) < ?",
+                [paths, site, start_ms, end_ms],
+            )
+            .fetchnumpy()
+        )
         return result["m"].astype(np.int64), result["count"].astype(np.int64)

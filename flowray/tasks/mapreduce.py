@@ -24,8 +24,12 @@ from flowray.storage.warehouse import unit_path, write_unit
 
 PARTIAL_SCHEMA = pa.schema(
     [
-        ("shard", pa.int32()), ("hour", pa.int64()), ("site", pa.string()),
-        ("minute", pa.int64()), ("id", pa.string()), ("c", pa.int64()),
+        ("shard", pa.int32()),
+        ("hour", pa.int64()),
+        ("site", pa.string()),
+        ("minute", pa.int64()),
+        ("id", pa.string()),
+        ("c", pa.int64()),
     ]
 )
 
@@ -80,7 +84,10 @@ def reduce_partials(partials: list[pa.Table]) -> pa.Table:
 
 
 def write_units(
-    root: Path, logic_name: str, job: str, reduced: list[pa.Table],
+    root: Path,
+    logic_name: str,
+    job: str,
+    reduced: list[pa.Table],
     units: list[tuple[int, int, int]],
 ) -> list[Unit]:
     """One file per (shard, hour, parts) unit, rows sorted by (site, minute)."""
