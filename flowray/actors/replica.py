@@ -331,13 +331,12 @@ class Replica:
         )
 
     async def read_block(self, key: BlockKey, slice_no: int, slices: int) -> list[bytes]:
-        """One slice of a sealed block's payloads: entries i with i mod slices == slice_no."""
-        block = tuple(key)
-        info = self.log.blocks.get(block)  # type: ignore[arg-type]
+        """One slice of a sealed block's committed payloads (see ReplicaLog.block_payloads)."""
+        block: BlockKey = (int(key[0]), int(key[1]), int(key[2]))
+        info = self.log.blocks.get(block)
         require(info is not None and info.sealed, f"block {key} is not sealed here")
-        upto = info.seal_index  # type: ignore[union-attr]
-        payloads = await asyncio.to_thread(self.log.block_payloads, block, upto)  # type: ignore[arg-type]
-        return payloads[slice_no::slices]
+        upto = info.seal_index if info is not None else 0
+        return await asyncio.to_thread(self.log.block_payloads, block, upto, slice_no, slices)
 
     def status(self) -> dict[str, Any]:
         open_blocks = [

@@ -277,8 +277,10 @@ def _render(
     minute_ms, counts = warehouse.minutes(site, start_ms, end_ms, version)
     starts, totals = series.dense_series(minute_ms, counts, start_ms, end_ms, interval, zone)
     labels = series.labels(starts, zone, interval)
-    final_before = watermark if watermark is not None else 0
-    provisional = (starts >= final_before) if watermark is not None else np.ones(len(starts), bool)
+    # A bucket is final only when it ends at or before the watermark: an hour or a day
+    # that straddles it can still change.
+    ends = np.append(starts[1:], end_ms)
+    provisional = np.ones(len(starts), dtype=bool) if watermark is None else ends > watermark
     if want_csv:
         lines = ["t,count,provisional"]
         lines += [

@@ -34,13 +34,17 @@ class MemoryCache:
     name = "memory"
 
     def __init__(self, entries_max: int = MEMORY_ENTRIES_MAX, ttl_s: int = 3600) -> None:
-        self._entries: cachetools.TTLCache[str, bytes] = cachetools.TTLCache(entries_max, ttl_s)
+        # Each entry carries its own time to live, as a Redis key does.
+        self._entries: cachetools.TLRUCache[str, tuple[float, bytes]] = cachetools.TLRUCache(
+            entries_max, ttu=lambda _key, value, now: now + value[0]
+        )
 
     async def get(self, key: str) -> bytes | None:
-        return self._entries.get(key)
+        entry = self._entries.get(key)
+        return None if entry is None else entry[1]
 
     async def set(self, key: str, value: bytes, ttl_s: int) -> None:
-        self._entries[key] = value
+        self._entries[key] = (float(ttl_s), value)
 
     async def close(self) -> None:
         self._entries.clear()

@@ -146,7 +146,13 @@ def build_app() -> FastAPI:
     )
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256)
+@serve.deployment(
+    ray_actor_options={"num_cpus": 0},
+    max_ongoing_requests=256,
+    # An access-log line per request costs more than a cached query; Prometheus
+    # metrics at /metrics count requests instead.
+    logging_config={"enable_access_log": False},
+)
 @serve.ingress(build_app)
 class Api:
     """flowray's HTTP API on Ray Serve."""

@@ -97,13 +97,17 @@ class ReplicaLog:
     def _track(self, ref: RecordRef, key: BlockKey) -> None:
         require(ref.index == self.last_index + 1, "entries must be tracked in index order")
         require(ref.term >= self.last_term, "terms never decrease along the log")
+        existing = self.blocks.get(key)
+        require(
+            existing is None or not existing.sealed,
+            f"entry {ref.index} appended to sealed block {key}",
+        )
         self._terms.append(ref.term)
         self._where.append(key)
         self._refs.append(ref)
         info = self.blocks.get(key)
         if info is None:
             info = self.blocks[key] = BlockInfo(key, first_index=ref.index)
-        require(not info.sealed, f"entry {ref.index} appended to sealed block {key}")
         info.bytes += segment.HEADER_BYTES + ref.length
         info.entries += 1
         info.last_index = ref.index
@@ -117,11 +121,12 @@ class ReplicaLog:
 
         Returns the bytes written. Entries must continue the log without a gap.
         """
+        entries = list(entries)
+        self._check_append(entries)
         written = 0
         touched: set[BlockKey] = set()
         new_files = False
         for entry in entries:
-            require(entry.index == self.last_index + 1, f"gap before entry {entry.index}")
             key = entry.block
             fd = self._fds.get(key)
             if fd is None:
@@ -151,6 +156,22 @@ class ReplicaLog:
             if self.blocks[key].sealed:
                 self._close(key)
         return written
+
+    def _check_append(self, entries: list[Entry]) -> None:
+        """Refuse a bad batch before any byte of it reaches a file."""
+        index, term = self.last_index, self.last_term
+        sealed_now: set[BlockKey] = set()
+        for entry in entries:
+            require(entry.index == index + 1, f"gap before entry {entry.index}")
+            require(entry.term >= term, f"entry {entry.index} has a lower term than the log")
+            info = self.blocks.get(entry.block)
+            require(
+                entry.block not in sealed_now and not (info is not None and info.sealed),
+                f"entry {entry.index} appended to sealed block {entry.block}",
+            )
+            if entry.kind == KIND_SEAL:
+                sealed_now.add(entry.block)
+            index, term = entry.index, entry.term
 
     def _open(self, key: BlockKey) -> tuple[int, bool]:
         path = block_path(self.root, key)
@@ -238,14 +259,21 @@ class ReplicaLog:
                 os.close(fd)
         return out
 
-    def block_payloads(self, key: BlockKey, upto_index: int) -> list[bytes]:
-        """The data payloads of a block whose entries up to ``upto_index`` are committed."""
+    def block_payloads(
+        self, key: BlockKey, upto_index: int, slice_no: int = 0, slices: int = 1
+    ) -> list[bytes]:
+        """Data payloads of a block up to ``upto_index`` (committed), one slice of them.
+
+        Slice ``k`` of ``n`` holds the block's data entries ``k, k+n, k+2n, ...``, so
+        map tasks can split a block without reading what they do not process.
+        """
+        require(0 <= slice_no < slices, f"slice {slice_no} of {slices}")
         info = self.blocks.get(key)
         if info is None:
             return []
         refs = [r for r in info.refs if r.kind == KIND_DATA and r.index <= upto_index]
         path = block_path(self.root, key)
-        return [e.payload for e in segment.read_entries(path, refs)]
+        return [e.payload for e in segment.read_entries(path, refs[slice_no::slices])]
 
     def close(self) -> None:
         for key in list(self._fds):

@@ -6,10 +6,12 @@ Each record is a fixed 36-byte header and a payload::
     length u32 | crc32 u32 | term u64 | index u64 | payload[length]
 
 The CRC covers every header byte except itself, and the payload, so a flipped bit
-anywhere is found. A record that runs past the end of the file, or a tail of zeros
-(what some file systems leave after a crash), is a torn write: it was never fsynced,
-so it was never acknowledged, and recovery cuts it. A bad record with intact data
-after it is corruption, and reading it raises instead of guessing.
+anywhere is found. A bad record with no intact record after it — a partial record, or
+zeros where the file grew but the data never landed — is a torn write: it was never
+fsynced, so this replica never acknowledged it, and recovery cuts it (damage to the
+very last record looks the same and is cut too; the replica then catches up from the
+master). A bad record with an intact record after it is corruption, and reading it
+raises instead of guessing.
 """
 
 from __future__ import annotations
@@ -146,19 +148,20 @@ def _check_record(data: bytes, pos: int) -> str | None:
 
 
 def _is_torn_tail(data: bytes, pos: int) -> bool:
-    """A record that reaches past the end, or only zeros from here on, is torn."""
-    rest = data[pos:]
-    if not rest.strip(b"\x00"):
-        return True
-    if len(rest) < HEADER_BYTES:
-        return True
-    length = _parse_header(rest[:HEADER_BYTES])[6]
-    return HEADER_BYTES + length >= len(rest) and _header_plausible(rest[:HEADER_BYTES])
+    """A bad record is a torn write only if no intact record follows it.
 
-
-def _header_plausible(header: bytes) -> bool:
-    magic, version, kind, *_ = _parse_header(header)
-    return magic == MAGIC and version == VERSION and kind in KINDS
+    Writes are appended and fsynced in order, so a crash can only damage the end: a
+    partial record, or zeros where the file grew but data never landed. Any intact
+    record after the bad one means the bad one was once whole, so it is corruption,
+    whatever its damaged length field claims.
+    """
+    magic = struct.pack("<H", MAGIC)
+    at = data.find(magic, pos + 1)
+    while at != -1:
+        if _check_record(data, at) is None:
+            return False
+        at = data.find(magic, at + 1)
+    return True
 
 
 def recover(path: Path) -> list[RecordRef]:

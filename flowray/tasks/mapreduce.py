@@ -14,6 +14,7 @@ from pathlib import Path
 import duckdb
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 
 from flowray import logic as logics
@@ -101,7 +102,7 @@ def write_units(
         ).to_arrow_table()
         path = unit_path(root, logic_name, shard, hour, job)
         write_unit(path, rows)
-        events = int(pa.compute.sum(rows.column("count")).as_py() or 0)
+        events = int(pc.sum(rows.column("count")).as_py() or 0)
         out.append(Unit(shard, hour, str(path), parts, rows.num_rows, events))
     return out
 

@@ -1,0 +1,145 @@
+"""Tests for flowray.ingest.split_batch: every event in exactly one right piece."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import pyarrow as pa
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from flowray.events import EVENT_SCHEMA
+from flowray.ingest import HOUR_MS, Piece, from_ipc, split_batch, to_ipc
+from flowray.router import ShardMap, shard_for_site
+
+SEED_MAP = ShardMap.round_robin(10, 5)
+T0 = 1_584_170_439_595  # 2020-03-14T07:20:39.595Z
+SITES = [f"site{i}.example" for i in range(40)] + ["taobao.com", "xn--bcher-kva.de"]
+
+Row = tuple[Any, ...]
+
+
+def rows_of(table: pa.Table) -> list[Row]:
+    return [tuple(r.values()) for r in table.to_pylist()]
+
+
+def events(rows: list[dict[str, Any]]) -> pa.Table:
+    return pa.Table.from_pylist(rows, schema=EVENT_SCHEMA)
+
+
+def check_split(table: pa.Table, shard_map: ShardMap) -> dict[int, list[Piece]]:
+    """Assert every rule of split_batch on ``table``; return the split for more checks."""
+    out = split_batch(table, shard_map)
+    seen: list[Row] = []
+    blocks: set[tuple[int, int]] = set()
+    for group, pieces in out.items():
+        assert 0 <= group < shard_map.group_count
+        assert pieces, "a group listed without pieces"
+        for piece in pieces:
+            assert shard_map.group_of_shard(piece.shard) == group
+            assert (piece.shard, piece.hour) not in blocks, "one piece per (shard, hour)"
+            blocks.add((piece.shard, piece.hour))
+            part = from_ipc(piece.payload)
+            assert part.schema == EVENT_SCHEMA
+            assert part.num_rows == piece.events > 0
+            for row in part.to_pylist():
+                assert shard_for_site(row["site"], shard_map.shard_count) == piece.shard
+                assert shard_map.group_of_site(row["site"]) == group
+                assert row["ts"] // HOUR_MS == piece.hour
+            seen.extend(rows_of(part))
+    assert Counter(seen) == Counter(rows_of(table)), "events lost or duplicated"
+    return out
+
+
+event_rows = st.lists(
+    st.fixed_dictionaries(
+        {
+            "ts": st.integers(T0 - 3 * HOUR_MS, T0 + 3 * HOUR_MS),
+            "site": st.sampled_from(SITES),
+        },
+        optional={
+            "path": st.sampled_from(["/", "/a", "/b?q=1"]),
+            "referrer": st.sampled_from(["https://r.example/", ""]),
+            "ua": st.text(max_size=5),
+            "visitor": st.sampled_from(["v1", "v2"]),
+            "id": st.sampled_from(["i1", "i2", "i3"]),
+        },
+    ),
+    max_size=200,
+)
+
+
+@given(rows=event_rows, layout=st.sampled_from([(10, 5), (10, 1), (7, 3), (1, 1), (16, 16)]))
+@settings(max_examples=60, deadline=None)
+def test_split_preserves_every_event_once(
+    rows: list[dict[str, Any]], layout: tuple[int, int]
+) -> None:
+    check_split(events(rows), ShardMap.round_robin(*layout))
+
+
+@given(rows=event_rows, chunks=st.integers(1, 4))
+@settings(max_examples=20, deadline=None)
+def test_split_of_a_chunked_table(rows: list[dict[str, Any]], chunks: int) -> None:
+    table = events(rows)
+    step = max(1, len(rows) // chunks)
+    parts = [table.slice(i, step) for i in range(0, len(rows), step)] or [table]
+    check_split(pa.concat_tables(parts), SEED_MAP)
+
+
+def test_empty_batch() -> None:
+    assert split_batch(events([]), SEED_MAP) == {}
+
+
+def test_pieces_keep_arrival_order() -> None:
+    rows = [
+        {"ts": T0 + (i % 3) * HOUR_MS + i, "site": SITES[i % 7], "path": f"/{i}"}
+        for i in range(300)
+    ]
+    out = check_split(events(rows), SEED_MAP)
+    for pieces in out.values():
+        for piece in pieces:
+            positions = [int(r["path"][1:]) for r in from_ipc(piece.payload).to_pylist()]
+            assert positions == sorted(positions)
+
+
+def test_groups_and_hours_of_a_known_batch() -> None:
+    hour = T0 // HOUR_MS
+    rows = [
+        {"ts": T0, "site": "taobao.com"},  # shard 3 → group 3
+        {"ts": T0 + HOUR_MS, "site": "taobao.com"},
+        {"ts": T0 + 1, "site": "example.com"},  # shard 1 → group 1
+        {"ts": T0 + 2, "site": "google.com"},  # shard 1 → group 1
+        {"ts": T0 + 3, "site": "xn--bcher-kva.de"},  # shard 5 → group 0
+    ]
+    out = check_split(events(rows), SEED_MAP)
+    got = {g: sorted((p.shard, p.hour, p.events) for p in ps) for g, ps in out.items()}
+    assert got == {
+        0: [(5, hour, 1)],
+        1: [(1, hour, 2)],
+        3: [(3, hour, 1), (3, hour + 1, 1)],
+    }
+
+
+def test_a_moved_shard_goes_to_its_new_group() -> None:
+    moved = ShardMap.from_json([0, 1, 2, 4, 4, 0, 1, 2, 3, 4])  # shard 3 moved to group 4
+    out = check_split(events([{"ts": T0, "site": "taobao.com"}]), moved)
+    assert list(out) == [4]
+    assert out[4][0].shard == 3
+
+
+def test_hour_boundaries() -> None:
+    start = (T0 // HOUR_MS + 1) * HOUR_MS
+    rows = [{"ts": t, "site": "taobao.com"} for t in (start - 1, start, start + HOUR_MS - 1)]
+    out = check_split(events(rows), SEED_MAP)
+    assert sorted((p.hour, p.events) for p in out[3]) == [
+        (start // HOUR_MS - 1, 1),
+        (start // HOUR_MS, 2),
+    ]
+
+
+@pytest.mark.parametrize("n", [0, 1, 1000])
+def test_ipc_round_trip(n: int) -> None:
+    table = events([{"ts": T0 + i, "site": SITES[i % len(SITES)], "id": str(i)} for i in range(n)])
+    assert from_ipc(to_ipc(table)).equals(table)

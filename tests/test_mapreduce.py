@@ -1,0 +1,237 @@
+"""Tests for the pure map, reduce and write steps of flowray.tasks.mapreduce (no Ray).
+
+The pipeline's output is checked against an independent DuckDB count of the raw events.
+"""
+
+from __future__ import annotations
+
+import random
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from flowray.events import EVENT_SCHEMA
+from flowray.ingest import HOUR_MS, to_ipc
+from flowray.router import reduce_key_for_site, shard_for_site
+from flowray.storage.catalog import Unit
+from flowray.tasks.mapreduce import (
+    PARTIAL_SCHEMA,
+    map_block_slices,
+    reduce_partials,
+    write_units,
+)
+
+SHARDS = 4
+T0 = 1_584_169_200_000  # 2020-03-14T07:00:00Z, the start of an hour
+HOUR = T0 // HOUR_MS
+SITES = [f"shop{i}.example" for i in range(25)] + ["taobao.com"]
+
+Block = tuple[int, int]
+Count = tuple[int, int, str, int, int]  # shard, hour, site, minute ms, count
+
+
+def random_events(rng: random.Random, n: int) -> pa.Table:
+    """Events over three hours; about a third carry an id, and some are sent twice."""
+    rows: list[dict[str, Any]] = []
+    for i in range(n):
+        row: dict[str, Any] = {
+            "ts": T0 + rng.randrange(3 * HOUR_MS),
+            "site": rng.choice(SITES),
+            "path": rng.choice(["/", "/cart", None]),
+            "id": f"id-{i}" if rng.random() < 0.35 else None,
+        }
+        rows.append(row)
+        if row["id"] is not None and rng.random() < 0.3:
+            rows.append(dict(row))  # a retry: same (site, id), same event
+        if row["id"] is None and rng.random() < 0.05:
+            rows.append(dict(row))  # two identical page views without id: both count
+    rng.shuffle(rows)
+    return pa.Table.from_pylist(rows, schema=EVENT_SCHEMA)
+
+
+def expected_counts(raw: pa.Table) -> list[Count]:
+    """Count per (site, minute) with DuckDB directly, each (site, id) once."""
+    con = duckdb.connect(config={"threads": 1})
+    con.register("raw", raw)
+    rows = con.sql(
+        "SELECT site, ts // 60000 * 60000 AS minute, count(*) AS n FROM ("
+        " SELECT site, ts FROM raw WHERE id IS NULL"
+        " UNION ALL SELECT site, min(ts) FROM raw WHERE id IS NOT NULL GROUP BY site, id"
+        ") GROUP BY ALL"
+    ).fetchall()
+    con.close()
+    return sorted(
+        (shard_for_site(site, SHARDS), minute // HOUR_MS, site, minute, n)
+        for site, minute, n in rows
+    )
+
+
+def blocks_of(raw: pa.Table) -> dict[Block, pa.Table]:
+    """The raw events of each (shard, hour) block, as the log would hold them."""
+    by_block: dict[Block, list[dict[str, Any]]] = defaultdict(list)
+    for row in raw.to_pylist():
+        by_block[(shard_for_site(row["site"], SHARDS), row["ts"] // HOUR_MS)].append(row)
+    return {k: pa.Table.from_pylist(v, schema=EVENT_SCHEMA) for k, v in by_block.items()}
+
+
+def random_slices(rng: random.Random, table: pa.Table) -> list[list[bytes]]:
+    """Cut a block at random rows into up to 5 payloads, grouped into slices of 1..3."""
+    cuts = sorted(rng.sample(range(1, table.num_rows), min(table.num_rows - 1, 4)))
+    payloads = [
+        to_ipc(table.slice(lo, hi - lo))
+        for lo, hi in zip([0, *cuts], [*cuts, table.num_rows], strict=True)
+    ]
+    slices: list[list[bytes]] = []
+    while payloads:
+        take = rng.randint(1, 3)
+        slices.append(payloads[:take])
+        payloads = payloads[take:]
+    return slices
+
+
+def run_pipeline(
+    rng: random.Random, raw: pa.Table, keys: int, root: Path, job: str = "job1"
+) -> tuple[list[Unit], list[list[pa.Table]]]:
+    blocks = blocks_of(raw)
+    tasks: list[tuple[list[Block], list[list[bytes]]]] = []
+    for block, table in sorted(blocks.items()):
+        for payloads in random_slices(rng, table):
+            tasks.append(([block], [payloads]))
+    rng.shuffle(tasks)
+    # Several slices per map task, of different blocks, and an empty slice now and then.
+    merged: list[tuple[list[Block], list[list[bytes]]]] = []
+    for i in range(0, len(tasks), 6):
+        group = tasks[i : i + 6]
+        merged.append(
+            (
+                [b for bs, _ in group for b in bs] + [(0, HOUR)],
+                [p for _, ps in group for p in ps] + [[]],
+            )
+        )
+    map_outputs = [map_block_slices(bs, ps, "default", keys) for bs, ps in merged]
+    assert all(len(out) == keys for out in map_outputs)
+    by_key = [[out[k] for out in map_outputs] for k in range(keys)]
+    reduced = [reduce_partials(partials) for partials in by_key]
+    units = [(shard, hour, 1) for shard, hour in sorted(blocks)]
+    return write_units(root, "default", job, reduced, units), by_key
+
+
+def file_counts(unit: Unit) -> list[Count]:
+    table = pq.read_table(unit.path)
+    minutes = table.column("minute").cast(pa.int64()).to_pylist()
+    return [
+        (unit.shard, unit.hour, site, minute, n)
+        for site, minute, n in zip(
+            table.column("site").to_pylist(),
+            minutes,
+            table.column("count").to_pylist(),
+            strict=True,
+        )
+    ]
+
+
+@pytest.mark.parametrize("keys", [1, 3, 4])
+@given(seed=st.integers(0, 2**32), n=st.integers(1, 400))
+@settings(max_examples=4, deadline=None)
+def test_pipeline_matches_duckdb(keys: int, seed: int, n: int) -> None:
+    rng = random.Random(seed)
+    raw = random_events(rng, n)
+    with tempfile.TemporaryDirectory() as d:
+        units, by_key = run_pipeline(rng, raw, keys, Path(d))
+        got: list[Count] = []
+        for unit in units:
+            rows = file_counts(unit)
+            assert [(r[2], r[3]) for r in rows] == sorted({(r[2], r[3]) for r in rows}), (
+                "a file must be sorted by (site, minute) with one row each"
+            )
+            assert all(shard_for_site(r[2], SHARDS) == unit.shard for r in rows)
+            assert all(r[3] // HOUR_MS == unit.hour for r in rows)
+            assert unit.rows == len(rows)
+            assert unit.events == sum(r[4] for r in rows)
+            got.extend(rows)
+        assert sorted(got) == expected_counts(raw)
+        # Every site goes to exactly one reduce key: its own.
+        owners: dict[str, set[int]] = defaultdict(set)
+        for k, partials in enumerate(by_key):
+            for partial in partials:
+                assert partial.schema == PARTIAL_SCHEMA
+                for site in set(partial.column("site").to_pylist()):
+                    owners[site].add(k)
+        assert owners
+        assert all(ks == {reduce_key_for_site(s, keys)} for s, ks in owners.items())
+
+
+def test_duplicates_in_different_slices_count_once(tmp_path: Path) -> None:
+    site = "taobao.com"
+    shard = shard_for_site(site, SHARDS)
+    first = T0 + 5 * 60_000 + 123
+    a = pa.Table.from_pylist(
+        [{"ts": first, "site": site, "id": "x"}, {"ts": first, "site": site, "id": None}],
+        schema=EVENT_SCHEMA,
+    )
+    b = pa.Table.from_pylist(
+        [
+            {"ts": first, "site": site, "id": "x"},  # the retry, in another slice
+            {"ts": first + 90_000, "site": site, "id": "x"},  # a retry stamped later
+            {"ts": first, "site": site, "id": None},  # no id: a second page view
+        ],
+        schema=EVENT_SCHEMA,
+    )
+    out1 = map_block_slices([(shard, HOUR)], [[to_ipc(a)]], "default", 1)
+    out2 = map_block_slices([(shard, HOUR)], [[to_ipc(b)]], "default", 1)
+    reduced = reduce_partials([out1[0], out2[0]])
+    minute = first // 60_000 * 60_000
+    assert reduced.to_pylist() == [
+        {"shard": shard, "hour": HOUR, "site": site, "minute": minute, "count": 3}
+    ]
+    (unit,) = write_units(tmp_path, "default", "j", [reduced], [(shard, HOUR, 2)])
+    assert unit == Unit(shard, HOUR, unit.path, 2, 1, 3)
+    assert file_counts(unit) == [(shard, HOUR, site, minute, 3)]
+
+
+def test_writing_the_same_input_twice_gives_identical_files(tmp_path: Path) -> None:
+    raw = random_events(random.Random(7), 300)
+    runs = []
+    for attempt in ("a", "b"):
+        units, _ = run_pipeline(random.Random(attempt), raw, 3, tmp_path / attempt)
+        runs.append(units)
+    assert len(runs[0]) == len(runs[1]) > 1
+    for u1, u2 in zip(*runs, strict=True):
+        assert (u1.shard, u1.hour, u1.rows, u1.events) == (u2.shard, u2.hour, u2.rows, u2.events)
+        assert Path(u1.path).read_bytes() == Path(u2.path).read_bytes()
+    # Rewriting in place (a re-run of the same job) also gives the same bytes.
+    again, _ = run_pipeline(random.Random("c"), raw, 4, tmp_path / "a")
+    assert [Path(u.path).read_bytes() for u in again] == [
+        Path(u.path).read_bytes() for u in runs[1]
+    ]
+
+
+def test_map_of_nothing_gives_empty_partials() -> None:
+    out = map_block_slices([(0, HOUR), (1, HOUR)], [[], []], "default", 3)
+    assert len(out) == 3
+    assert all(t.num_rows == 0 and t.schema == PARTIAL_SCHEMA for t in out)
+    assert reduce_partials(out).num_rows == 0
+
+
+def test_a_unit_without_rows_is_an_empty_file(tmp_path: Path) -> None:
+    raw = pa.Table.from_pylist([{"ts": T0, "site": "taobao.com"}], schema=EVENT_SCHEMA)
+    shard = shard_for_site("taobao.com", SHARDS)
+    other = (shard + 1) % SHARDS
+    reduced = reduce_partials(map_block_slices([(shard, HOUR)], [[to_ipc(raw)]], "default", 1))
+    units = write_units(tmp_path, "default", "j", [reduced], [(shard, HOUR, 1), (other, HOUR, 1)])
+    assert [(u.rows, u.events) for u in units] == [(1, 1), (0, 0)]
+    assert pq.read_table(units[1].path).num_rows == 0
+
+
+def test_unknown_logic_is_refused() -> None:
+    raw = pa.Table.from_pylist([{"ts": T0, "site": "taobao.com"}], schema=EVENT_SCHEMA)
+    with pytest.raises(ValueError, match="unknown processing logic"):
+        map_block_slices([(0, HOUR)], [[to_ipc(raw)]], "no-such-logic", 1)

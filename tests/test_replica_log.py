@@ -1,0 +1,384 @@
+"""Tests for flowray.storage.replica_log: one replica's log spread over block files."""
+
+from __future__ import annotations
+
+import random
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from flowray.invariant import InvariantError
+from flowray.storage.replica_log import BlockKey, ReplicaLog, block_path, hour_label
+from flowray.storage.segment import (
+    CONTROL_SHARD,
+    HEADER_BYTES,
+    KIND_DATA,
+    KIND_NOOP,
+    KIND_SEAL,
+    Entry,
+    scan,
+)
+
+HOUR = 438_000  # 2019-12-20T00
+A: BlockKey = (0, HOUR, 0)
+B: BlockKey = (5, HOUR, 0)
+C: BlockKey = (0, HOUR + 1, 0)
+CONTROL: BlockKey = (CONTROL_SHARD, 0, 0)
+
+
+def data(term: int, index: int, key: BlockKey, payload: bytes | None = None) -> Entry:
+    shard, hour, part = key
+    body = payload if payload is not None else f"e{index}".encode() * index
+    return Entry(term, index, KIND_DATA, shard, hour, part, body)
+
+
+def seal(term: int, index: int, key: BlockKey) -> Entry:
+    shard, hour, part = key
+    return Entry(term, index, KIND_SEAL, shard, hour, part)
+
+
+def noop(term: int, index: int) -> Entry:
+    return Entry(term, index, KIND_NOOP, *CONTROL)
+
+
+@pytest.fixture
+def log(tmp_path: Path) -> Iterator[ReplicaLog]:
+    replica = ReplicaLog(tmp_path / "r")
+    yield replica
+    replica.close()
+
+
+def state(replica: ReplicaLog) -> tuple[object, ...]:
+    """Everything observable about a log, for comparing two instances."""
+    return (
+        replica.last_index,
+        replica.last_term,
+        [replica.term_at(i) for i in range(replica.last_index + 1)],
+        dict(replica.blocks),
+        replica.read(1, 1 << 30) if replica.last_index else [],
+    )
+
+
+def check_against(replica: ReplicaLog, entries: list[Entry]) -> None:
+    """The log holds exactly ``entries``, in memory and in its files."""
+    assert replica.last_index == len(entries)
+    assert replica.last_term == (entries[-1].term if entries else 0)
+    if entries:
+        assert replica.read(1, 1 << 30) == entries
+    keys = {e.block for e in entries}
+    assert set(replica.blocks) == keys
+    for key in keys:
+        mine = [e for e in entries if e.block == key]
+        info = replica.blocks[key]
+        assert info.entries == len(mine)
+        assert info.bytes == sum(HEADER_BYTES + len(e.payload) for e in mine)
+        assert info.first_index == mine[0].index
+        assert info.last_index == mine[-1].index
+        seals = [e.index for e in mine if e.kind == KIND_SEAL]
+        assert info.seal_index == (seals[0] if seals else 0)
+        assert info.sealed == bool(seals)
+        path = block_path(replica.root, key)
+        assert path.stat().st_size == info.bytes
+        assert [r.index for r in scan(path.read_bytes())[0]] == [e.index for e in mine]
+    # An empty file (created, then nothing reached it before a crash) holds no entry.
+    files = sorted(p for p in (replica.root / "blocks").glob("s*/*.seg") if p.stat().st_size)
+    assert files == sorted(block_path(replica.root, k) for k in keys)
+
+
+# --------------------------------------------------------------------------- basics
+
+
+def test_empty_log(log: ReplicaLog) -> None:
+    assert log.last_index == 0
+    assert log.last_term == 0
+    assert log.term_at(0) == 0
+    assert log.blocks == {}
+    assert log.read(1, 100) == []
+    assert log.block_payloads(A, 10) == []
+    with pytest.raises(InvariantError):
+        log.term_at(1)
+
+
+def test_block_path_names_shard_and_hour(tmp_path: Path) -> None:
+    assert hour_label(HOUR) == "2019-12-20T00"
+    assert block_path(tmp_path, (5, HOUR, 3)) == (
+        tmp_path / "blocks" / "s0005" / "2019-12-20T00.h438000.p0003.seg"
+    )
+
+
+def interleaved() -> list[Entry]:
+    return [
+        noop(1, 1),
+        data(1, 2, A),
+        data(1, 3, B),
+        data(1, 4, A),
+        data(2, 5, C),
+        data(2, 6, B),
+        seal(2, 7, A),
+        data(2, 8, C),
+        data(3, 9, B),
+    ]
+
+
+def test_append_interleaved_blocks(log: ReplicaLog) -> None:
+    entries = interleaved()
+    written = log.append(entries[:4])
+    written += log.append(entries[4:])
+    assert written == sum(HEADER_BYTES + len(e.payload) for e in entries)
+    check_against(log, entries)
+    assert [log.term_at(i) for i in range(10)] == [0, 1, 1, 1, 1, 2, 2, 2, 2, 3]
+    assert log.blocks[A].sealed and log.blocks[A].seal_index == 7
+    assert not log.blocks[B].sealed
+    assert log.blocks[CONTROL].entries == 1
+
+
+def test_append_with_a_gap_raises_and_writes_nothing(log: ReplicaLog) -> None:
+    log.append([data(1, 1, A)])
+    size = block_path(log.root, A).stat().st_size
+    for index in (1, 3, 0):
+        with pytest.raises(InvariantError):
+            log.append([data(1, index, A)])
+    assert log.last_index == 1
+    assert block_path(log.root, A).stat().st_size == size
+
+
+def test_append_to_a_fresh_log_must_start_at_1(log: ReplicaLog) -> None:
+    with pytest.raises(InvariantError):
+        log.append([data(1, 2, A)])
+    assert log.last_index == 0
+    assert not block_path(log.root, A).exists()
+
+
+def test_append_to_a_sealed_block_is_refused_before_writing(log: ReplicaLog) -> None:
+    log.append([data(1, 1, A), seal(1, 2, A)])
+    size = block_path(log.root, A).stat().st_size
+    with pytest.raises(InvariantError):
+        log.append([data(1, 3, A)])
+    assert log.last_index == 2
+    assert block_path(log.root, A).stat().st_size == size
+    ReplicaLog(log.root).close()
+
+
+def test_append_with_a_lower_term_is_refused_before_writing(log: ReplicaLog) -> None:
+    log.append([data(2, 1, A)])
+    size = block_path(log.root, A).stat().st_size
+    with pytest.raises(InvariantError):
+        log.append([data(1, 2, A)])
+    assert log.last_index == 1
+    assert block_path(log.root, A).stat().st_size == size
+    ReplicaLog(log.root).close()
+
+
+def test_a_sealed_part_is_followed_by_the_next_part(log: ReplicaLog) -> None:
+    next_part: BlockKey = (A[0], A[1], 1)
+    entries = [data(1, 1, A), seal(1, 2, A), data(1, 3, next_part), data(1, 4, next_part)]
+    log.append(entries)
+    check_against(log, entries)
+    assert log.block_payloads(next_part, 4) == [entries[2].payload, entries[3].payload]
+
+
+# --------------------------------------------------------------------------- reads
+
+
+def test_read_respects_bytes_max_but_returns_at_least_one(log: ReplicaLog) -> None:
+    entries = [data(1, i, A if i % 2 else B, b"x" * 10) for i in range(1, 11)]
+    log.append(entries)
+    assert log.read(1, 0) == entries[:1]
+    assert log.read(1, 1) == entries[:1]
+    assert log.read(1, 10) == entries[:1]
+    assert log.read(1, 11) == entries[:2]
+    assert log.read(3, 30) == entries[2:5]
+    assert log.read(10, 1000) == entries[9:]
+    assert log.read(11, 1000) == []
+    assert log.read(1, 1 << 20) == entries
+
+
+def test_block_payloads_only_data_up_to_the_commit(log: ReplicaLog) -> None:
+    entries = interleaved()
+    log.append(entries)
+    assert log.block_payloads(A, 9) == [entries[1].payload, entries[3].payload]
+    assert log.block_payloads(A, 3) == [entries[1].payload]
+    assert log.block_payloads(A, 1) == []
+    assert log.block_payloads(B, 6) == [entries[2].payload, entries[5].payload]
+    assert log.block_payloads(CONTROL, 9) == []
+    assert log.block_payloads((9, HOUR, 0), 9) == []
+
+
+# --------------------------------------------------------------------------- truncation
+
+
+@pytest.mark.parametrize("after", [0, 1, 3, 4, 6, 8, 9])
+def test_truncate_after_cuts_files_and_survives_reopen(tmp_path: Path, after: int) -> None:
+    entries = interleaved()
+    log = ReplicaLog(tmp_path)
+    log.append(entries)
+    log.truncate_after(after)
+    check_against(log, entries[:after])
+    for gone in {e.block for e in entries[after:]} - {e.block for e in entries[:after]}:
+        assert not block_path(tmp_path, gone).exists()
+    before = state(log)
+    log.close()
+    again = ReplicaLog(tmp_path)
+    assert state(again) == before
+    check_against(again, entries[:after])
+    # The log goes on from the cut with a newer term, as after a new master's overwrite.
+    more = [data(4, after + 1, B, b"new"), data(4, after + 2, C, b"newer")]
+    again.append(more)
+    check_against(again, entries[:after] + more)
+    again.close()
+    third = ReplicaLog(tmp_path)
+    check_against(third, entries[:after] + more)
+    third.close()
+
+
+def test_truncate_after_unseals_a_block(log: ReplicaLog) -> None:
+    entries = interleaved()
+    log.append(entries)
+    log.truncate_after(6)
+    assert not log.blocks[A].sealed
+    log.append([data(3, 7, A, b"late")])
+    check_against(log, [*entries[:6], data(3, 7, A, b"late")])
+
+
+def test_truncate_after_the_last_index_changes_nothing(log: ReplicaLog) -> None:
+    log.append(interleaved())
+    before = state(log)
+    log.truncate_after(9)
+    assert state(log) == before
+
+
+@pytest.mark.parametrize("after", [-1, 10])
+def test_truncate_after_out_of_range(log: ReplicaLog, after: int) -> None:
+    log.append(interleaved())
+    with pytest.raises(InvariantError):
+        log.truncate_after(after)
+
+
+# --------------------------------------------------------------------------- recovery
+
+
+def test_reopen_gives_the_same_state(tmp_path: Path) -> None:
+    log = ReplicaLog(tmp_path)
+    log.append(interleaved())
+    before = state(log)
+    log.close()
+    again = ReplicaLog(tmp_path)
+    assert state(again) == before
+    assert again.block_payloads(A, 9) == log.block_payloads(A, 9)
+    again.close()
+
+
+def cut_last_record(path: Path) -> None:
+    refs, _ = scan(path.read_bytes())
+    with open(path, "r+b") as fh:
+        fh.truncate(refs[-1].offset)
+
+
+def test_recovery_keeps_the_gap_free_prefix(tmp_path: Path) -> None:
+    """Entry 8 reached its file, entry 7 did not reach its own: 8 and 9 must go."""
+    entries = [
+        data(1, 1, A),
+        data(1, 2, B),
+        data(1, 3, A),
+        data(1, 4, C),
+        data(1, 5, B),
+        data(1, 6, A),
+        data(1, 7, C),
+        data(1, 8, B),
+        data(1, 9, A),
+    ]
+    log = ReplicaLog(tmp_path)
+    log.append(entries)
+    log.close()
+    cut_last_record(block_path(tmp_path, C))  # entry 7 lost
+    again = ReplicaLog(tmp_path)
+    check_against(again, entries[:6])
+    # Entries 8 (in B) and 9 (in A) were cut from their files, not just ignored.
+    assert block_path(tmp_path, B).stat().st_size == again.blocks[B].bytes
+    assert block_path(tmp_path, A).stat().st_size == again.blocks[A].bytes
+    more = [data(2, 7, B, b"after")]
+    again.append(more)
+    again.close()
+    third = ReplicaLog(tmp_path)
+    check_against(third, entries[:6] + more)
+    third.close()
+
+
+def test_recovery_removes_a_file_holding_only_entries_past_a_gap(tmp_path: Path) -> None:
+    entries = [data(1, 1, A), data(1, 2, B), data(1, 3, C)]
+    log = ReplicaLog(tmp_path)
+    log.append(entries)
+    log.close()
+    block_path(tmp_path, B).write_bytes(b"")  # entry 2 never reached the disk
+    again = ReplicaLog(tmp_path)
+    check_against(again, entries[:1])
+    assert not block_path(tmp_path, C).exists()
+    again.close()
+
+
+def test_recovery_cuts_a_torn_tail_in_one_file(tmp_path: Path) -> None:
+    entries = interleaved()
+    log = ReplicaLog(tmp_path)
+    log.append(entries)
+    log.close()
+    path = block_path(tmp_path, B)  # holds entries 3, 6 and 9
+    raw = path.read_bytes()
+    path.write_bytes(raw[:-3])
+    again = ReplicaLog(tmp_path)
+    check_against(again, entries[:8])
+    again.close()
+
+
+# --------------------------------------------------------------------------- property
+
+
+def random_log(rng: random.Random, n: int) -> list[Entry]:
+    """A plausible log: growing terms, data in a few blocks, seals, control no-ops."""
+    hours = [(0, HOUR), (3, HOUR), (3, HOUR + 1)]
+    part = dict.fromkeys(hours, 0)
+    term = 1
+    out: list[Entry] = []
+    for index in range(1, n + 1):
+        if rng.random() < 0.15:
+            term += 1
+        roll = rng.random()
+        if roll < 0.1:
+            out.append(noop(term, index))
+            continue
+        shard, hour = rng.choice(hours)
+        key = (shard, hour, part[(shard, hour)])
+        if roll < 0.25:
+            out.append(seal(term, index, key))
+            part[(shard, hour)] += 1
+        else:
+            out.append(data(term, index, key, rng.randbytes(rng.randint(0, 50))))
+    return out
+
+
+@given(seed=st.integers(0, 2**32), n=st.integers(1, 30), data_=st.data())
+@settings(max_examples=30, deadline=None)
+def test_random_appends_truncates_and_reopens(seed: int, n: int, data_: st.DataObject) -> None:
+    rng = random.Random(seed)
+    entries = random_log(rng, n)
+    after = data_.draw(st.integers(0, n))
+    split = data_.draw(st.integers(0, n))
+    with tempfile.TemporaryDirectory() as d:
+        root = Path(d)
+        log = ReplicaLog(root)
+        log.append(entries[:split])
+        log.append(entries[split:])
+        check_against(log, entries)
+        log.truncate_after(after)
+        check_against(log, entries[:after])
+        log.close()
+        again = ReplicaLog(root)
+        check_against(again, entries[:after])
+        for key in again.blocks:
+            assert again.block_payloads(key, after) == [
+                e.payload for e in entries[:after] if e.block == key and e.kind == KIND_DATA
+            ]
+        again.close()
