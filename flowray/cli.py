@@ -433,6 +433,63 @@ def query(
     console.print(f"total {total}; final up to {body['watermark']}")
 
 
+@app.command()
+def demo(
+    data_dir: DataDir = Path(DEFAULT_DATA_DIR),
+    url: Url = None,
+    sites: Annotated[int, typer.Option(help="Demo sites (demo-N.example).")] = 20,
+    hours: Annotated[int, typer.Option(help="Hours of traffic, ending now.")] = 6,
+    events: Annotated[int, typer.Option(help="Events in all.")] = 50_000,
+    seed: Annotated[
+        int,
+        typer.Option(help="Random seed: the same seed sends the same events, which count once."),
+    ] = 1,
+) -> None:
+    """Send made-up traffic for a few demo sites, then show how to query it."""
+    import random
+
+    rng = random.Random(seed)
+    now_ms = int(time.time() * 1000)
+    start_ms = now_ms - hours * 3_600_000
+    names = [f"demo-{i}.example" for i in range(sites)]
+    weights = [1.0 / (1 + i) for i in range(sites)]
+    sent = 0
+    with (
+        _client(data_dir, url) as client,
+        Progress(
+            TextColumn("demo traffic"),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total}"),
+            console=err,
+        ) as progress,
+    ):
+        task = progress.add_task("demo", total=events)
+        while sent < events:
+            n = min(5000, events - sent)
+            batch = [
+                {
+                    "ts": rng.randrange(start_ms, now_ms),
+                    "site": rng.choices(names, weights)[0],
+                    "path": f"/page/{rng.randrange(50)}",
+                    "id": f"demo-{seed}-{sent + i}",
+                }
+                for i in range(n)
+            ]
+            try:
+                client.send_events(batch)
+            except (ApiError, OSError) as exc:
+                _fail(str(exc))
+            sent += n
+            progress.update(task, completed=sent)
+    console.print(f"sent {sent} events for {sites} sites over the last {hours} hours. Try:")
+    console.print(
+        f"  flowray process --all && flowray query {names[0]} "
+        f"--start {time.strftime('%Y-%m-%dT%H:00:00Z', time.gmtime(start_ms / 1000))} "
+        f"--end {time.strftime('%Y-%m-%dT%H:%M:00Z', time.gmtime(now_ms / 1000 + 60))}"
+        " --interval hour"
+    )
+
+
 def main() -> None:
     app()
 

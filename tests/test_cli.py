@@ -16,7 +16,7 @@ import pytest
 
 from tests.conftest import free_port
 
-COMMANDS = ["up", "down", "status", "ingest", "process", "query"]
+COMMANDS = ["up", "down", "status", "ingest", "process", "query", "demo"]
 
 
 def flowray(
@@ -185,6 +185,27 @@ def test_new_user_flow(cli_env: dict[str, str], tmp_path: Path) -> None:
             assert r["term"] >= 1 and r["pid"] > 0 and r["node"]
             assert r["commit_index"] <= r["last_index"]
     assert flowray("status", env=cli_env).returncode == 0
+
+    result = flowray("demo", "--sites", "3", "--hours", "2", "--events", "3000", env=cli_env)
+    assert result.returncode == 0 and "sent 3000 events" in result.stdout, result.stderr
+    assert flowray("process", "--all", env=cli_env).returncode == 0
+    day = time.strftime("%Y-%m-%d", time.gmtime(time.time() - 86400))
+    soon = str(int(time.time() * 1000) + 60_000)
+    result = flowray(
+        "query",
+        "demo-0.example",
+        "--start",
+        day,
+        "--end",
+        soon,
+        "--interval",
+        "hour",
+        "--format",
+        "json",
+        env=cli_env,
+    )
+    assert result.returncode == 0, result.stderr
+    assert sum(p["count"] for p in json.loads(result.stdout)["points"]) > 0
 
     result = flowray(
         "query", "taobao.com", "--start", "2020-03-14", "--end", "2020-03-13", env=cli_env
