@@ -24,7 +24,8 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 from rich.table import Table
 
 from flowray.client import ApiError, Client, ClusterNotFound, find_url
-from flowray.config import DEFAULT_DATA_DIR, Settings, write_json_atomic
+from flowray.config import DEFAULT_DATA_DIR, Settings
+from flowray.storage.durable import write_json_atomic
 
 app = typer.Typer(
     help="flowray: minute-by-minute web traffic analytics on Ray.",

@@ -19,8 +19,9 @@ from ray import serve
 
 from flowray.actors.processor import Processor
 from flowray.actors.replica import Replica, actor_name
-from flowray.config import Settings, write_json_atomic
+from flowray.config import Settings
 from flowray.serve.deployment import PROCESSOR_NAME, SETTINGS_ENV, Api
+from flowray.storage.durable import write_json_atomic
 
 APP_NAME = "flowray"
 START_TIMEOUT_S = 120.0

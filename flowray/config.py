@@ -7,7 +7,6 @@ CLI, the Ray actors and the tests configure the same code.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -121,19 +120,3 @@ def _coerce(type_name: object, raw: str) -> Any:
     if name == "Path":
         return Path(raw)
     return raw
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON so readers see the old or the new file, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w") as fh:
-        json.dump(data, fh, indent=2, sort_keys=True)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)

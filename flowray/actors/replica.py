@@ -22,9 +22,10 @@ from typing import Any
 import ray
 
 from flowray.actors.blocks import BlockTable, SealPolicy
-from flowray.config import Settings, write_json_atomic
+from flowray.config import Settings
 from flowray.invariant import require
 from flowray.quorum import committed_index
+from flowray.storage.durable import write_json_atomic
 from flowray.storage.replica_log import BlockKey, ReplicaLog
 from flowray.storage.segment import (
     CONTROL_SHARD,

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from flowray.invariant import require
 from flowray.storage import segment
+from flowray.storage.durable import fsync_path
 from flowray.storage.segment import KIND_DATA, KIND_SEAL, Entry, RecordRef
 
 BlockKey = tuple[int, int, int]  # (shard, hour since epoch, part)
@@ -190,11 +191,7 @@ class ReplicaLog:
         dirs = {block_path(self.root, key).parent for key in keys}
         dirs.add(self.root / "blocks")
         for d in dirs:
-            dir_fd = os.open(d, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+            fsync_path(d)
 
     def truncate_after(self, index: int) -> None:
         """Drop entries after ``index`` (an uncommitted divergent tail)."""

@@ -12,7 +12,6 @@ file that somebody does.
 
 from __future__ import annotations
 
-import os
 import threading
 import uuid
 from pathlib import Path
@@ -24,6 +23,7 @@ import pyarrow.parquet as pq
 
 from flowray.router import shard_for_site
 from flowray.storage.catalog import Catalog
+from flowray.storage.durable import replace_durably
 from flowray.storage.replica_log import hour_label
 
 HOUR_MS = 3_600_000
@@ -53,17 +53,7 @@ def write_unit(path: Path, table: pa.Table) -> None:
         use_dictionary=["site"],
         write_statistics=True,
     )
-    fd = os.open(tmp, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    replace_durably(tmp, path)
 
 
 class Warehouse:
