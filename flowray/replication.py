@@ -1,0 +1,441 @@
+"""The replication rules of a shard group, as a pure state machine (Raft).
+
+No I/O, no clock, no Ray: the caller feeds the node messages (:meth:`Node.step`),
+ticks (:meth:`Node.tick`) and proposals (:meth:`Node.propose`), and takes back a
+:class:`Ready` of what to persist, what to send and what is committed. The caller's
+duties, in order, for every Ready:
+
+1. Take it with :meth:`Node.ready` (only when :meth:`Node.has_ready`).
+2. Persist the hard state (term, vote) if it changed, then cut the log after
+   ``truncate_after`` when it is set, then append ``entries`` — and fsync. Persist
+   before you send: a vote or an acknowledgement promises that the data is on disk.
+3. Send ``messages``; they may be lost, duplicated or reordered: the rules cope.
+4. Call :meth:`Node.advance` with the same Ready.
+5. Entries up to ``commit_index`` are committed: answer the clients whose proposals
+   they hold (only while the entry at that index still has the proposal's term).
+
+The rules are Raft's: terms fence old masters; a vote goes to a candidate whose log
+is at least as complete; an append must match the entry before it (log matching); a
+divergent uncommitted tail is cut; the master commits an index once a majority,
+itself included, has it on disk, counting only entries of its own term; a new master
+appends a no-op so earlier entries commit through it; a master that has not heard
+from a majority for an election timeout steps down (check quorum).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Protocol
+
+from flowray.invariant import require
+from flowray.quorum import committed_index, majority
+from flowray.storage.segment import CONTROL_SHARD, KIND_NOOP, Entry
+
+APPEND_BYTES_MAX = 8 * 1024 * 1024
+
+
+class Role(StrEnum):
+    FOLLOWER = "follower"
+    CANDIDATE = "candidate"
+    LEADER = "master"
+
+
+class NotLeader(RuntimeError):
+    """A proposal reached a replica that is not the master."""
+
+    def __init__(self, leader: int | None) -> None:
+        super().__init__(f"not the master (master is {leader})")
+        self.leader = leader
+
+
+@dataclass(frozen=True)
+class Msg:
+    """A message between replicas. Which fields matter depends on ``kind``."""
+
+    kind: str  # "vote", "vote_resp", "append", "append_resp"
+    src: int
+    dst: int
+    term: int
+    index: int = 0  # vote: last index; append: prev index; append_resp: match or hint
+    log_term: int = 0  # vote: last term; append: prev term
+    entries: tuple[Entry, ...] = ()
+    commit: int = 0
+    ok: bool = False
+
+
+class LogView(Protocol):
+    """What the node reads of the persisted log."""
+
+    @property
+    def last_index(self) -> int: ...
+
+    def term_at(self, index: int) -> int: ...
+
+    def read(self, from_index: int, bytes_max: int) -> list[Entry]: ...
+
+
+@dataclass
+class Ready:
+    term: int
+    voted_for: int | None
+    hard_state_changed: bool
+    truncate_after: int | None
+    entries: list[Entry]
+    messages: list[Msg]
+    commit_index: int
+
+
+@dataclass
+class Progress:
+    """What the master knows of one follower."""
+
+    match: int = 0
+    next: int = 1
+    active: bool = False
+
+
+@dataclass(frozen=True)
+class Timing:
+    election_ticks: int = 10
+    heartbeat_ticks: int = 2
+
+
+@dataclass
+class _Pending:
+    messages: list[Msg] = field(default_factory=list)
+    hard_state_changed: bool = False
+
+
+class Node:
+    def __init__(
+        self,
+        node_id: int,
+        peers: Sequence[int],
+        storage: LogView,
+        term: int = 0,
+        voted_for: int | None = None,
+        timing: Timing = Timing(),
+        rng: random.Random | None = None,
+        append_bytes_max: int = APPEND_BYTES_MAX,
+    ) -> None:
+        require(node_id in peers, "a node is one of its group's peers")
+        require(len(peers) % 2 == 1, "a group has an odd number of replicas")
+        self.id = node_id
+        self.peers = sorted(peers)
+        self.storage = storage
+        self.term = term
+        self.voted_for = voted_for
+        self.timing = timing
+        self.rng = rng or random.Random(node_id)
+        self.append_bytes_max = append_bytes_max
+        self.role = Role.FOLLOWER
+        self.leader: int | None = None
+        self.commit_index = 0
+        self.stable_last = storage.last_index
+        self.unstable: list[Entry] = []
+        self.need_truncate = False
+        self.votes: set[int] = set()
+        self.progress: dict[int, Progress] = {}
+        self.elapsed = 0
+        self.heartbeat_elapsed = 0
+        self.timeout = self._random_timeout()
+        self._pending = _Pending()
+
+    # ---- the log: persisted part plus unstable tail ----------------------------------
+    @property
+    def last_index(self) -> int:
+        return self.stable_last + len(self.unstable)
+
+    def term_at(self, index: int) -> int:
+        require(0 <= index <= self.last_index, f"no entry {index} (last {self.last_index})")
+        if index == 0:
+            return 0
+        if index <= self.stable_last:
+            return self.storage.term_at(index)
+        return self.unstable[index - self.stable_last - 1].term
+
+    @property
+    def last_term(self) -> int:
+        return self.term_at(self.last_index)
+
+    def entries_from(self, index: int, bytes_max: int) -> list[Entry]:
+        """Entries from ``index`` to at most ``bytes_max`` payload bytes (at least one)."""
+        out: list[Entry] = []
+        if index <= self.stable_last:
+            out = self.storage.read(index, bytes_max)
+            out = [e for e in out if e.index <= self.stable_last]
+            size = sum(len(e.payload) for e in out)
+            if size >= bytes_max:
+                return out
+            index = self.stable_last + 1
+        else:
+            size = 0
+        for entry in self.unstable[index - self.stable_last - 1 :]:
+            if out and size + len(entry.payload) > bytes_max:
+                break
+            out.append(entry)
+            size += len(entry.payload)
+        return out
+
+    def _truncate(self, after: int) -> None:
+        require(after >= self.commit_index, f"cannot cut committed entries (after {after})")
+        if after >= self.stable_last:
+            del self.unstable[after - self.stable_last :]
+        else:
+            self.unstable = []
+            self.stable_last = after
+            self.need_truncate = True
+
+    def _append(self, entries: Sequence[Entry]) -> None:
+        for entry in entries:
+            require(entry.index == self.last_index + 1, f"gap before entry {entry.index}")
+            require(entry.term >= self.last_term, "terms never decrease along the log")
+            self.unstable.append(entry)
+
+    # ---- input -----------------------------------------------------------------------
+    def tick(self) -> None:
+        """One unit of time. Elections and heartbeats are counted in ticks."""
+        if self.role == Role.LEADER:
+            self.heartbeat_elapsed += 1
+            self.elapsed += 1
+            if self.heartbeat_elapsed >= self.timing.heartbeat_ticks:
+                self.heartbeat_elapsed = 0
+                self._broadcast_append(heartbeat=True)
+            if self.elapsed >= self.timing.election_ticks:
+                self.elapsed = 0
+                self._check_quorum()
+            return
+        self.elapsed += 1
+        if self.elapsed >= self.timeout:
+            self.campaign()
+
+    def campaign(self) -> None:
+        """Stand for election under a new term (also used to hand over mastership)."""
+        if len(self.peers) == 1:
+            self._become_candidate()
+            self._become_leader()
+            return
+        self._become_candidate()
+        for peer in self._others():
+            self._send(Msg("vote", self.id, peer, self.term, self.last_index, self.last_term))
+
+    def propose(self, items: Sequence[tuple[int, int, int, int, bytes]]) -> tuple[int, int]:
+        """Append (kind, shard, hour, part, payload) items; returns (first, last) index."""
+        if self.role != Role.LEADER:
+            raise NotLeader(self.leader)
+        require(bool(items), "an empty proposal")
+        first = self.last_index + 1
+        entries = [
+            Entry(self.term, first + i, kind, shard, hour, part, payload)
+            for i, (kind, shard, hour, part, payload) in enumerate(items)
+        ]
+        self._append(entries)
+        self._broadcast_append(heartbeat=False)
+        if len(self.peers) == 1:
+            self._maybe_commit()
+        return first, self.last_index
+
+    def step(self, msg: Msg) -> None:
+        """Take one message from a peer."""
+        if msg.dst != self.id or msg.src not in self.peers or msg.src == self.id:
+            return  # misrouted: ignore, never crash on the network's mistakes
+        if msg.kind == "vote" and msg.term > self.term and self._in_lease():
+            return  # a live master is known: do not let a stray candidate depose it
+        if msg.term > self.term:
+            leader = msg.src if msg.kind == "append" else None
+            self._become_follower(msg.term, leader)
+        if msg.kind == "vote":
+            self._on_vote(msg)
+        elif msg.kind == "vote_resp":
+            self._on_vote_resp(msg)
+        elif msg.kind == "append":
+            self._on_append(msg)
+        elif msg.kind == "append_resp":
+            self._on_append_resp(msg)
+
+    # ---- output ----------------------------------------------------------------------
+    def has_ready(self) -> bool:
+        return bool(
+            self._pending.messages
+            or self._pending.hard_state_changed
+            or self.unstable
+            or self.need_truncate
+        )
+
+    def ready(self) -> Ready:
+        rd = Ready(
+            term=self.term,
+            voted_for=self.voted_for,
+            hard_state_changed=self._pending.hard_state_changed,
+            truncate_after=self.stable_last if self.need_truncate else None,
+            entries=list(self.unstable),
+            messages=self._pending.messages,
+            commit_index=self.commit_index,
+        )
+        self._pending = _Pending()
+        return rd
+
+    def advance(self, rd: Ready) -> None:
+        """The caller persisted ``rd`` and sent its messages."""
+        if rd.truncate_after is not None and self.stable_last == rd.truncate_after:
+            self.need_truncate = False
+        for entry in rd.entries:
+            head = self.unstable[0] if self.unstable else None
+            if head is None or head.index != entry.index or head.term != entry.term:
+                # Cut after this Ready was taken: the disk holds a tail to drop next.
+                self.need_truncate = True
+                break
+            self.unstable.pop(0)
+            self.stable_last = entry.index
+        if self.role == Role.LEADER:
+            self._maybe_commit()
+
+    # ---- roles -----------------------------------------------------------------------
+    def _others(self) -> list[int]:
+        return [p for p in self.peers if p != self.id]
+
+    def _random_timeout(self) -> int:
+        base = self.timing.election_ticks
+        return base + self.rng.randrange(base)
+
+    def _set_hard_state(self, term: int, voted_for: int | None) -> None:
+        if (term, voted_for) != (self.term, self.voted_for):
+            require(term >= self.term, "the term never goes back")
+            self.term, self.voted_for = term, voted_for
+            self._pending.hard_state_changed = True
+
+    def _become_follower(self, term: int, leader: int | None) -> None:
+        self._set_hard_state(term, self.voted_for if term == self.term else None)
+        self.role = Role.FOLLOWER
+        self.leader = leader
+        self.elapsed = 0
+        self.timeout = self._random_timeout()
+        self.progress = {}
+
+    def _become_candidate(self) -> None:
+        self._set_hard_state(self.term + 1, self.id)
+        self.role = Role.CANDIDATE
+        self.leader = None
+        self.votes = {self.id}
+        self.elapsed = 0
+        self.timeout = self._random_timeout()
+
+    def _become_leader(self) -> None:
+        self.role = Role.LEADER
+        self.leader = self.id
+        self.elapsed = 0
+        self.heartbeat_elapsed = 0
+        self.progress = {p: Progress(next=self.last_index + 1) for p in self._others()}
+        self.propose([(KIND_NOOP, CONTROL_SHARD, 0, 0, b"")])
+
+    def _in_lease(self) -> bool:
+        """Heard from the master within the minimum election timeout."""
+        return self.leader is not None and self.elapsed < self.timing.election_ticks
+
+    def _check_quorum(self) -> None:
+        active = 1 + sum(1 for pr in self.progress.values() if pr.active)
+        for pr in self.progress.values():
+            pr.active = False
+        if active < majority(len(self.peers)):
+            self._become_follower(self.term, None)
+
+    # ---- messages --------------------------------------------------------------------
+    def _send(self, msg: Msg) -> None:
+        self._pending.messages.append(msg)
+
+    def _on_vote(self, msg: Msg) -> None:
+        up_to_date = (msg.log_term, msg.index) >= (self.last_term, self.last_index)
+        free = self.voted_for in (None, msg.src)
+        grant = msg.term == self.term and free and up_to_date
+        if grant:
+            self._set_hard_state(self.term, msg.src)
+            self.elapsed = 0
+        self._send(Msg("vote_resp", self.id, msg.src, self.term, ok=grant))
+
+    def _on_vote_resp(self, msg: Msg) -> None:
+        if self.role != Role.CANDIDATE or msg.term != self.term or not msg.ok:
+            return
+        self.votes.add(msg.src)
+        if len(self.votes) >= majority(len(self.peers)):
+            self._become_leader()
+
+    def _on_append(self, msg: Msg) -> None:
+        if msg.term < self.term:
+            self._send(Msg("append_resp", self.id, msg.src, self.term, self.last_index))
+            return
+        if self.role != Role.FOLLOWER or self.leader != msg.src:
+            self._become_follower(msg.term, msg.src)
+        self.elapsed = 0
+        if msg.index > self.last_index or self.term_at(msg.index) != msg.log_term:
+            hint = min(self.last_index, max(msg.index - 1, 0))
+            self._send(Msg("append_resp", self.id, msg.src, self.term, hint))
+            return
+        fresh = self._drop_known(msg.entries)
+        if fresh:
+            if fresh[0].index <= self.last_index:
+                self._truncate(fresh[0].index - 1)
+            self._append(fresh)
+        match = msg.index + len(msg.entries)
+        self.commit_index = max(self.commit_index, min(msg.commit, match))
+        self._send(Msg("append_resp", self.id, msg.src, self.term, match, ok=True))
+
+    def _drop_known(self, entries: Sequence[Entry]) -> list[Entry]:
+        for i, entry in enumerate(entries):
+            if entry.index > self.last_index or self.term_at(entry.index) != entry.term:
+                return list(entries[i:])
+        return []
+
+    def _on_append_resp(self, msg: Msg) -> None:
+        if self.role != Role.LEADER or msg.term != self.term:
+            return
+        pr = self.progress[msg.src]
+        pr.active = True
+        if msg.ok:
+            if msg.index > pr.match:
+                pr.match = msg.index
+                self._maybe_commit()
+            pr.next = max(pr.next, pr.match + 1)
+            if pr.next <= self.last_index:
+                self._send_append(msg.src)
+        else:
+            pr.next = max(pr.match + 1, min(pr.next - 1, msg.index + 1))
+            self._send_append(msg.src)
+
+    def _broadcast_append(self, heartbeat: bool) -> None:
+        for peer in self._others():
+            pr = self.progress[peer]
+            if heartbeat and pr.match < self.last_index:
+                pr.next = pr.match + 1  # resend what may have been lost
+            if heartbeat or pr.next <= self.last_index:
+                self._send_append(peer)
+
+    def _send_append(self, peer: int) -> None:
+        pr = self.progress[peer]
+        prev = pr.next - 1
+        entries = (
+            self.entries_from(pr.next, self.append_bytes_max) if pr.next <= self.last_index else []
+        )
+        self._send(
+            Msg(
+                "append",
+                self.id,
+                peer,
+                self.term,
+                prev,
+                self.term_at(prev),
+                tuple(entries),
+                self.commit_index,
+            )
+        )
+        if entries:
+            pr.next = entries[-1].index + 1
+
+    def _maybe_commit(self) -> None:
+        match = {p: pr.match for p, pr in self.progress.items()}
+        match[self.id] = self.stable_last
+        candidate = committed_index(match, len(self.peers))
+        if candidate > self.commit_index and self.term_at(candidate) == self.term:
+            self.commit_index = candidate
