@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import os
+import time
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -77,13 +78,29 @@ class Cluster:
     replicas: dict[tuple[int, int], Any]
     processor: Any
 
-    @property
-    def masters(self) -> dict[int, Any]:
-        return {g: self.replicas[(g, 0)] for g in range(self.settings.groups)}
+    def masters(self, timeout_s: float = START_TIMEOUT_S) -> dict[int, int]:
+        """The master replica of every group, waiting for elections to finish."""
+        deadline = time.monotonic() + timeout_s
+        found: dict[int, int] = {}
+        while time.monotonic() < deadline:
+            for g in range(self.settings.groups):
+                answers = ray.get(
+                    [self.replicas[(g, r)].leader.remote() for r in range(self.settings.replicas)],
+                    timeout=self.settings.rpc_timeout_s,
+                )
+                claims = [
+                    (term, r) for r, (_l, term, role) in enumerate(answers) if role == "master"
+                ]
+                if claims:
+                    found[g] = max(claims)[1]
+            if len(found) == self.settings.groups:
+                return found
+            time.sleep(0.05)
+        raise TimeoutError(f"no master elected within {timeout_s} s: {found}")
 
 
 def start(settings: Settings, serve_app: bool = True) -> Cluster:
-    """Create the groups, elect their masters, start the processor and the API."""
+    """Create the groups, wait for their masters, start the processor and the API."""
     settle_layout(settings)
     settings = replace(settings, data_dir=settings.data_dir.resolve())
     init_ray(settings)
@@ -96,20 +113,13 @@ def start(settings: Settings, serve_app: bool = True) -> Cluster:
         for g in range(settings.groups)
         for r in range(settings.replicas)
     }
-    ray.get(
-        [
-            replicas[(g, 0)].become_master.remote(
-                {r: replicas[(g, r)] for r in range(1, settings.replicas)}
-            )
-            for g in range(settings.groups)
-        ],
-        timeout=START_TIMEOUT_S,
-    )
-    masters = {g: replicas[(g, 0)] for g in range(settings.groups)}
-    processor = Processor.options(  # type: ignore[attr-defined]
+    ray.get([h.start.remote() for h in replicas.values()], timeout=START_TIMEOUT_S)
+    running = Cluster(settings, replicas, None)
+    running.masters()
+    running.processor = Processor.options(  # type: ignore[attr-defined]
         name=PROCESSOR_NAME, namespace=ns
-    ).remote(blob, masters)
-    ray.get(processor.start.remote(), timeout=START_TIMEOUT_S)
+    ).remote(blob)
+    ray.get(running.processor.start.remote(), timeout=START_TIMEOUT_S)
     if serve_app:
         serve.start(http_options={"host": settings.host, "port": settings.port})
         app = Api.options(  # type: ignore[attr-defined]
@@ -119,7 +129,7 @@ def start(settings: Settings, serve_app: bool = True) -> Cluster:
             }
         ).bind()
         serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
-    return Cluster(settings, replicas, processor)
+    return running
 
 
 def stop(cluster: Cluster, serve_app: bool = True) -> None:

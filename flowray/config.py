@@ -46,6 +46,11 @@ class Settings:
     batch_events_max: int = 200_000
     future_skew_s: float = 300.0
     commit_timeout_s: float = 10.0
+    # Replication timing: a master sends heartbeats every heartbeat_ticks; a follower
+    # that hears nothing for election_ticks..2*election_ticks stands for election.
+    tick_s: float = 0.05
+    election_ticks: int = 10
+    heartbeat_ticks: int = 2
     rpc_timeout_s: float = 5.0
     process_timeout_s: float = 600.0
     # Query limits: the longest range per interval, in days.

@@ -18,6 +18,7 @@ from typing import Any
 
 import ray
 
+from flowray.actors.directory import Directory
 from flowray.config import Settings
 from flowray.storage.catalog import Catalog, Unit
 from flowray.tasks.mapreduce import map_task, reduce_task, write_task
@@ -30,11 +31,11 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
-@ray.remote(num_cpus=0, max_restarts=0)
+@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0)
 class Processor:
-    def __init__(self, settings_json: dict[str, Any], masters: dict[int, Any]) -> None:
+    def __init__(self, settings_json: dict[str, Any]) -> None:
         self.settings = Settings.from_json(settings_json)
-        self.masters = masters
+        self.directory = Directory(self.settings)
         self.catalog = Catalog(self.settings.warehouse_dir / "catalog.sqlite")
         self._lock: asyncio.Lock | None = None
         self._loop_task: asyncio.Task[None] | None = None
@@ -43,6 +44,7 @@ class Processor:
         self.last_error = ""
 
     async def start(self) -> None:
+        """Start the processing loop (also done by run and status, after a restart)."""
         if self._loop_task is None:
             self._loop_task = asyncio.create_task(self._loop())
 
@@ -55,21 +57,35 @@ class Processor:
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 log.warning("processing cycle failed: %s", self.last_error)
 
+    async def _masters(self) -> dict[int, Any]:
+        out = {}
+        for group in range(self.settings.groups):
+            _replica, handle = await self.directory.master(group)
+            out[group] = handle
+        return out
+
     async def run(self, mode: str = "due") -> dict[str, Any]:
         """Seal what ``mode`` says is due, process every sealed block, publish."""
+        await self.start()
         if self._lock is None:
             self._lock = asyncio.Lock()
         async with self._lock:
-            return await self._run_locked(mode)
+            try:
+                return await self._run_locked(mode)
+            except Exception:
+                for group in range(self.settings.groups):
+                    self.directory.forget(group)  # a master may have moved: ask again
+                raise
 
     async def _run_locked(self, mode: str) -> dict[str, Any]:
         timeout = self.settings.rpc_timeout_s + self.settings.commit_timeout_s
         started = time.monotonic()
+        masters = await self._masters()
         await asyncio.wait_for(
-            asyncio.gather(*(m.seal.remote(mode) for m in self.masters.values())), timeout
+            asyncio.gather(*(m.seal.remote(mode) for m in masters.values())), timeout
         )
         work: dict[int, list[dict[str, int]]] = {}
-        for group, master in self.masters.items():
+        for group, master in masters.items():
             work[group] = await asyncio.wait_for(
                 master.sealed_blocks.remote(self.catalog.cursor(group)), timeout
             )
@@ -80,26 +96,28 @@ class Processor:
             "generation": self.catalog.generation(),
         }
         if summary["blocks"]:
-            units = await self._process(work)
+            units = await self._process(work, masters)
             cursors = {g: max(b["seal_index"] for b in w) for g, w in work.items() if w}
             summary["generation"] = await asyncio.to_thread(self.catalog.publish, units, cursors)
             summary["units"] = len(units)
             summary["events"] = sum(u.events for u in units)
             self.jobs += 1
-        await self._update_watermark()
+        await self._update_watermark(masters)
         summary["seconds"] = round(time.monotonic() - started, 3)
         if summary["blocks"]:
             self.last_job = summary
         return summary
 
-    async def _process(self, work: dict[int, list[dict[str, int]]]) -> list[Unit]:
+    async def _process(
+        self, work: dict[int, list[dict[str, int]]], masters: dict[int, Any]
+    ) -> list[Unit]:
         """Map-reduce every (shard, hour) touched by ``work`` from all its sealed parts."""
         s = self.settings
         slices: list[tuple[tuple[int, int], Any, int]] = []  # (unit, payload ref, bytes)
         units: list[tuple[int, int, int]] = []
         timeout = s.rpc_timeout_s
         for group, blocks in work.items():
-            master = self.masters[group]
+            master = masters[group]
             upto = max(b["seal_index"] for b in blocks)
             for shard, hour in sorted({(b["shard"], b["hour"]) for b in blocks}):
                 parts = await asyncio.wait_for(
@@ -128,24 +146,25 @@ class Processor:
         )
         return written
 
-    async def _update_watermark(self) -> None:
+    async def _update_watermark(self, masters: dict[int, Any]) -> None:
         """Data is final up to the oldest hour that still has an open block."""
         timeout = self.settings.rpc_timeout_s
         statuses = await asyncio.wait_for(
-            asyncio.gather(*(m.status.remote() for m in self.masters.values())), timeout
+            asyncio.gather(*(m.status.remote() for m in masters.values())), timeout
         )
         now_minute = _now_ms() // 60_000 * 60_000
         oldest = [st["oldest_open_hour"] for st in statuses if st["oldest_open_hour"] is not None]
         watermark = min([h * HOUR_MS for h in oldest] + [now_minute])
         await asyncio.to_thread(self.catalog.set_watermark, watermark)
 
-    def status(self) -> dict[str, Any]:
+    async def status(self) -> dict[str, Any]:
+        await self.start()
         return {
             "jobs": self.jobs,
             "last_job": self.last_job,
             "last_error": self.last_error,
             "catalog": self.catalog.summary(),
-            "cursors": {g: self.catalog.cursor(g) for g in self.masters},
+            "cursors": {g: self.catalog.cursor(g) for g in range(self.settings.groups)},
         }
 
     async def stop(self) -> None:

@@ -1,11 +1,11 @@
-"""A replica of a shard group: master or follower, as one Ray actor.
+"""A replica of a shard group as a Ray actor: a thin shell around the replication core.
 
-The master orders proposals into log entries, appends and fsyncs them, ships them to
-the followers, and answers a proposal only when a majority of the group (itself
-included) has the entries on disk. Followers check that each append continues their
-log (same index and term before it), cut a divergent uncommitted tail, and fsync
-before they answer. Writes to the log happen on one writer task at a time; file I/O
-runs in a worker thread so the actor keeps answering while the disk works.
+The core (:mod:`flowray.replication`) decides; this shell does the I/O it asks for, in
+the order it asks: persist the hard state and the log (fsync) before sending, send
+messages to the other replicas as fire-and-forget actor calls, then advance the core
+and answer the proposals that are committed. A tick task drives elections and
+heartbeats. Ray restarts a replica whose process dies; it then recovers from its own
+directory (cutting a torn tail) and catches up from the master.
 """
 
 from __future__ import annotations
@@ -13,10 +13,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
+import random
 import socket
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import ray
@@ -24,26 +26,31 @@ import ray
 from flowray.actors.blocks import BlockTable, SealPolicy
 from flowray.config import Settings
 from flowray.invariant import require
-from flowray.quorum import committed_index
+from flowray.replication import Msg, Node, NotLeader, Ready, Role, Timing
 from flowray.storage.durable import write_json_atomic
 from flowray.storage.replica_log import BlockKey, ReplicaLog
-from flowray.storage.segment import (
-    CONTROL_SHARD,
-    KIND_DATA,
-    KIND_NOOP,
-    KIND_SEAL,
-    Entry,
-)
+from flowray.storage.segment import CONTROL_SHARD, KIND_DATA, KIND_SEAL
 
+log = logging.getLogger("flowray.replica")
 PENDING_PROPOSALS_MAX = 10_000
-APPEND_BYTES_MAX = 16 * 1024 * 1024
-RETRY_BACKOFF_S = 0.2
-HEARTBEAT_S = 1.0
-WRITE_BATCH_BYTES_MAX = 64 * 1024 * 1024
+HANDLE_REFRESH_S = 2.0
 
 
 class NotMaster(RuntimeError):
-    """This replica is not the master; retry against the current one."""
+    """This replica is not (or no longer) the master; ``leader`` is who it thinks is.
+
+    ``refused`` means nothing was appended, so the caller may send the same write to
+    ``leader`` at once; otherwise the write may still commit, and only a retry with
+    event ids is safe.
+    """
+
+    def __init__(self, message: str, leader: int | None = None, refused: bool = True) -> None:
+        super().__init__(message)
+        self.leader = leader
+        self.refused = refused
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (NotMaster, (str(self), self.leader, self.refused))
 
 
 class NoQuorum(RuntimeError):
@@ -54,15 +61,6 @@ class Overloaded(RuntimeError):
     """Too many proposals are waiting; the client should back off."""
 
 
-@dataclass
-class _Proposal:
-    pieces: list[tuple[int, int, bytes]]  # (shard, hour, payload); shard CONTROL for no-ops
-    kind: int
-    future: asyncio.Future[int]
-    last_index: int = 0
-    seal_keys: list[BlockKey] = field(default_factory=list)
-
-
 def actor_name(group: int, replica: int) -> str:
     return f"flowray-g{group:03d}-r{replica}"
 
@@ -71,28 +69,31 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
-@ray.remote(num_cpus=0, max_restarts=0)
+@dataclass
+class _Waiter:
+    last_index: int
+    term: int
+    future: asyncio.Future[int]
+
+
+@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0)
 class Replica:
     def __init__(self, settings_json: dict[str, Any], group: int, replica: int) -> None:
-        self.settings = Settings.from_json(settings_json)
-        self.group = group
-        self.replica = replica
-        self.root = self.settings.replica_dir(group, replica)
+        s = self.settings = Settings.from_json(settings_json)
+        self.group, self.replica = group, replica
+        self.root = s.replica_dir(group, replica)
         self.log = ReplicaLog(self.root)
         self.state_file = self.root / "state.json"
         state = json.loads(self.state_file.read_text()) if self.state_file.exists() else {}
-        self.term: int = int(state.get("term", 0))
-        self.commit_index = 0
-        self.role = "follower"
-        self.followers: dict[int, Any] = {}
-        self.match: dict[int, int | None] = {}
-        self._pending: list[_Proposal] = []
-        self._waiting: list[_Proposal] = []
-        self._wake: asyncio.Event | None = None
-        self._kick: dict[int, asyncio.Event] = {}
-        self._tasks: list[asyncio.Task[None]] = []
-        self._lock: asyncio.Lock | None = None
-        s = self.settings
+        self.node = Node(
+            replica,
+            list(range(s.replicas)),
+            self.log,
+            term=int(state.get("term", 0)),
+            voted_for=state.get("voted_for"),
+            timing=Timing(s.election_ticks, s.heartbeat_ticks),
+            rng=random.Random(int.from_bytes(os.urandom(8), "little")),
+        )
         self.blocks = BlockTable(
             SealPolicy(
                 int(s.seal_grace_s * 1000),
@@ -101,44 +102,135 @@ class Replica:
                 s.block_bytes_max,
             )
         )
+        self.blocks_term = -1
+        self.handles: dict[int, Any] = {}
+        self.handles_at = 0.0
+        self.waiters: list[_Waiter] = []
+        self.started = False
+        self.restarts = 0
+        self._wake: asyncio.Event | None = None
+        self._tasks: list[asyncio.Task[None]] = []
 
-    # ---- hard state ------------------------------------------------------------------
-    def _persist_term(self, term: int) -> None:
-        require(term >= self.term, "the term never goes back")
-        self.term = term
-        write_json_atomic(self.state_file, {"term": term})
-
-    # ---- master ----------------------------------------------------------------------
-    async def become_master(self, followers: dict[int, Any]) -> int:
-        """Take the master role under a new term and start replicating to ``followers``."""
-        self._persist_term(self.term + 1)
-        self.role = "master"
-        self.followers = followers
-        self.match = {self.replica: self.log.last_index}
-        self.match.update({f: None for f in followers})
-        self.blocks.load(self.log.blocks, _now_ms())
+    # ---- lifecycle -------------------------------------------------------------------
+    def _ensure_started(self) -> None:
+        if self.started:
+            return
+        self.started = True
         self._wake = asyncio.Event()
-        for f, handle in followers.items():
-            self._kick[f] = asyncio.Event()
-            self._tasks.append(asyncio.create_task(self._replicate(f, handle)))
-        self._tasks.append(asyncio.create_task(self._write_loop()))
-        # A no-op of the new term commits every entry of earlier terms before it.
-        await self._submit([(CONTROL_SHARD, 0, b"")], KIND_NOOP)
-        return self.term
+        self._tasks = [
+            asyncio.create_task(self._tick_loop()),
+            asyncio.create_task(self._ready_loop()),
+        ]
 
-    async def propose(self, pieces: list[tuple[int, int, bytes]]) -> int:
-        """Append event pieces; returns the last index once a majority has it on disk."""
-        if self.role != "master":
-            raise NotMaster(f"replica {self.replica} of group {self.group} is not the master")
-        return await self._submit(pieces, KIND_DATA)
+    async def start(self) -> int:
+        """Start ticking (also done by the first call of any kind, after a restart)."""
+        self._ensure_started()
+        return self.node.term
 
-    async def _submit(self, pieces: list[tuple[int, int, bytes]], kind: int) -> int:
-        require(self._wake is not None, "the master has not started")
-        if len(self._pending) >= PENDING_PROPOSALS_MAX:
-            raise Overloaded("too many writes waiting for the disk; retry shortly")
+    async def _tick_loop(self) -> None:
+        tick_s = self.settings.tick_s
+        while True:
+            await asyncio.sleep(tick_s)
+            self.node.tick()
+            self._kick()
+
+    def _kick(self) -> None:
+        if self._wake is not None and self.node.has_ready():
+            self._wake.set()
+
+    async def _ready_loop(self) -> None:
+        wake = self._wake
+        require(wake is not None, "ready loop without a wake event")
+        while True:
+            await wake.wait()  # type: ignore[union-attr]
+            wake.clear()  # type: ignore[union-attr]
+            while self.node.has_ready():
+                rd = self.node.ready()
+                await asyncio.to_thread(self._persist, rd)
+                self._send(rd.messages)
+                self.node.advance(rd)
+                self._after_advance()
+
+    def _persist(self, rd: Ready) -> None:
+        """Step 2 of the core's contract: hard state, cut, append, fsync."""
+        if rd.hard_state_changed:
+            write_json_atomic(self.state_file, {"term": rd.term, "voted_for": rd.voted_for})
+        if rd.truncate_after is not None:
+            self.log.truncate_after(rd.truncate_after)
+        if rd.entries:
+            self.log.append(rd.entries)
+
+    def _send(self, messages: list[Msg]) -> None:
+        by_peer: dict[int, list[Msg]] = {}
+        for msg in messages:
+            by_peer.setdefault(msg.dst, []).append(msg)
+        for peer, msgs in by_peer.items():
+            handle = self._handle(peer)
+            if handle is not None:
+                handle.receive.remote(msgs)  # fire and forget: the core copes with loss
+
+    def _handle(self, peer: int) -> Any:
+        now = time.monotonic()
+        if peer not in self.handles or now - self.handles_at > HANDLE_REFRESH_S:
+            self.handles_at = now
+            for p in self.node.peers:
+                if p == self.replica:
+                    continue
+                with contextlib.suppress(ValueError):  # not created yet
+                    self.handles[p] = ray.get_actor(
+                        actor_name(self.group, p), namespace=self.settings.namespace
+                    )
+        return self.handles.get(peer)
+
+    def _after_advance(self) -> None:
+        node = self.node
+        if (
+            node.role == Role.LEADER
+            and self.blocks_term != node.term
+            and node.stable_last == self.log.last_index
+        ):
+            self.blocks.load(self.log.blocks, _now_ms())
+            self.blocks_term = node.term
+        still = []
+        for w in self.waiters:
+            if w.future.done():
+                continue
+            if node.role != Role.LEADER or node.term != w.term:
+                w.future.set_exception(
+                    NotMaster(f"group {self.group}: mastership changed before commit", node.leader)
+                )
+            elif node.commit_index >= w.last_index:
+                require(node.term_at(w.last_index) == w.term, "a master replaced its own entry")
+                w.future.set_result(w.last_index)
+            else:
+                still.append(w)
+        self.waiters = still
+
+    # ---- messages from peers ---------------------------------------------------------
+    async def receive(self, msgs: list[Msg]) -> None:
+        self._ensure_started()
+        for msg in msgs:
+            self.node.step(msg)
+        self._kick()
+
+    # ---- proposals -------------------------------------------------------------------
+    def _require_master(self) -> None:
+        if self.node.role != Role.LEADER or self.blocks_term != self.node.term:
+            raise NotMaster(
+                f"replica {self.replica} of group {self.group} is not the master",
+                self.node.leader if self.node.leader != self.replica else None,
+            )
+
+    async def _propose(self, items: list[tuple[int, int, int, int, bytes]]) -> int:
+        if len(self.waiters) >= PENDING_PROPOSALS_MAX:
+            raise Overloaded("too many writes waiting for a commit; retry shortly")
+        try:
+            _first, last = self.node.propose(items)
+        except NotLeader as exc:
+            raise NotMaster(str(exc), exc.leader) from None
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._pending.append(_Proposal(pieces, kind, future))
-        self._wake.set()  # type: ignore[union-attr]
+        self.waiters.append(_Waiter(last, self.node.term, future))
+        self._kick()
         try:
             return await asyncio.wait_for(
                 asyncio.shield(future), timeout=self.settings.commit_timeout_s
@@ -149,185 +241,53 @@ class Replica:
                 f"{self.settings.commit_timeout_s} s"
             ) from exc
 
-    async def _write_loop(self) -> None:
-        """Group commit: everything that queued while the disk was busy goes in one append."""
-        wake = self._wake
-        require(wake is not None, "write loop without a wake event")
-        while True:
-            await wake.wait()  # type: ignore[union-attr]
-            wake.clear()  # type: ignore[union-attr]
-            batch = self._take_batch()
-            if not batch:
-                continue
-            if self._pending:
-                wake.set()  # type: ignore[union-attr]
-            entries = self._to_entries(batch)
-            try:
-                await asyncio.to_thread(self.log.append, entries)
-            except Exception as exc:  # an I/O error fails these writes, not the actor
-                for proposal in batch:
-                    if not proposal.future.done():
-                        proposal.future.set_exception(exc)
-                self.log = ReplicaLog(self.root)  # reload what is really on disk
-                continue
-            self.match[self.replica] = self.log.last_index
-            self._waiting.extend(batch)
-            for event in self._kick.values():
-                event.set()
-            self._advance_commit()
-
-    def _take_batch(self) -> list[_Proposal]:
-        size = 0
-        for n, proposal in enumerate(self._pending):
-            size += sum(len(p[2]) for p in proposal.pieces)
-            if size > WRITE_BATCH_BYTES_MAX and n > 0:
-                batch, self._pending = self._pending[:n], self._pending[n:]
-                return batch
-        batch, self._pending = self._pending, []
-        return batch
-
-    def _to_entries(self, batch: list[_Proposal]) -> list[Entry]:
-        entries: list[Entry] = []
-        index = self.log.last_index
+    async def propose(self, pieces: list[tuple[int, int, bytes]]) -> int:
+        """Append (shard, hour, payload) pieces; returns once a majority has them on disk."""
+        self._ensure_started()
+        self._require_master()
         now = _now_ms()
-        for proposal in batch:
-            for shard, hour, payload in proposal.pieces:
-                index += 1
-                if proposal.kind == KIND_NOOP:
-                    part = 0
-                elif proposal.kind == KIND_SEAL:
-                    part = self._seal_part(shard, hour, proposal)
-                    payload = b""
-                else:
-                    part = self.blocks.place(shard, hour, len(payload), now)
-                entries.append(Entry(self.term, index, proposal.kind, shard, hour, part, payload))
-            proposal.last_index = index
-        return entries
-
-    def _seal_part(self, shard: int, hour: int, proposal: _Proposal) -> int:
-        block = self.blocks.open.get((shard, hour))
-        require(block is not None, f"seal of ({shard}, {hour}) which has no open block")
-        part = block.key[2]  # type: ignore[union-attr]
-        self.blocks.sealed((shard, hour, part))
-        proposal.seal_keys.append((shard, hour, part))
-        return part
-
-    def _advance_commit(self) -> None:
-        voters = len(self.followers) + 1
-        candidate = committed_index(self.match, voters)
-        # Raft: count replicas only for entries of the current term.
-        if candidate > self.commit_index and self.log.term_at(candidate) == self.term:
-            self.commit_index = candidate
-        still = []
-        for proposal in self._waiting:
-            if proposal.last_index <= self.commit_index:
-                if not proposal.future.done():
-                    proposal.future.set_result(proposal.last_index)
-            else:
-                still.append(proposal)
-        self._waiting = still
-
-    async def _replicate(self, follower: int, handle: Any) -> None:
-        """Ship the log to one follower, in order, catching it up from disk if needed."""
-        next_index = self.log.last_index + 1
-        kick = self._kick[follower]
-        while self.role == "master":
-            kick.clear()
-            if next_index > self.log.last_index:
-                # Idle: wait for new entries, or send a heartbeat that carries the commit index.
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(kick.wait(), timeout=HEARTBEAT_S)
-            entries = (
-                await asyncio.to_thread(self.log.read, next_index, APPEND_BYTES_MAX)
-                if next_index <= self.log.last_index
-                else []
-            )
-            prev = next_index - 1
-            try:
-                term, ok, last = await asyncio.wait_for(
-                    handle.append_entries.remote(
-                        self.term, prev, self.log.term_at(prev), entries, self.commit_index
-                    ),
-                    timeout=self.settings.rpc_timeout_s,
-                )
-            except Exception:  # follower down or slow: retry with backoff, never give up
-                await asyncio.sleep(RETRY_BACKOFF_S)
-                continue
-            if term > self.term:
-                self.role = "follower"  # fenced by a newer master
-                return
-            if ok:
-                match = entries[-1].index if entries else prev
-                self.match[follower] = match
-                next_index = match + 1
-                self._advance_commit()
-            else:
-                next_index = max(1, min(next_index - 1, last + 1))
+        items = [
+            (KIND_DATA, shard, hour, self.blocks.place(shard, hour, len(payload), now), payload)
+            for shard, hour, payload in pieces
+        ]
+        return await self._propose(items)
 
     async def seal(self, mode: str) -> list[BlockKey]:
         """Seal the blocks that are due (see BlockTable.due); returns them once committed."""
-        if self.role != "master":
-            raise NotMaster(f"replica {self.replica} of group {self.group} is not the master")
+        self._ensure_started()
+        self._require_master()
         keys = self.blocks.due(_now_ms(), mode)
         if not keys:
             return []
-        await self._submit([(s, h, b"") for s, h, _p in keys], KIND_SEAL)
+        for key in keys:
+            self.blocks.sealed(key)
+        await self._propose([(KIND_SEAL, s, h, p, b"") for s, h, p in keys])
         return keys
-
-    # ---- follower --------------------------------------------------------------------
-    async def append_entries(
-        self, term: int, prev_index: int, prev_term: int, entries: list[Entry], commit: int
-    ) -> tuple[int, bool, int]:
-        """Raft's AppendEntries: (my term, accepted, my last index)."""
-        if self._lock is None:
-            self._lock = asyncio.Lock()
-        async with self._lock:
-            if term < self.term:
-                return self.term, False, self.log.last_index
-            if term > self.term:
-                await asyncio.to_thread(self._persist_term, term)
-            if prev_index > self.log.last_index or self.log.term_at(prev_index) != prev_term:
-                return self.term, False, min(self.log.last_index, max(prev_index - 1, 0))
-            fresh = self._drop_known(entries)
-            if fresh:
-                require(fresh[0].index > self.commit_index, "a committed entry would be replaced")
-                if fresh[0].index <= self.log.last_index:
-                    await asyncio.to_thread(self.log.truncate_after, fresh[0].index - 1)
-                await asyncio.to_thread(self.log.append, fresh)
-            last_new = entries[-1].index if entries else prev_index
-            self.commit_index = max(self.commit_index, min(commit, last_new))
-            return self.term, True, self.log.last_index
-
-    def _drop_known(self, entries: list[Entry]) -> list[Entry]:
-        """Entries already in the log with the same term are skipped (a resend)."""
-        for i, entry in enumerate(entries):
-            if entry.index > self.log.last_index or self.log.term_at(entry.index) != entry.term:
-                return entries[i:]
-        return []
 
     # ---- reads and status ------------------------------------------------------------
     def sealed_blocks(self, after_index: int) -> list[dict[str, int]]:
         """Committed seals after ``after_index``, oldest first, with each block's size."""
-        out = []
-        for key, info in self.log.blocks.items():
-            if after_index < info.seal_index <= self.commit_index:
-                out.append(
-                    {
-                        "shard": key[0],
-                        "hour": key[1],
-                        "part": key[2],
-                        "seal_index": info.seal_index,
-                        "bytes": info.bytes,
-                        "entries": info.entries - 1,
-                    }
-                )
+        commit = self.node.commit_index
+        out = [
+            {
+                "shard": key[0],
+                "hour": key[1],
+                "part": key[2],
+                "seal_index": info.seal_index,
+                "bytes": info.bytes,
+                "entries": info.entries - 1,
+            }
+            for key, info in list(self.log.blocks.items())
+            if after_index < info.seal_index <= commit
+        ]
         return sorted(out, key=lambda b: b["seal_index"])
 
     def block_parts(self, shard: int, hour: int, upto_index: int) -> list[tuple[int, int]]:
         """(part, bytes) of the sealed parts of (shard, hour) sealed at or before ``upto_index``."""
+        require(upto_index <= self.node.commit_index, "parts asked past the commit index")
         return sorted(
             (key[2], info.bytes)
-            for key, info in self.log.blocks.items()
+            for key, info in list(self.log.blocks.items())
             if key[0] == shard and key[1] == hour and 0 < info.seal_index <= upto_index
         )
 
@@ -337,28 +297,37 @@ class Replica:
         info = self.log.blocks.get(block)
         require(info is not None and info.sealed, f"block {key} is not sealed here")
         upto = info.seal_index if info is not None else 0
+        require(upto <= self.node.commit_index, f"the seal of {key} is not committed here")
         return await asyncio.to_thread(self.log.block_payloads, block, upto, slice_no, slices)
 
-    def status(self) -> dict[str, Any]:
+    def leader(self) -> tuple[int | None, int, str]:
+        """(the master this replica knows of, its term, its own role)."""
+        return self.node.leader, self.node.term, self.node.role.value
+
+    async def status(self) -> dict[str, Any]:
+        self._ensure_started()
+        node = self.node
         open_blocks = [
             b for b in self.log.blocks.values() if not b.sealed and b.key[0] != CONTROL_SHARD
         ]
+        is_master = node.role == Role.LEADER
         return {
             "group": self.group,
             "replica": self.replica,
-            "role": self.role,
-            "term": self.term,
-            "last_index": self.log.last_index,
-            "commit_index": self.commit_index,
+            "role": node.role.value,
+            "term": node.term,
+            "leader": node.leader,
+            "last_index": node.last_index,
+            "commit_index": node.commit_index,
             "pid": os.getpid(),
             "node": ray.get_runtime_context().get_node_id(),
             "host": socket.gethostname(),
             "dir": str(self.root),
             "blocks_open": len(open_blocks),
             "blocks_sealed": sum(1 for b in self.log.blocks.values() if b.sealed),
-            "match": dict(self.match) if self.role == "master" else None,
-            "oldest_open_hour": self.blocks.oldest_open_hour() if self.role == "master" else None,
+            "match": {p: pr.match for p, pr in node.progress.items()} if is_master else None,
+            "oldest_open_hour": self.blocks.oldest_open_hour() if is_master else None,
         }
 
     def ping(self) -> int:
-        return self.term
+        return self.node.term

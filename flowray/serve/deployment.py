@@ -15,9 +15,10 @@ from typing import Any
 import ray
 from fastapi import FastAPI
 from ray import serve
-from ray.exceptions import GetTimeoutError, RayActorError
+from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError
 
-from flowray.actors.replica import NoQuorum, NotMaster, Overloaded, actor_name
+from flowray.actors.directory import Directory, NoMaster
+from flowray.actors.replica import NoQuorum, NotMaster, Overloaded
 from flowray.config import Settings
 from flowray.ingest import Piece
 from flowray.router import ShardMap
@@ -55,39 +56,65 @@ def _bind_replica_grpc_to_loopback() -> None:
 
 _bind_replica_grpc_to_loopback()
 PROCESSOR_NAME = "flowray-processor"
-_UNAVAILABLE = (NotMaster, NoQuorum, Overloaded, RayActorError, GetTimeoutError, TimeoutError)
+_UNAVAILABLE = (
+    NotMaster,
+    NoQuorum,
+    Overloaded,
+    NoMaster,
+    RayActorError,
+    ActorUnavailableError,
+    GetTimeoutError,
+    TimeoutError,
+)
+RETRY_AFTER_ELECTION_S = 1
+
+
+def cause(exc: BaseException) -> BaseException:
+    """The exception an actor raised, unwrapped from Ray's RayTaskError."""
+    return exc.cause if isinstance(exc, RayTaskError) and exc.cause is not None else exc
 
 
 class RayIngest:
     """Sends each group's pieces to its master and waits for every commit."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, directory: Directory) -> None:
         self.settings = settings
-        self.masters = {
-            g: ray.get_actor(actor_name(g, 0), namespace=settings.namespace)
-            for g in range(settings.groups)
-        }
+        self.directory = directory
 
     async def commit(self, pieces: dict[int, list[Piece]]) -> None:
-        calls = [
-            self.masters[g].propose.remote([(p.shard, p.hour, p.payload) for p in group_pieces])
-            for g, group_pieces in pieces.items()
-        ]
+        await asyncio.gather(*(self._commit_group(g, ps) for g, ps in pieces.items()))
+
+    async def _commit_group(self, group: int, pieces: list[Piece]) -> None:
+        payload = [(p.shard, p.hour, p.payload) for p in pieces]
         timeout = self.settings.commit_timeout_s + self.settings.rpc_timeout_s
-        try:
-            await asyncio.wait_for(asyncio.gather(*calls), timeout)
-        except _UNAVAILABLE as exc:
-            raise Unavailable(f"write not committed: {type(exc).__name__}: {exc}") from exc
+        for _attempt in range(3):
+            try:
+                _replica, handle = await self.directory.master(group)
+                await asyncio.wait_for(handle.propose.remote(payload), timeout)
+                return
+            except _UNAVAILABLE as exc:
+                inner = cause(exc)
+                hint = getattr(inner, "leader", None)
+                self.directory.forget(group, hint)
+                # Refused before anything was appended, with a better guess: try it now.
+                if isinstance(inner, NotMaster) and inner.refused and hint is not None:
+                    continue
+                raise Unavailable(
+                    f"group {group} cannot commit now: {type(inner).__name__}: {inner}",
+                    RETRY_AFTER_ELECTION_S,
+                ) from exc
+        raise Unavailable(f"group {group}: the master keeps moving", RETRY_AFTER_ELECTION_S)
 
 
 class RayAdmin:
     """Status of every replica and the processor, and on-demand processing."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, directory: Directory) -> None:
         self.settings = settings
+        self.directory = directory
         ns = settings.namespace
         self.replicas = {
-            (g, r): ray.get_actor(actor_name(g, r), namespace=ns)
+            (g, r): directory.handle(g, r)
             for g in range(settings.groups)
             for r in range(settings.replicas)
         }
@@ -133,13 +160,14 @@ class RayAdmin:
 def build_app() -> FastAPI:
     settings = Settings.from_json(json.loads(os.environ[SETTINGS_ENV]))
     warehouse = Warehouse(settings.warehouse_dir, settings.shards)
+    directory = Directory(settings)
     prefix = f"flowray:{warehouse.catalog.identity}:"
     return create_app(
         settings=settings,
         shard_map=ShardMap.round_robin(settings.shards, settings.groups),
-        ingest=RayIngest(settings),
+        ingest=RayIngest(settings, directory),
         warehouse=warehouse,
-        admin=RayAdmin(settings),
+        admin=RayAdmin(settings, directory),
         cache=make_cache(
             settings.redis_url, settings.redis_timeout_s, settings.cache_ttl_s, prefix
         ),

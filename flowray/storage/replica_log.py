@@ -11,6 +11,7 @@ only after every file is fsynced.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -62,6 +63,8 @@ class ReplicaLog:
         self._refs: list[RecordRef | None] = [None]
         self.blocks: dict[BlockKey, BlockInfo] = {}
         self._fds: dict[BlockKey, int] = {}
+        # The replica's event loop reads terms while a worker thread appends: one lock.
+        self._lock = threading.RLock()
         self._recover()
 
     # ---- state ---------------------------------------------------------------
@@ -75,8 +78,9 @@ class ReplicaLog:
 
     def term_at(self, index: int) -> int:
         """Term of entry ``index``; 0 for index 0 (the empty prefix)."""
-        require(0 <= index <= self.last_index, f"no entry {index} (last {self.last_index})")
-        return self._terms[index]
+        with self._lock:
+            require(0 <= index <= self.last_index, f"no entry {index} (last {self.last_index})")
+            return self._terms[index]
 
     # ---- recovery ------------------------------------------------------------
     def _recover(self) -> None:
@@ -117,7 +121,7 @@ class ReplicaLog:
             info.seal_index = ref.index
 
     # ---- writes --------------------------------------------------------------
-    def append(self, entries: Iterable[Entry]) -> int:
+    def _append_unlocked(self, entries: Iterable[Entry]) -> int:
         """Append entries that extend the log and fsync every touched file.
 
         Returns the bytes written. Entries must continue the log without a gap.
@@ -193,7 +197,7 @@ class ReplicaLog:
         for d in dirs:
             fsync_path(d)
 
-    def truncate_after(self, index: int) -> None:
+    def _truncate_after_unlocked(self, index: int) -> None:
         """Drop entries after ``index`` (an uncommitted divergent tail)."""
         require(0 <= index <= self.last_index, f"cannot truncate after {index}")
         if index == self.last_index:
@@ -233,7 +237,7 @@ class ReplicaLog:
                 os.fsync(fh.fileno())
 
     # ---- reads ---------------------------------------------------------------
-    def read(self, from_index: int, bytes_max: int) -> list[Entry]:
+    def _read_unlocked(self, from_index: int, bytes_max: int) -> list[Entry]:
         """Entries from ``from_index`` on, at least one, then up to ``bytes_max`` bytes."""
         out: list[Entry] = []
         size = 0
@@ -256,7 +260,7 @@ class ReplicaLog:
                 os.close(fd)
         return out
 
-    def block_payloads(
+    def _block_payloads_unlocked(
         self, key: BlockKey, upto_index: int, slice_no: int = 0, slices: int = 1
     ) -> list[bytes]:
         """Data payloads of a block up to ``upto_index`` (committed), one slice of them.
@@ -271,6 +275,35 @@ class ReplicaLog:
         refs = [r for r in info.refs if r.kind == KIND_DATA and r.index <= upto_index]
         path = block_path(self.root, key)
         return [e.payload for e in segment.read_entries(path, refs[slice_no::slices])]
+
+    def append(self, entries: Iterable[Entry]) -> int:
+        """Append entries that extend the log and fsync every touched file.
+
+        Returns the bytes written. Entries must continue the log without a gap.
+        """
+        with self._lock:
+            return self._append_unlocked(entries)
+
+    def truncate_after(self, index: int) -> None:
+        """Drop entries after ``index`` (an uncommitted divergent tail)."""
+        with self._lock:
+            self._truncate_after_unlocked(index)
+
+    def read(self, from_index: int, bytes_max: int) -> list[Entry]:
+        """Entries from ``from_index`` on, at least one, then up to ``bytes_max`` bytes."""
+        with self._lock:
+            return self._read_unlocked(from_index, bytes_max)
+
+    def block_payloads(
+        self, key: BlockKey, upto_index: int, slice_no: int = 0, slices: int = 1
+    ) -> list[bytes]:
+        """Data payloads of a block up to ``upto_index`` (committed), one slice of them.
+
+        Slice ``k`` of ``n`` holds the block's data entries ``k, k+n, k+2n, ...``, so
+        map tasks can split a block without reading what they do not process.
+        """
+        with self._lock:
+            return self._block_payloads_unlocked(key, upto_index, slice_no, slices)
 
     def close(self) -> None:
         for key in list(self._fds):

@@ -1,0 +1,71 @@
+"""Where each group's master is: found by asking the replicas, then remembered.
+
+The ingress, the admin calls and the processor all need the current master of a
+group. A replica that is asked to do a master's work and is not the master answers
+NotMaster with the master it knows of; the directory then forgets its guess, and the
+next lookup asks every replica of the group and trusts the highest term.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+import ray
+
+from flowray.actors.replica import actor_name
+from flowray.config import Settings
+
+
+class NoMaster(RuntimeError):
+    """No replica of the group claims to be master right now (an election is on)."""
+
+
+class Directory:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._handles: dict[tuple[int, int], Any] = {}
+        self._master: dict[int, int] = {}
+
+    def handle(self, group: int, replica: int) -> Any:
+        key = (group, replica)
+        if key not in self._handles:
+            self._handles[key] = ray.get_actor(
+                actor_name(group, replica), namespace=self.settings.namespace
+            )
+        return self._handles[key]
+
+    def forget(self, group: int, hint: int | None = None) -> None:
+        """The guess for ``group`` was wrong; ``hint`` is who a replica says is master."""
+        self._master.pop(group, None)
+        if hint is not None:
+            self._master[group] = hint
+
+    async def master(self, group: int) -> tuple[int, Any]:
+        """(replica id, handle) of the group's master, asking the replicas if unknown."""
+        if group in self._master:
+            replica = self._master[group]
+            return replica, self.handle(group, replica)
+        timeout = self.settings.rpc_timeout_s
+        replicas = range(self.settings.replicas)
+
+        async def ask(r: int) -> tuple[int | None, int, str] | None:
+            with contextlib.suppress(Exception):  # a replica down or restarting
+                answer: tuple[int | None, int, str] = await asyncio.wait_for(
+                    self.handle(group, r).leader.remote(), timeout
+                )
+                return answer
+            return None
+
+        answers = await asyncio.gather(*(ask(r) for r in replicas))
+        masters = [
+            (a[1], r)
+            for r, a in zip(replicas, answers, strict=True)
+            if a is not None and a[2] == "master"
+        ]
+        if not masters:
+            raise NoMaster(f"group {group} has no master right now (election in progress)")
+        _term, replica = max(masters)
+        self._master[group] = replica
+        return replica, self.handle(group, replica)
