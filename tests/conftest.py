@@ -62,6 +62,12 @@ def ray_session() -> Iterator[None]:
     ray.shutdown()
 
 
+@pytest.fixture(scope="session")
+def serve_port() -> int:
+    """Serve's HTTP port is fixed by the first serve.start in a Ray instance: one per session."""
+    return free_port()
+
+
 @pytest.fixture
 def unique() -> str:
     return uuid.uuid4().hex[:10]

@@ -10,7 +10,6 @@ compared with an independent count made directly with DuckDB.
 from __future__ import annotations
 
 import random
-import time
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -30,7 +29,7 @@ from flowray.ingest import from_ipc
 from flowray.router import ShardMap
 from flowray.storage import segment
 from flowray.storage.segment import KIND_DATA
-from tests.conftest import free_port
+from tests.helpers import running_cluster
 
 SITES = 1000
 EVENTS = 100_000
@@ -40,33 +39,22 @@ SPAN_MS = int(3.5 * 3_600_000)  # 21:10 -> 00:40 next day: crosses hours and a d
 
 @pytest.fixture(scope="module")
 def running(
-    ray_session: None, redis_url: str, tmp_path_factory: pytest.TempPathFactory
+    ray_session: None, redis_url: str, serve_port: int, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[cluster.Cluster, str]]:
-    port = free_port()
     settings = Settings(
         data_dir=tmp_path_factory.mktemp("e2e"),
-        port=port,
+        port=serve_port,
         groups=2,
         replicas=3,
         shards=6,
         redis_url=redis_url,
         seal_grace_s=0,
         process_interval_s=3600,
-        namespace=f"flowray-e2e-{port}",
+        namespace="flowray-e2e",
         reduce_keys=3,
     )
-    running = cluster.start(settings)
-    url = f"http://127.0.0.1:{port}"
-    with httpx.Client(base_url=url, timeout=10) as client:
-        for _ in range(120):
-            try:
-                if client.get("/healthz").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-    yield running, url
-    cluster.stop(running)
+    with running_cluster(settings) as (the_cluster, url):
+        yield the_cluster, url
 
 
 def _make_events(seed: int) -> list[dict[str, Any]]:

@@ -1,0 +1,63 @@
+"""Helpers shared by the tests that run a real cluster."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import httpx
+
+from flowray import cluster
+from flowray.config import Settings
+
+HEALTH_TIMEOUT_S = 120.0
+
+
+def wait_healthy(url: str, timeout_s: float = HEALTH_TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout_s
+    with httpx.Client(base_url=url, timeout=5) as client:
+        while time.monotonic() < deadline:
+            try:
+                if client.get("/healthz").status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+    raise TimeoutError(f"{url} did not become healthy in {timeout_s} s")
+
+
+@contextmanager
+def running_cluster(settings: Settings) -> Iterator[tuple[cluster.Cluster, str]]:
+    """A cluster on the session's Ray and Serve, stopped (by handle) afterwards."""
+    running = cluster.start(settings)
+    url = f"http://127.0.0.1:{settings.port}"
+    try:
+        wait_healthy(url)
+        yield running, url
+    finally:
+        cluster.stop(running)
+
+
+def status(url: str) -> dict:  # type: ignore[type-arg]
+    with httpx.Client(base_url=url, timeout=30) as client:
+        body: dict = client.get("/v1/admin/status").json()  # type: ignore[type-arg]
+        return body
+
+
+def replica_pid(url: str, group: int, role: str) -> int:
+    """The pid of a replica of ``group`` with ``role`` (master or follower)."""
+    for g in status(url)["groups"]:
+        if g["group"] != group:
+            continue
+        for r in g["replicas"]:
+            if r.get("role") == role:
+                return int(r["pid"])
+    raise LookupError(f"no {role} in group {group}")
+
+
+def kill9(pid: int) -> None:
+    """kill -9 one process this test session started (a Ray worker of our actor)."""
+    os.kill(pid, signal.SIGKILL)

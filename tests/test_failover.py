@@ -1,0 +1,221 @@
+"""Faults for real: kill -9 replica processes while a client ingests with unique ids.
+
+Every acknowledged event must appear in the processed counts exactly once; writes must
+resume after a master dies; with a majority down nothing is acknowledged.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+import ray
+
+from flowray import cluster
+from flowray.actors.replica import Replica, actor_name
+from flowray.config import Settings
+from flowray.storage import segment
+from flowray.storage.segment import KIND_DATA
+from tests.helpers import kill9, replica_pid, running_cluster, status
+
+HOUR_MS = 3_600_000
+HOURS = {"m": 1_714_600_800_000, "f": 1_714_600_800_000 + HOUR_MS}  # hours long past
+SITES = [f"shop{i}.example" for i in range(40)]
+
+
+class Writer(threading.Thread):
+    """Sends batches with unique ids; retries each batch until it is acknowledged."""
+
+    def __init__(self, url: str, tag: str, batch: int = 200) -> None:
+        super().__init__(daemon=True)
+        self.url, self.tag, self.batch = url, tag, batch
+        self.stop = threading.Event()
+        self.acked: list[dict[str, Any]] = []
+        self.failures: list[tuple[float, float]] = []  # (first failure, next success)
+        self.errors: Counter[int] = Counter()
+        self.rng = random.Random(tag)
+
+    def run(self) -> None:
+        n = 0
+        with httpx.Client(base_url=self.url, timeout=30) as client:
+            while not self.stop.is_set():
+                events = [
+                    {
+                        "ts": HOURS[self.tag] + self.rng.randrange(HOUR_MS),
+                        "site": self.rng.choice(SITES),
+                        "id": f"{self.tag}-{n + i}",
+                    }
+                    for i in range(self.batch)
+                ]
+                n += self.batch
+                self._send_until_acked(client, events)
+
+    def _send_until_acked(self, client: httpx.Client, events: list[dict[str, Any]]) -> None:
+        body = orjson.dumps(events)
+        failed_at = None
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                response = client.post(
+                    "/v1/events", content=body, headers={"Content-Type": "application/json"}
+                )
+                status_code = response.status_code
+            except httpx.HTTPError:
+                status_code = 0
+            if status_code == 200:
+                self.acked.extend(events)
+                if failed_at is not None:
+                    self.failures.append((failed_at, time.monotonic()))
+                return
+            self.errors[status_code] += 1
+            assert status_code in (0, 503), f"unexpected answer {status_code}"
+            failed_at = failed_at or time.monotonic()
+            time.sleep(0.05)
+        raise AssertionError("a batch was never acknowledged within 60 s")
+
+
+@pytest.fixture(scope="module")
+def failover_cluster(
+    ray_session: None, redis_url: str, serve_port: int, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[cluster.Cluster, str]]:
+    settings = Settings(
+        data_dir=tmp_path_factory.mktemp("failover"),
+        port=serve_port,
+        groups=2,
+        replicas=3,
+        shards=4,
+        redis_url=redis_url,
+        seal_grace_s=0,
+        process_interval_s=3600,
+        namespace="flowray-failover",
+        commit_timeout_s=3.0,
+    )
+    with running_cluster(settings) as running:
+        yield running
+
+
+def _ingest_through(
+    url: str, tag: str, fault: Any, seconds_before: float = 1.5, seconds_after: float = 4.0
+) -> Writer:
+    writer = Writer(url, tag)
+    writer.start()
+    time.sleep(seconds_before)
+    fault()
+    time.sleep(seconds_after)
+    writer.stop.set()
+    writer.join(timeout=120)
+    assert not writer.is_alive()
+    assert len(writer.acked) > 1000, "the writer made too little progress to prove anything"
+    return writer
+
+
+def _check_exactly_once(url: str, acked: list[dict[str, Any]], tag: str) -> None:
+    """The hour that only this writer wrote to holds each acknowledged id exactly once."""
+    start = datetime.fromtimestamp(HOURS[tag] / 1000, tz=UTC)
+    with httpx.Client(base_url=url, timeout=600) as client:
+        result = client.post("/v1/admin/process", params={"mode": "all"}).json()
+        assert "blocks" in result, result
+        want = Counter(e["site"] for e in {e["id"]: e for e in acked}.values())
+        for site in SITES:
+            body = client.get(
+                f"/v1/sites/{site}/traffic",
+                params={
+                    "start": start.isoformat(),
+                    "end": (start + timedelta(hours=1)).isoformat(),
+                    "interval": "hour",
+                },
+            ).json()
+            got = sum(p["count"] for p in body["points"])
+            assert got == want[site], f"{site}: {got} counted, {want[site]} acknowledged"
+
+
+def test_kill_master_loses_nothing_and_counts_nothing_twice(
+    failover_cluster: tuple[cluster.Cluster, str],
+) -> None:
+    _running, url = failover_cluster
+    old = replica_pid(url, 0, "master")
+    writer = _ingest_through(url, "m", lambda: kill9(old))
+    new = replica_pid(url, 0, "master")
+    assert new != old
+    gaps = [end - start for start, end in writer.failures]
+    assert gaps, "killing the master should have interrupted some writes"
+    _check_exactly_once(url, writer.acked, "m")
+
+
+def test_kill_follower_loses_nothing(failover_cluster: tuple[cluster.Cluster, str]) -> None:
+    _running, url = failover_cluster
+    victim = replica_pid(url, 1, "follower")
+    writer = _ingest_through(url, "f", lambda: kill9(victim))
+    assert writer.errors[503] + writer.errors[0] < 5, "a follower's death should go unnoticed"
+    _check_exactly_once(url, writer.acked, "f")
+
+
+def test_restarted_replica_catches_up(failover_cluster: tuple[cluster.Cluster, str]) -> None:
+    running, url = failover_cluster
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        reps = [r for g in status(url)["groups"] for r in g["replicas"]]
+        if all(r.get("role") in ("master", "follower") for r in reps):
+            by_group: dict[int, set[int]] = {}
+            for r in reps:
+                by_group.setdefault(r["group"], set()).add(r["commit_index"])
+            if all(len(v) == 1 for v in by_group.values()):
+                break
+        time.sleep(0.5)
+    settings = running.settings
+    for g in range(settings.groups):
+        logs = [_log_on_disk(settings.replica_dir(g, r)) for r in range(settings.replicas)]
+        assert logs[0] == logs[1] == logs[2], f"group {g}: replicas did not converge"
+
+
+def _log_on_disk(root: Path) -> list[tuple[int, int, bytes]]:
+    out = []
+    for seg in sorted((root / "blocks").glob("s*/*.seg")):
+        out += [
+            (e.index, e.term, e.payload) for e in segment.read_entries(seg) if e.kind == KIND_DATA
+        ]
+    return sorted(out)
+
+
+def test_majority_down_refuses_and_minority_down_writes(ray_session: None, tmp_path: Path) -> None:
+    """One group without Serve: a minority down still commits; a majority down never
+    acknowledges; when the replicas come back from their disks, writes resume."""
+    settings = Settings(
+        data_dir=tmp_path,
+        groups=1,
+        replicas=3,
+        shards=1,
+        namespace="flowray-quorum",
+        commit_timeout_s=2.0,
+    )
+    running = cluster.start(settings, serve_app=False)
+    try:
+        master = running.masters()[0]
+        followers = [r for r in range(3) if r != master]
+        handle = running.replicas[(0, master)]
+        piece = [(0, 475_000, b"x")]
+        ray.kill(running.replicas[(0, followers[0])], no_restart=True)
+        assert ray.get(handle.propose.remote(piece), timeout=30) > 0
+        ray.kill(running.replicas[(0, followers[1])], no_restart=True)
+        with pytest.raises(Exception) as refused:
+            ray.get(handle.propose.remote(piece), timeout=30)
+        assert "NoQuorum" in repr(refused.value) or "NotMaster" in repr(refused.value)
+        blob = settings.to_json() | {"data_dir": str(settings.data_dir.resolve())}
+        for f in followers:
+            running.replicas[(0, f)] = Replica.options(  # type: ignore[attr-defined]
+                name=actor_name(0, f), namespace=settings.namespace
+            ).remote(blob, 0, f)
+            ray.get(running.replicas[(0, f)].start.remote(), timeout=30)
+        master = running.masters()[0]
+        assert ray.get(running.replicas[(0, master)].propose.remote(piece), timeout=30) > 0
+    finally:
+        cluster.stop(running, serve_app=False)
