@@ -69,13 +69,18 @@ def _client(data_dir: Path, url: str | None) -> Client:
 
 
 def _pid_alive(pid: int) -> bool:
+    """True for a running process; a zombie (dead, not yet reaped) is not alive."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state != "Z"
 
 
 def _session_pids(sid: int) -> list[int]:
@@ -86,7 +91,7 @@ def _session_pids(sid: int) -> list[int]:
             fields = stat.read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        if int(fields[3]) == sid:
+        if int(fields[3]) == sid and fields[0] != "Z":
             out.append(int(stat.parent.name))
     return out
 
