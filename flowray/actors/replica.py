@@ -106,6 +106,7 @@ class Replica:
         self.handles: dict[int, Any] = {}
         self.handles_at = 0.0
         self.waiters: list[_Waiter] = []
+        self._notified_commit = 0
         self.started = False
         self.restarts = 0
         self._wake: asyncio.Event | None = None
@@ -135,7 +136,11 @@ class Replica:
             self._kick()
 
     def _kick(self) -> None:
-        if self._wake is not None and self.node.has_ready():
+        """Wake the ready loop when the core has work or newly committed entries."""
+        node = self.node
+        if self._wake is not None and (
+            node.has_ready() or node.commit_index != self._notified_commit
+        ):
             self._wake.set()
 
     async def _ready_loop(self) -> None:
@@ -150,6 +155,7 @@ class Replica:
                 self._send(rd.messages)
                 self.node.advance(rd)
                 self._after_advance()
+            self._after_advance()
 
     def _persist(self, rd: Ready) -> None:
         """Step 2 of the core's contract: hard state, cut, append, fsync."""
@@ -205,6 +211,7 @@ class Replica:
             else:
                 still.append(w)
         self.waiters = still
+        self._notified_commit = node.commit_index
 
     # ---- messages from peers ---------------------------------------------------------
     async def receive(self, msgs: list[Msg]) -> None:
