@@ -57,8 +57,10 @@ def _fail(message: str, code: int = 1) -> None:
     raise typer.Exit(code)
 
 
-def _client(data_dir: Path, url: str | None) -> Client:
+def _client(data_dir: Path, url: str | None, ingest: bool = False) -> Client:
     try:
+        if ingest and not url:
+            url = find_url(data_dir, None, key="ingest_url")
         return Client(
             find_url(data_dir, url),
             token=os.environ.get("FLOWRAY_TOKEN") or os.environ.get("FLOWRAY_ADMIN_TOKEN"),
@@ -107,7 +109,10 @@ def _record(data_dir: Path) -> dict[str, Any] | None:
 @app.command()
 def up(
     data_dir: DataDir = Path(DEFAULT_DATA_DIR),
-    port: Annotated[int, typer.Option(help="HTTP port of the API.")] = 8000,
+    port: Annotated[int, typer.Option(help="HTTP port of the API (Ray Serve).")] = 8000,
+    ingest_port: Annotated[
+        int, typer.Option(help="HTTP port of the ingest gateway (0: none).")
+    ] = 8001,
     groups: Annotated[int, typer.Option(help="Shard groups.")] = 2,
     replicas: Annotated[int, typer.Option(help="Replicas per group (odd).")] = 3,
     shards: Annotated[int, typer.Option(help="Shards (fixed once data exists).")] = 8,
@@ -123,7 +128,12 @@ def up(
         )
     try:
         settings = Settings.from_env(
-            data_dir=data_dir, port=port, groups=groups, replicas=replicas, shards=shards
+            data_dir=data_dir,
+            port=port,
+            ingest_port=ingest_port,
+            groups=groups,
+            replicas=replicas,
+            shards=shards,
         ).validate()
     except ValueError as exc:
         _fail(str(exc))
@@ -147,6 +157,8 @@ def _up_detached(settings: Settings) -> None:
         str(settings.data_dir),
         "--port",
         str(settings.port),
+        "--ingest-port",
+        str(settings.ingest_port),
         "--groups",
         str(settings.groups),
         "--replicas",
@@ -200,12 +212,16 @@ def _up_foreground(settings: Settings) -> None:
         {
             "pid": os.getpid(),
             "url": url,
+            "ingest_url": f"http://{settings.host}:{settings.ingest_port}"
+            if settings.ingest_port
+            else url,
             "data_dir": str(settings.data_dir),
             "started_ms": int(time.time() * 1000),
             "ray_pids": _ray_child_pids(),
         },
     )
-    console.print(f"flowray is serving {url} (data in {settings.data_dir}); Ctrl-C to stop")
+    ingest = f" (ingest gateway on port {settings.ingest_port})" if settings.ingest_port else ""
+    console.print(f"flowray is serving {url}{ingest} (data in {settings.data_dir}); Ctrl-C to stop")
     try:
         while not stop.wait(1.0):
             pass
@@ -350,7 +366,7 @@ def ingest(
         _fail(f"no such file: {', '.join(missing)}")
     accepted, bad_total = 0, 0
     with (
-        _client(data_dir, url) as client,
+        _client(data_dir, url, ingest=True) as client,
         Progress(
             TextColumn("{task.description}"),
             BarColumn(),
@@ -461,7 +477,7 @@ def demo(
     weights = [1.0 / (1 + i) for i in range(sites)]
     sent = 0
     with (
-        _client(data_dir, url) as client,
+        _client(data_dir, url, ingest=True) as client,
         Progress(
             TextColumn("demo traffic"),
             BarColumn(),

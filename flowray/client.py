@@ -29,8 +29,9 @@ class ApiError(RuntimeError):
         self.body = body
 
 
-def find_url(data_dir: Path, url: str | None) -> str:
-    """The API's URL: given explicitly, or recorded by ``flowray up`` in the data dir."""
+def find_url(data_dir: Path, url: str | None, key: str = "url") -> str:
+    """The API's URL (or with ``key="ingest_url"`` the ingest gateway's): given
+    explicitly, or recorded by ``flowray up`` in the data directory."""
     if url:
         return url.rstrip("/")
     record = data_dir / "cluster.json"
@@ -39,7 +40,8 @@ def find_url(data_dir: Path, url: str | None) -> str:
             f"no running cluster recorded in {data_dir} (start one with 'flowray up "
             f"--data-dir {data_dir}', or pass --url)"
         )
-    return str(json.loads(record.read_text())["url"]).rstrip("/")
+    recorded = json.loads(record.read_text())
+    return str(recorded.get(key) or recorded["url"]).rstrip("/")
 
 
 class Client:

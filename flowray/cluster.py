@@ -21,7 +21,8 @@ from ray import serve
 from flowray.actors.processor import Processor
 from flowray.actors.replica import Replica, actor_name
 from flowray.config import Settings
-from flowray.serve.deployment import PROCESSOR_NAME, SETTINGS_ENV, Api
+from flowray.serve.deployment import LOCAL_MODE_ENV, PROCESSOR_NAME, SETTINGS_ENV, Api
+from flowray.serve.gateway import GATEWAY_NAME, Gateway
 from flowray.storage.durable import write_json_atomic
 
 APP_NAME = "flowray"
@@ -77,6 +78,7 @@ class Cluster:
     settings: Settings
     replicas: dict[tuple[int, int], Any]
     processor: Any
+    gateway: Any = None
 
     def masters(self, timeout_s: float = START_TIMEOUT_S) -> dict[int, int]:
         """The master replica of every group, waiting for elections to finish."""
@@ -129,6 +131,18 @@ def start(settings: Settings, serve_app: bool = True) -> Cluster:
             }
         ).bind()
         serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
+    if serve_app and settings.ingest_port:
+        running.gateway = Gateway.options(  # type: ignore[attr-defined]
+            name=GATEWAY_NAME,
+            namespace=ns,
+            runtime_env={
+                "env_vars": {
+                    SETTINGS_ENV: json.dumps(blob),
+                    LOCAL_MODE_ENV: os.environ.get(LOCAL_MODE_ENV, "1"),
+                }
+            },
+        ).remote(settings.host, settings.ingest_port)
+        ray.get(running.gateway.start.remote(), timeout=START_TIMEOUT_S)
     return running
 
 
@@ -139,5 +153,9 @@ def stop(cluster: Cluster, serve_app: bool = True) -> None:
             serve.delete(APP_NAME)
     with contextlib.suppress(Exception):  # the processor died already
         ray.get(cluster.processor.stop.remote(), timeout=10)
-    for handle in [cluster.processor, *cluster.replicas.values()]:
+    if cluster.gateway is not None:
+        with contextlib.suppress(Exception):  # the gateway died already
+            ray.get(cluster.gateway.stop.remote(), timeout=15)
+    extra = [cluster.gateway] if cluster.gateway is not None else []
+    for handle in [cluster.processor, *cluster.replicas.values(), *extra]:
         ray.kill(handle, no_restart=True)

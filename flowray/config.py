@@ -23,6 +23,8 @@ class Settings:
     # Ray namespace of the cluster's named actors; one per cluster sharing a Ray instance.
     namespace: str = "flowray"
     port: int = 8000
+    # The ingest gateway (plain uvicorn, micro-batching); 0 turns it off.
+    ingest_port: int = 8001
     groups: int = 2
     replicas: int = 3
     shards: int = 8

@@ -34,6 +34,7 @@ from typing import IO, Any, cast
 import orjson
 import pyarrow as pa
 
+from flowray import fastparse
 from flowray.invariant import InvariantError
 from flowray.router import normalize_site
 
@@ -400,6 +401,9 @@ def parse_json_body(body: bytes, limits: Limits) -> pa.Table:
         raise BatchRejected([ItemError(-1, "empty batch")])
     if len(items) > limits.batch_events_max:
         raise _too_many(len(items), limits)
+    fast = fastparse.json_array(items, limits)
+    if fast is not None:
+        return fast
     batch = _Batch(limits)
     for position, event in enumerate(items):
         _add_object(batch, position, event, None)
@@ -427,6 +431,9 @@ def _check_count(lines: list[str], limits: Limits) -> None:
 
 def parse_ndjson_body(body: bytes, limits: Limits) -> pa.Table:
     """Parse NDJSON: one event object per line; position is the 0-based line index."""
+    fast = fastparse.ndjson(body, limits)
+    if fast is not None:
+        return fast
     lines = _body_lines(body)
     _check_count(lines, limits)
     batch = _Batch(limits)
@@ -522,6 +529,9 @@ def _add_seed_line(batch: _Batch, position: int, line: str, fallback_id: str | N
 
 def parse_seed_body(body: bytes, limits: Limits) -> pa.Table:
     """Parse seed-form lines ("2020.03.14 07:20:39.595 taobao.com", UTC)."""
+    fast = fastparse.seed(body, limits)
+    if fast is not None:
+        return fast
     lines = _body_lines(body)
     _check_count(lines, limits)
     batch = _Batch(limits)

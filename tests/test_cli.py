@@ -70,6 +70,8 @@ def cli_env(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterato
         "--detach",
         "--port",
         str(port),
+        "--ingest-port",
+        str(free_port()),
         "--groups",
         "2",
         "--replicas",
@@ -281,11 +283,21 @@ def test_whole_cluster_restart_recovers_every_acknowledged_event(
         FLOWRAY_SEAL_GRACE_S="0",
     )
     env.pop("RAY_ADDRESS", None)
-    port = str(free_port())
+    port, ingest_port = str(free_port()), str(free_port())
 
     def up() -> int:
         result = flowray(
-            "up", "--detach", "--port", port, "--groups", "2", "--shards", "4", env=env
+            "up",
+            "--detach",
+            "--port",
+            port,
+            "--ingest-port",
+            ingest_port,
+            "--groups",
+            "2",
+            "--shards",
+            "4",
+            env=env,
         )
         assert result.returncode == 0, result.stdout + result.stderr
         return int(json.loads((data_dir / "cluster.json").read_text())["pid"])

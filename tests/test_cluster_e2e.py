@@ -29,6 +29,7 @@ from flowray.ingest import from_ipc
 from flowray.router import ShardMap
 from flowray.storage import segment
 from flowray.storage.segment import KIND_DATA
+from tests.conftest import free_port
 from tests.helpers import running_cluster
 
 SITES = 1000
@@ -44,6 +45,7 @@ def running(
     settings = Settings(
         data_dir=tmp_path_factory.mktemp("e2e"),
         port=serve_port,
+        ingest_port=free_port(),
         groups=2,
         replicas=3,
         shards=6,

@@ -25,6 +25,7 @@ from flowray.actors.replica import Replica, actor_name
 from flowray.config import Settings
 from flowray.storage import segment
 from flowray.storage.segment import KIND_DATA
+from tests.conftest import free_port
 from tests.helpers import kill9, replica_pid, running_cluster, status
 
 HOUR_MS = 3_600_000
@@ -90,6 +91,7 @@ def failover_cluster(
     settings = Settings(
         data_dir=tmp_path_factory.mktemp("failover"),
         port=serve_port,
+        ingest_port=free_port(),
         groups=2,
         replicas=3,
         shards=4,
