@@ -42,6 +42,9 @@ def init_ray(settings: Settings) -> None:
         ray.init(address=os.environ["RAY_ADDRESS"], namespace=settings.namespace)
         return
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    # Ray lowers its workers' priority (nice 15) by default; flowray's actors are the
+    # server, so they run at normal priority beside the load they serve.
+    os.environ.setdefault("RAY_worker_niceness", "0")
     ray.init(
         num_cpus=settings.num_cpus,
         include_dashboard=False,

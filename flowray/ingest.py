@@ -63,3 +63,18 @@ def split_batch(table: pa.Table, shard_map: ShardMap) -> dict[int, list[Piece]]:
         piece = Piece(shard, hour, hi - lo, to_ipc(rows))
         out.setdefault(shard_map.group_of_shard(shard), []).append(piece)
     return out
+
+
+def merge_pieces(pieces: list[Piece]) -> list[Piece]:
+    """One piece per (shard, hour): the pieces of several requests become one entry."""
+    by_block: dict[tuple[int, int], list[Piece]] = {}
+    for piece in pieces:
+        by_block.setdefault((piece.shard, piece.hour), []).append(piece)
+    out = []
+    for (shard, hour), group in by_block.items():
+        if len(group) == 1:
+            out.append(group[0])
+            continue
+        table = pa.concat_tables([from_ipc(p.payload) for p in group])
+        out.append(Piece(shard, hour, table.num_rows, to_ipc(table)))
+    return out

@@ -7,6 +7,7 @@ that owns a shard is data (:class:`ShardMap`), so a shard can be moved later.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from collections.abc import Iterable, Sequence
@@ -20,16 +21,28 @@ class SiteError(ValueError):
     """A site name that cannot be a web site's host name."""
 
 
+SITES_CACHED_MAX = 1 << 18
+
+
 def normalize_site(raw: object) -> str:
     """Return the canonical form of a site name, or raise :class:`SiteError`.
+
+    Sites repeat across requests, so valid names are remembered (bounded LRU).
+    """
+    if not isinstance(raw, str):
+        raise SiteError("site must be a string")
+    return _normalize_site(raw)
+
+
+@functools.lru_cache(maxsize=SITES_CACHED_MAX)
+def _normalize_site(raw: str) -> str:
+    """The canonical form of a site name, or raise :class:`SiteError`.
 
     Host names are case-insensitive and may carry a trailing root dot, so both are
     folded away; internationalized names are stored in their ASCII (IDNA) form so the
     same site always hashes the same. A URL, a port or a path is refused rather than
     guessed at: the caller sends the host name.
     """
-    if not isinstance(raw, str):
-        raise SiteError("site must be a string")
     site = raw.strip().lower().rstrip(".")
     if not site:
         raise SiteError("site is empty")
@@ -56,6 +69,7 @@ SHARD_SALT = b"flowray-shard"
 REDUCE_SALT = b"flowray-reduce"
 
 
+@functools.lru_cache(maxsize=SITES_CACHED_MAX)
 def shard_for_site(site: str, shard_count: int) -> int:
     """The shard (0..shard_count-1) that owns an already normalized site."""
     if shard_count < 1:
@@ -63,6 +77,7 @@ def shard_for_site(site: str, shard_count: int) -> int:
     return stable_hash64(site, SHARD_SALT) % shard_count
 
 
+@functools.lru_cache(maxsize=SITES_CACHED_MAX)
 def reduce_key_for_site(site: str, key_count: int) -> int:
     """The reduce key of a site: independent of its shard, so keys spread evenly."""
     return stable_hash64(site, REDUCE_SALT) % key_count

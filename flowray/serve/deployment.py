@@ -20,7 +20,7 @@ from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
 from flowray.actors.directory import Directory, NoMaster
 from flowray.actors.replica import NoQuorum, NotMaster, Overloaded
 from flowray.config import Settings
-from flowray.ingest import Piece
+from flowray.ingest import Piece, merge_pieces
 from flowray.router import ShardMap
 from flowray.serve.app import Unavailable, create_app
 from flowray.serve.cache import make_cache
@@ -67,6 +67,9 @@ _UNAVAILABLE = (
     TimeoutError,
 )
 RETRY_AFTER_ELECTION_S = 1
+# Proposals in flight per group from one ingress process; more requests wait and
+# are merged into the next proposal.
+INFLIGHT_PER_GROUP = 4
 
 
 def cause(exc: BaseException) -> BaseException:
@@ -74,17 +77,58 @@ def cause(exc: BaseException) -> BaseException:
     return exc.cause if isinstance(exc, RayTaskError) and exc.cause is not None else exc
 
 
+class _Batch:
+    """Writes of several requests for one group, sent as one proposal."""
+
+    def __init__(self) -> None:
+        self.pieces: list[Piece] = []
+        self.futures: list[asyncio.Future[None]] = []
+
+
 class RayIngest:
-    """Sends each group's pieces to its master and waits for every commit."""
+    """Micro-batches writes per group into few proposals and waits for their commits.
+
+    Requests that arrive while a group's proposals are in flight are merged (pieces of
+    the same block become one entry) and sent together once a slot frees up: group
+    commit at the gateway, so a thousand single-event requests cost a handful of actor
+    calls. Every request is still answered only after its own events are committed.
+    """
 
     def __init__(self, settings: Settings, directory: Directory) -> None:
         self.settings = settings
         self.directory = directory
+        self._queued: dict[int, _Batch] = {}
+        self._slots: dict[int, asyncio.Semaphore] = {}
 
     async def commit(self, pieces: dict[int, list[Piece]]) -> None:
-        await asyncio.gather(*(self._commit_group(g, ps) for g, ps in pieces.items()))
+        await asyncio.gather(*(self._submit(g, ps) for g, ps in pieces.items()))
 
-    async def _commit_group(self, group: int, pieces: list[Piece]) -> None:
+    async def _submit(self, group: int, pieces: list[Piece]) -> None:
+        batch = self._queued.setdefault(group, _Batch())
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        batch.pieces.extend(pieces)
+        batch.futures.append(future)
+        asyncio.create_task(self._drain(group))
+        await future
+
+    async def _drain(self, group: int) -> None:
+        slots = self._slots.setdefault(group, asyncio.Semaphore(INFLIGHT_PER_GROUP))
+        async with slots:
+            batch = self._queued.pop(group, None)
+            if batch is None:
+                return  # an earlier drain took these writes along
+            try:
+                await self._propose(group, merge_pieces(batch.pieces))
+            except Unavailable as exc:
+                for f in batch.futures:
+                    if not f.done():
+                        f.set_exception(exc)
+                return
+            for f in batch.futures:
+                if not f.done():
+                    f.set_result(None)
+
+    async def _propose(self, group: int, pieces: list[Piece]) -> None:
         payload = [(p.shard, p.hour, p.payload) for p in pieces]
         timeout = self.settings.commit_timeout_s + self.settings.rpc_timeout_s
         for _attempt in range(3):
