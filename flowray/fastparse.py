@@ -29,6 +29,8 @@ _JSON_SCHEMA = pa.schema(
 )
 _SEED_COLUMNS = ["date", "time", "site"]
 _READ_BLOCK_BYTES = 16 * 1024 * 1024
+# Below this size a thread pool's hand-off costs more than it saves.
+_THREADS_FROM_BYTES = 4 * 1024 * 1024
 
 
 def ndjson(body: bytes, limits: Limits) -> pa.Table | None:
@@ -38,7 +40,9 @@ def ndjson(body: bytes, limits: Limits) -> pa.Table | None:
     try:
         table = pjson.read_json(
             io.BytesIO(body),
-            read_options=pjson.ReadOptions(block_size=_READ_BLOCK_BYTES),
+            read_options=pjson.ReadOptions(
+                block_size=_READ_BLOCK_BYTES, use_threads=len(body) > _THREADS_FROM_BYTES
+            ),
             parse_options=pjson.ParseOptions(
                 explicit_schema=_JSON_SCHEMA, unexpected_field_behavior="ignore"
             ),
@@ -95,7 +99,11 @@ def seed(body: bytes, limits: Limits) -> pa.Table | None:
     try:
         raw = pcsv.read_csv(
             io.BytesIO(body),
-            read_options=pcsv.ReadOptions(column_names=_SEED_COLUMNS, block_size=_READ_BLOCK_BYTES),
+            read_options=pcsv.ReadOptions(
+                column_names=_SEED_COLUMNS,
+                block_size=_READ_BLOCK_BYTES,
+                use_threads=len(body) > _THREADS_FROM_BYTES,
+            ),
             parse_options=pcsv.ParseOptions(
                 delimiter=" ", quote_char=False, ignore_empty_lines=True
             ),

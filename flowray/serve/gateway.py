@@ -21,6 +21,9 @@ import uvicorn
 from flowray.serve.deployment import build_app
 
 GATEWAY_NAME = "flowray-gateway"
+# Trackers and batch clients keep connections open; a short keep-alive makes clients
+# race the server's close and see resets.
+KEEP_ALIVE_S = 75
 
 
 class _Server(uvicorn.Server):

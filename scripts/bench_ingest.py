@@ -1,0 +1,457 @@
+#!/usr/bin/env python3
+"""Ingest benchmark: flowray beside its baselines, measured in one run on one machine.
+
+    .venv/bin/python scripts/bench_ingest.py [--seconds 10] [--markdown FILE]
+
+Measures, each on this machine in this run:
+- raw append + fsync of the same bytes (one file, and three files in turn as three
+  replicas on one disk would do): what the disk allows;
+- flowray batched ingest (NDJSON bodies of 1,000 and 10,000 events, seed lines) and
+  single-event requests through the ingest gateway, with wrk, every answer after a
+  majority fsync in 3-replica groups;
+- acknowledgement latency p50/p99 at the seed's fleet rate (11,600 events/s in
+  batches of 100, sent open-loop);
+- write unavailability after kill -9 of a group's master;
+- NATS JetStream with 3 replicas (three nats-server processes on loopback, file
+  storage, no per-message fsync): batched (one 1,000-event message) and single events.
+The load generators share the machine's cores with the system they measure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+
+ROOT = Path(__file__).resolve().parent.parent
+FLOWRAY = [sys.executable, "-m", "flowray"]
+FLEET_EVENTS_S = 11_600
+FLEET_BATCH = 100
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def ensure_tool(name: str, package: str) -> str:
+    path = shutil.which(name) or shutil.which(name, path="/usr/sbin")
+    if path:
+        return path
+    subprocess.run(["apt-get", "install", "-y", "-qq", package], check=False, capture_output=True)
+    path = shutil.which(name) or shutil.which(name, path="/usr/sbin")
+    if not path:
+        sys.exit(f"{name} is needed (Debian package {package})")
+    return path
+
+
+def make_events(n: int, start_ms: int, sites: int = 500) -> list[dict[str, Any]]:
+    return [
+        {"ts": start_ms + i * 7, "site": f"site{i % sites}.example.com", "path": "/p"}
+        for i in range(n)
+    ]
+
+
+def ndjson(events: list[dict[str, Any]]) -> bytes:
+    return b"\n".join(orjson.dumps(e) for e in events)
+
+
+def seed_lines(events: list[dict[str, Any]]) -> bytes:
+    out = []
+    for e in events:
+        t = datetime.fromtimestamp(e["ts"] / 1000, tz=UTC)
+        out.append(f"{t:%Y.%m.%d %H:%M:%S}.{e['ts'] % 1000:03d} {e['site']}")
+    return "\n".join(out).encode()
+
+
+# ---- raw disk baseline ----------------------------------------------------------------
+def raw_fsync(payload: bytes, seconds: float, files: int) -> float:
+    """Appends of ``payload`` + fsync per append per file; returns appends/s."""
+    tmp = Path(tempfile.mkdtemp(prefix="bench-fsync-", dir=ROOT))
+    fds = [os.open(tmp / f"f{i}", os.O_WRONLY | os.O_CREAT | os.O_APPEND) for i in range(files)]
+    n, deadline = 0, time.monotonic() + seconds
+    start = time.monotonic()
+    while time.monotonic() < deadline:
+        for fd in fds:
+            os.write(fd, payload)
+            os.fsync(fd)
+        n += 1
+    rate = n / (time.monotonic() - start)
+    for fd in fds:
+        os.close(fd)
+    shutil.rmtree(tmp)
+    return rate
+
+
+# ---- wrk ------------------------------------------------------------------------------
+LUA = """
+wrk.method = "POST"
+local f = io.open(os.getenv("BODY"), "rb"); wrk.body = f:read("*all"); f:close()
+wrk.headers["Content-Type"] = os.getenv("CTYPE")
+"""
+
+
+def wrk(url: str, body: bytes, ctype: str, seconds: float, conns: int) -> dict[str, float]:
+    tmp = Path(tempfile.mkdtemp(prefix="bench-wrk-"))
+    (tmp / "post.lua").write_text(LUA)
+    (tmp / "body").write_bytes(body)
+    env = dict(os.environ, BODY=str(tmp / "body"), CTYPE=ctype)
+    out = subprocess.run(
+        [
+            ensure_tool("wrk", "wrk"),
+            "-t1",
+            f"-c{conns}",
+            f"-d{int(seconds)}s",
+            "--latency",
+            "-s",
+            str(tmp / "post.lua"),
+            url,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=seconds + 60,
+    ).stdout
+    shutil.rmtree(tmp)
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    p99 = re.search(r"99%\s+([\d.]+)(us|ms|s)", out)
+    p99_ms = 0.0
+    if p99:
+        p99_ms = float(p99.group(1)) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[p99.group(2)]
+    return {"rps": rps, "errors": float(non2xx.group(1)) if non2xx else 0.0, "p99_ms": p99_ms}
+
+
+# ---- flowray cluster ------------------------------------------------------------------
+class Flowray:
+    def __init__(self) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="bench-flowray-", dir=ROOT))
+        self.port, self.ingest_port = free_port(), free_port()
+        self.env = dict(os.environ, FLOWRAY_DATA_DIR=str(self.dir / "data"), FLOWRAY_REDIS_URL="")
+        self.env.pop("RAY_ADDRESS", None)
+
+    def __enter__(self) -> Flowray:
+        result = subprocess.run(
+            [
+                *FLOWRAY,
+                "up",
+                "--detach",
+                "--port",
+                str(self.port),
+                "--ingest-port",
+                str(self.ingest_port),
+                "--groups",
+                "2",
+                "--replicas",
+                "3",
+                "--shards",
+                "8",
+            ],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        if result.returncode != 0:
+            sys.exit(f"flowray up failed: {result.stdout}{result.stderr}")
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        subprocess.run([*FLOWRAY, "down"], env=self.env, capture_output=True, timeout=120)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    @property
+    def ingest(self) -> str:
+        return f"http://127.0.0.1:{self.ingest_port}"
+
+    def master_pid(self, group: int) -> int:
+        status = httpx.get(f"{self.ingest}/v1/admin/status", timeout=30).json()
+        for r in status["groups"][group]["replicas"]:
+            if r.get("role") == "master":
+                return int(r["pid"])
+        raise LookupError("no master")
+
+
+async def fleet_latency(url: str, seconds: float, start_ms: int) -> dict[str, float]:
+    """Open loop: 116 requests/s of 100 events; latency of each acknowledgement."""
+    rate = FLEET_EVENTS_S / FLEET_BATCH
+    latencies: list[float] = []
+    failures = 0
+    async with httpx.AsyncClient(
+        base_url=url, timeout=30, limits=httpx.Limits(max_connections=200)
+    ) as client:
+
+        async def one(i: int) -> None:
+            nonlocal failures
+            body = ndjson(make_events(FLEET_BATCH, start_ms + i * 1000))
+            t = time.perf_counter()
+            try:
+                r = await client.post(
+                    "/v1/events", content=body, headers={"Content-Type": "application/x-ndjson"}
+                )
+            except httpx.HTTPError:
+                failures += 1
+                return
+            if r.status_code == 200:
+                latencies.append((time.perf_counter() - t) * 1000)
+            else:
+                failures += 1
+
+        tasks = []
+        t0 = time.perf_counter()
+        for i in range(int(rate * seconds)):
+            delay = t0 + i / rate - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one(i)))
+        await asyncio.gather(*tasks)
+    latencies.sort()
+    return {
+        "p50_ms": latencies[len(latencies) // 2],
+        "p99_ms": latencies[int(len(latencies) * 0.99)],
+        "requests": float(len(latencies)),
+        "failures": float(failures),
+    }
+
+
+class _KillProbe(threading.Thread):
+    """Writes a batch every 5 ms; notes the first acknowledgement after the kill."""
+
+    def __init__(self, url: str, body: bytes) -> None:
+        super().__init__(daemon=True)
+        self.url, self.body = url, body
+        self.stop = threading.Event()
+        self.killed_at = 0.0
+        self.acked_after = 0.0
+
+    def run(self) -> None:
+        with httpx.Client(base_url=self.url, timeout=10) as client:
+            while not self.stop.is_set():
+                try:
+                    ok = (
+                        client.post(
+                            "/v1/events",
+                            content=self.body,
+                            headers={"Content-Type": "application/x-ndjson"},
+                        ).status_code
+                        == 200
+                    )
+                except httpx.HTTPError:
+                    ok = False
+                if ok and self.killed_at and not self.acked_after:
+                    self.acked_after = time.monotonic()
+                time.sleep(0.005)
+
+
+def unavailability_after_master_kill(fr: Flowray, start_ms: int, tries: int = 3) -> list[float]:
+    """Seconds from kill -9 of group 0's master to the next acknowledged write."""
+    gaps = []
+    body = ndjson(make_events(FLEET_BATCH, start_ms))
+    for _ in range(tries):
+        time.sleep(3)
+        pid = fr.master_pid(0)
+        probe = _KillProbe(fr.ingest, body)
+        probe.start()
+        time.sleep(1)
+        probe.killed_at = time.monotonic()
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while not probe.acked_after and time.monotonic() < deadline:
+            time.sleep(0.01)
+        probe.stop.set()
+        probe.join(timeout=15)
+        gaps.append(probe.acked_after - probe.killed_at if probe.acked_after else float("inf"))
+    return gaps
+
+
+# ---- NATS JetStream -------------------------------------------------------------------
+class Nats:
+    def __init__(self) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="bench-nats-", dir=ROOT))
+        self.ports = [free_port() for _ in range(3)]
+        self.routes = [free_port() for _ in range(3)]
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def __enter__(self) -> Nats:
+        binary = ensure_tool("nats-server", "nats-server")
+        routes = ",".join(f"nats://127.0.0.1:{p}" for p in self.routes)
+        for i in range(3):
+            self.procs.append(
+                subprocess.Popen(
+                    [
+                        binary,
+                        "-a",
+                        "127.0.0.1",
+                        "-p",
+                        str(self.ports[i]),
+                        "-js",
+                        "-sd",
+                        str(self.dir / f"n{i}"),
+                        "--name",
+                        f"n{i}",
+                        "--cluster_name",
+                        "bench",
+                        "--cluster",
+                        f"nats://127.0.0.1:{self.routes[i]}",
+                        "--routes",
+                        routes,
+                    ],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            )
+        time.sleep(3)
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        for p in self.procs:
+            p.terminate()
+        for p in self.procs:
+            p.wait(timeout=20)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    async def publish_rate(self, payload: bytes, seconds: float, window: int) -> float:
+        import nats
+
+        nc = await nats.connect(f"nats://127.0.0.1:{self.ports[0]}")
+        js = nc.jetstream()
+        name = f"S{int(time.time() * 1000)}"
+        for _ in range(50):
+            try:
+                await js.add_stream(
+                    name=name, subjects=[f"{name}.ev"], num_replicas=3, storage="file"
+                )
+                break
+            except Exception:  # cluster still forming
+                await asyncio.sleep(0.2)
+        sent, deadline = 0, time.monotonic() + seconds
+        start = time.monotonic()
+        pending: set[asyncio.Future[Any]] = set()
+        while time.monotonic() < deadline:
+            pending.add(asyncio.ensure_future(js.publish(f"{name}.ev", payload)))
+            if len(pending) >= window:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                sent += len(done)
+        done, _ = await asyncio.wait(pending)
+        sent += len(done)
+        rate = sent / (time.monotonic() - start)
+        await nc.close()
+        return rate
+
+
+# ---- main -----------------------------------------------------------------------------
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--markdown", type=Path, help="append the results to this file")
+    args = parser.parse_args()
+    s = args.seconds
+    start_ms = int(time.time() * 1000) - 3 * 3_600_000
+    batch1k, batch10k = make_events(1000, start_ms), make_events(10_000, start_ms)
+    results: dict[str, Any] = {
+        "machine": f"{platform.node()}: {os.cpu_count()} cores, {platform.platform()}",
+        "seconds": s,
+    }
+
+    from flowray.events import Limits, parse_ndjson_body
+    from flowray.ingest import to_ipc
+
+    payload = to_ipc(parse_ndjson_body(ndjson(batch1k), Limits(now_ms=start_ms + 10**8)))
+    results["raw_fsync_1file_batches_s"] = raw_fsync(payload, s / 2, 1)
+    results["raw_fsync_3files_batches_s"] = raw_fsync(payload, s / 2, 3)
+    results["payload_bytes_per_1k_batch"] = len(payload)
+
+    with Flowray() as fr:
+        url = f"{fr.ingest}/v1/events"
+        time.sleep(2)
+        results["flowray_ndjson_1k"] = wrk(url, ndjson(batch1k), "application/x-ndjson", s, 16)
+        results["flowray_ndjson_10k"] = wrk(url, ndjson(batch10k), "application/x-ndjson", s, 8)
+        results["flowray_seed_10k"] = wrk(
+            f"{fr.ingest}/v1/logs", seed_lines(batch10k), "text/plain", s, 8
+        )
+        one = orjson.dumps({"site": "site1.example.com", "path": "/"})
+        results["flowray_single"] = wrk(url, one, "application/json", s, 64)
+        results["flowray_serve_single"] = wrk(
+            f"http://127.0.0.1:{fr.port}/v1/events", one, "application/json", s, 64
+        )
+        results["fleet_latency"] = asyncio.run(fleet_latency(fr.ingest, 2 * s, start_ms))
+        results["master_kill_unavailable_s"] = unavailability_after_master_kill(fr, start_ms)
+
+    with Nats() as nt:
+        results["nats_batch_1k_msgs_s"] = asyncio.run(nt.publish_rate(payload, s, 64))
+        results["nats_single_msgs_s"] = asyncio.run(
+            nt.publish_rate(orjson.dumps(batch1k[0]), s, 256)
+        )
+
+    report = render(results)
+    print(report)
+    print(json.dumps(results, indent=2), file=sys.stderr)
+    if args.markdown:
+        with open(args.markdown, "a") as fh:
+            fh.write(report + "\n")
+
+
+def render(r: dict[str, Any]) -> str:
+    def ev(rps: float, n: int) -> str:
+        return f"{rps * n:,.0f} events/s ({rps:,.1f} req/s)"
+
+    raw1, raw3 = r["raw_fsync_1file_batches_s"], r["raw_fsync_3files_batches_s"]
+    lines = [
+        f"### Ingest — {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {r['machine']}",
+        "",
+        "Command: `.venv/bin/python scripts/bench_ingest.py --seconds "
+        f"{r['seconds']:g}` (load generators on the same 2 cores).",
+        "",
+        "| measurement | result |",
+        "|---|---|",
+        f"| raw append+fsync, 1 file, 1k-event batches ({r['payload_bytes_per_1k_batch']:,} B) "
+        f"| {raw1 * 1000:,.0f} events/s ({raw1:,.0f} fsyncs/s) |",
+        f"| raw append+fsync, 3 files in turn | {raw3 * 1000:,.0f} events/s |",
+        f"| flowray NDJSON, 1,000 events/request | {ev(r['flowray_ndjson_1k']['rps'], 1000)} |",
+        f"| flowray NDJSON, 10,000 events/request | {ev(r['flowray_ndjson_10k']['rps'], 10_000)} |",
+        f"| flowray seed lines, 10,000 events/request | "
+        f"{ev(r['flowray_seed_10k']['rps'], 10_000)} |",
+        f"| flowray single-event requests (gateway) | {r['flowray_single']['rps']:,.0f} req/s, "
+        f"p99 {r['flowray_single']['p99_ms']:.0f} ms |",
+        f"| flowray single-event requests (Ray Serve) | "
+        f"{r['flowray_serve_single']['rps']:,.0f} req/s |",
+        f"| ack latency at 11,600 events/s in batches of 100 | "
+        f"p50 {r['fleet_latency']['p50_ms']:.1f} ms, p99 {r['fleet_latency']['p99_ms']:.1f} ms "
+        f"({r['fleet_latency']['failures']:.0f} failures) |",
+        "| writes unavailable after kill -9 of a master | "
+        + ", ".join(f"{g:.2f} s" for g in r["master_kill_unavailable_s"])
+        + " |",
+        f"| NATS JetStream R3, 1k-event messages | {r['nats_batch_1k_msgs_s'] * 1000:,.0f} "
+        f"events/s ({r['nats_batch_1k_msgs_s']:,.0f} msgs/s) |",
+        f"| NATS JetStream R3, one event per message | {r['nats_single_msgs_s']:,.0f} msgs/s |",
+        "",
+        f"Ratios: flowray 10k-NDJSON / NATS batched = "
+        f"{r['flowray_ndjson_10k']['rps'] * 10 / max(r['nats_batch_1k_msgs_s'], 1):.2f}; "
+        f"flowray single / NATS single = "
+        f"{r['flowray_single']['rps'] / max(r['nats_single_msgs_s'], 1):.2f}; "
+        f"flowray 10k-NDJSON / raw fsync (3 files) = "
+        f"{r['flowray_ndjson_10k']['rps'] * 10 / max(raw3, 1):.3f}.",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
