@@ -190,43 +190,84 @@ class Flowray:
         raise LookupError("no master")
 
 
+class RawHttp:
+    """A minimal HTTP/1.1 client over persistent asyncio connections.
+
+    httpx spends milliseconds of CPU per request, which on two shared cores becomes
+    the bottleneck of an open-loop latency test; this client spends tens of µs.
+    """
+
+    def __init__(self, host: str, port: int, conns: int) -> None:
+        self.host, self.port, self.conns = host, port, conns
+        self.free: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = (
+            asyncio.Queue()
+        )
+
+    async def open(self) -> None:
+        for _ in range(self.conns):
+            self.free.put_nowait(await asyncio.open_connection(self.host, self.port))
+
+    async def post(self, path: str, body: bytes, ctype: str) -> int:
+        reader, writer = await self.free.get()
+        head = (
+            f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: {ctype}\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        ).encode()
+        writer.write(head + body)
+        status_line = await reader.readline()
+        length = 0
+        while (line := await reader.readline()) not in (b"\r\n", b""):
+            if line.lower().startswith(b"content-length:"):
+                length = int(line.split(b":")[1])
+        await reader.readexactly(length)
+        self.free.put_nowait((reader, writer))
+        return int(status_line.split()[1])
+
+    async def close(self) -> None:
+        while not self.free.empty():
+            _r, w = self.free.get_nowait()
+            w.close()
+
+
 async def fleet_latency(url: str, seconds: float, start_ms: int) -> dict[str, float]:
     """Open loop: 116 requests/s of 100 events; latency of each acknowledgement."""
     rate = FLEET_EVENTS_S / FLEET_BATCH
+    port = int(url.rsplit(":", 1)[1])
+    bodies = [ndjson(make_events(FLEET_BATCH, start_ms + i * 1000)) for i in range(64)]
+    client = RawHttp("127.0.0.1", port, 64)
+    await client.open()
     latencies: list[float] = []
     failures = 0
-    async with httpx.AsyncClient(
-        base_url=url, timeout=30, limits=httpx.Limits(max_connections=200)
-    ) as client:
 
-        async def one(i: int) -> None:
-            nonlocal failures
-            body = ndjson(make_events(FLEET_BATCH, start_ms + i * 1000))
-            t = time.perf_counter()
-            try:
-                r = await client.post(
-                    "/v1/events", content=body, headers={"Content-Type": "application/x-ndjson"}
-                )
-            except httpx.HTTPError:
-                failures += 1
-                return
-            if r.status_code == 200:
-                latencies.append((time.perf_counter() - t) * 1000)
-            else:
-                failures += 1
+    async def one(i: int) -> None:
+        nonlocal failures
+        t = time.perf_counter()
+        try:
+            status = await client.post(
+                "/v1/events", bodies[i % len(bodies)], "application/x-ndjson"
+            )
+        except (OSError, asyncio.IncompleteReadError, ValueError):
+            failures += 1
+            return
+        if status == 200:
+            latencies.append((time.perf_counter() - t) * 1000)
+        else:
+            failures += 1
 
-        tasks = []
-        t0 = time.perf_counter()
-        for i in range(int(rate * seconds)):
-            delay = t0 + i / rate - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(one(i)))
-        await asyncio.gather(*tasks)
+    tasks = []
+    t0 = time.perf_counter()
+    for i in range(int(rate * seconds)):
+        delay = t0 + i / rate - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(one(i)))
+    await asyncio.gather(*tasks)
+    await client.close()
     latencies.sort()
+    p50, p99 = latencies[len(latencies) // 2], latencies[int(len(latencies) * 0.99)]
     return {
-        "p50_ms": latencies[len(latencies) // 2],
-        "p99_ms": latencies[int(len(latencies) * 0.99)],
+        "p50_ms": p50,
+        "p99_ms": p99,
         "requests": float(len(latencies)),
         "failures": float(failures),
     }
