@@ -182,6 +182,21 @@ class Flowray:
     def ingest(self) -> str:
         return f"http://127.0.0.1:{self.ingest_port}"
 
+    def rss_mib(self) -> float:
+        """Resident memory of every process of this cluster (its whole session)."""
+        record = json.loads((self.dir / "data" / "cluster.json").read_text())
+        sid, total = int(record["pid"]), 0
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                if int(stat.read_text().rsplit(")", 1)[1].split()[3]) != sid:
+                    continue
+                status = (stat.parent / "status").read_text()
+            except (OSError, IndexError, ValueError):
+                continue
+            match = re.search(r"VmRSS:\s+(\d+) kB", status)
+            total += int(match.group(1)) if match else 0
+        return total / 1024
+
     def master_pid(self, group: int) -> int:
         status = httpx.get(f"{self.ingest}/v1/admin/status", timeout=30).json()
         for r in status["groups"][group]["replicas"]:
@@ -423,6 +438,7 @@ def main() -> None:
     with Flowray() as fr:
         url = f"{fr.ingest}/v1/events"
         time.sleep(2)
+        results["rss_mib_start"] = fr.rss_mib()
         results["flowray_ndjson_1k"] = wrk(url, ndjson(batch1k), "application/x-ndjson", s, 16)
         results["flowray_ndjson_10k"] = wrk(url, ndjson(batch10k), "application/x-ndjson", s, 8)
         results["flowray_seed_10k"] = wrk(
@@ -433,7 +449,9 @@ def main() -> None:
         results["flowray_serve_single"] = wrk(
             f"http://127.0.0.1:{fr.port}/v1/events", one, "application/json", s, 64
         )
+        results["rss_mib_after_load"] = fr.rss_mib()
         results["fleet_latency"] = asyncio.run(fleet_latency(fr.ingest, 2 * s, start_ms))
+        results["rss_mib_after_fleet"] = fr.rss_mib()
         results["master_kill_unavailable_s"] = unavailability_after_master_kill(fr, start_ms)
 
     with Nats() as nt:
@@ -480,6 +498,9 @@ def render(r: dict[str, Any]) -> str:
         "| writes unavailable after kill -9 of a master | "
         + ", ".join(f"{g:.2f} s" for g in r["master_kill_unavailable_s"])
         + " |",
+        f"| memory of all cluster processes: start / after the throughput runs / after the "
+        f"fleet-rate run | {r['rss_mib_start']:,.0f} / {r['rss_mib_after_load']:,.0f} / "
+        f"{r['rss_mib_after_fleet']:,.0f} MiB |",
         f"| NATS JetStream R3, 1k-event messages | {r['nats_batch_1k_msgs_s'] * 1000:,.0f} "
         f"events/s ({r['nats_batch_1k_msgs_s']:,.0f} msgs/s) |",
         f"| NATS JetStream R3, one event per message | {r['nats_single_msgs_s']:,.0f} msgs/s |",
