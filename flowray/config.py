@@ -32,6 +32,7 @@ class Settings:
     redis_url: str = DEFAULT_REDIS_URL
     redis_timeout_s: float = 0.05
     cache_ttl_s: int = 3600
+    query_timeout_s: float = 10.0
     # A block (shard, hour) is sealed once its hour has ended plus this grace period,
     # so stragglers from clients with late clocks still land in the first pass.
     seal_grace_s: float = 300.0

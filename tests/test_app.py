@@ -8,9 +8,11 @@ map-reduce functions the Ray tasks wrap and published through the real catalog.
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
 import re
+import time
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -1126,3 +1128,62 @@ async def test_admin_status_and_process(ingest: RecordingIngest) -> None:
         assert busy.status_code == 503
         assert busy.headers["retry-after"] == "2"
         assert busy.json() == {"error": "processor restarting"}
+
+
+# --------------------------------------------------------------------------- single flight
+
+
+class SlowWarehouse:
+    """A real warehouse whose queries take a while, counting how many really ran."""
+
+    def __init__(self, inner: Warehouse, delay_s: float) -> None:
+        self.inner, self.delay_s, self.queries = inner, delay_s, 0
+
+    def snapshot(self) -> tuple[int, int, int | None]:
+        return self.inner.snapshot()
+
+    def minutes(self, site: str, start_ms: int, end_ms: int, version: int) -> Any:
+        self.queries += 1
+        time.sleep(self.delay_s)
+        return self.inner.minutes(site, start_ms, end_ms, version)
+
+
+@pytest.mark.anyio
+async def test_concurrent_identical_misses_run_one_query(shared: Warehouse) -> None:
+    slow = SlowWarehouse(shared, 0.3)
+    async with client_for(make_app(warehouse=slow)) as c:
+        answers = await asyncio.gather(
+            *(
+                traffic(c, start="2023-11-14T10:00:00Z", end="2023-11-14T11:00:00Z")
+                for _ in range(10)
+            )
+        )
+        assert {a.status_code for a in answers} == {200}
+        assert len({a.content for a in answers}) == 1
+        assert slow.queries == 1, f"{slow.queries} warehouse queries for 10 identical misses"
+        metrics = (await c.get("/metrics")).text
+        assert "flowray_query_joined_total 9.0" in metrics
+
+
+@pytest.mark.anyio
+async def test_a_query_slower_than_the_timeout_is_503(shared: Warehouse) -> None:
+    slow = SlowWarehouse(shared, 1.5)
+    async with client_for(make_app(warehouse=slow, query_timeout_s=0.2)) as c:
+        r = await traffic(c, start="2023-11-14T10:00:00Z", end="2023-11-14T11:00:00Z")
+        assert r.status_code == 503 and r.headers["Retry-After"]
+        assert "longer than" in r.json()["error"]
+
+
+@pytest.mark.anyio
+async def test_queries_answer_when_redis_is_down(shared: Warehouse) -> None:
+    from flowray.serve.cache import RedisCache
+    from tests.conftest import free_port
+
+    dead = RedisCache(f"redis://127.0.0.1:{free_port()}/0", timeout_s=0.05)
+    async with client_for(make_app(warehouse=shared, cache=dead)) as c:
+        started = time.perf_counter()
+        r = await traffic(c, start="2023-11-14T10:00:00Z", end="2023-11-14T11:00:00Z")
+        assert r.status_code == 200
+        assert sum(p["count"] for p in r.json()["points"]) == 4
+        assert time.perf_counter() - started < 5
+    assert dead.errors >= 2  # the get and the set both failed, and neither broke the query

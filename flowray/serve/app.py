@@ -8,6 +8,7 @@ passes handles to the cluster's actors.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -81,6 +82,11 @@ class _Metrics:
         self.queries = Counter(
             "flowray_queries_total", "Traffic queries", ["cache"], registry=self.registry
         )
+        self.joined = Counter(
+            "flowray_query_joined_total",
+            "Queries answered by an identical query already running",
+            registry=self.registry,
+        )
         self.query_s = Histogram(
             "flowray_query_seconds",
             "Traffic query latency",
@@ -118,6 +124,28 @@ def create_app(
             for e in exc.errors()
         ]
         return _error(422, "invalid request", details=details)
+
+    inflight: dict[str, asyncio.Future[bytes]] = {}
+
+    async def single_flight(key: str, render: Callable[[], bytes]) -> bytes:
+        """Concurrent identical misses share one warehouse query; its answer is cached."""
+        running = inflight.get(key)
+        if running is not None:
+            metrics.joined.inc()
+            return await asyncio.wait_for(asyncio.shield(running), settings.query_timeout_s)
+        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        inflight[key] = future
+        try:
+            body = await asyncio.wait_for(asyncio.to_thread(render), settings.query_timeout_s)
+            await cache.set(key, body, settings.cache_ttl_s)
+            future.set_result(body)
+            return body
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # retrieved here: joiners re-raise it, nobody else must
+            raise
+        finally:
+            del inflight[key]
 
     async def read_body(request: Request) -> bytes | JSONResponse:
         limit = settings.body_bytes_max
@@ -219,10 +247,28 @@ def create_app(
         body = await cache.get(key)
         metrics.queries.labels("hit" if body is not None else "miss").inc()
         if body is None:
-            body = _render(
-                warehouse, name, start_ms, end_ms, interval, zone, tz, version, watermark, want_csv
-            )
-            await cache.set(key, body, settings.cache_ttl_s)
+            try:
+                body = await single_flight(
+                    key,
+                    lambda: _render(
+                        warehouse,
+                        name,
+                        start_ms,
+                        end_ms,
+                        interval,
+                        zone,
+                        tz,
+                        version,
+                        watermark,
+                        want_csv,
+                    ),
+                )
+            except TimeoutError:
+                return JSONResponse(
+                    {"error": f"query took longer than {settings.query_timeout_s} s"},
+                    status_code=503,
+                    headers={"Retry-After": "1"},
+                )
         metrics.query_s.observe(time.perf_counter() - started)
         return Response(body, media_type="text/csv" if want_csv else "application/json")
 
