@@ -1,6 +1,6 @@
 """A small HTTP client for a running flowray cluster, used by the CLI and the tests.
 
-Writes are retried on 503 and connection errors with the same bytes, so events that
+Writes are retried on 503, 429 and connection errors with the same bytes, so events that
 carry ids are counted once however many times a batch is sent.
 """
 
@@ -15,6 +15,8 @@ import httpx
 
 RETRIES_MAX = 8
 BACKOFF_S_MAX = 5.0
+# 503: a group has no quorum now; 429: the token's rate limit. Both say when to retry.
+RETRY_STATUSES = (429, 503)
 
 
 class ClusterNotFound(RuntimeError):
@@ -24,6 +26,8 @@ class ClusterNotFound(RuntimeError):
 class ApiError(RuntimeError):
     def __init__(self, status: int, body: Any) -> None:
         message = body.get("error") if isinstance(body, dict) else str(body)
+        if status == 401:
+            message = f"{message} (set FLOWRAY_TOKEN, or FLOWRAY_ADMIN_TOKEN)"
         super().__init__(f"HTTP {status}: {message}")
         self.status = status
         self.body = body
@@ -68,7 +72,7 @@ class Client:
         return body
 
     def post_with_retry(self, path: str, content: bytes, content_type: str) -> Any:
-        """POST, retrying 503s and transport errors with backoff; other errors raise."""
+        """POST, retrying 503s, 429s and transport errors with backoff; other errors raise."""
         delay = 0.2
         for attempt in range(RETRIES_MAX + 1):
             try:
@@ -79,7 +83,7 @@ class Client:
                 if attempt == RETRIES_MAX:
                     raise
             else:
-                if response.status_code != 503 or attempt == RETRIES_MAX:
+                if response.status_code not in RETRY_STATUSES or attempt == RETRIES_MAX:
                     return self._json(response)
                 delay = float(response.headers.get("Retry-After", delay))
             time.sleep(min(delay, BACKOFF_S_MAX))

@@ -14,6 +14,8 @@ from typing import Any
 
 DEFAULT_DATA_DIR = "./flowray-data"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+# auto: tokens are required once FLOWRAY_ADMIN_TOKEN is set or a token exists.
+AUTH_MODES = ("auto", "on", "off")
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,10 @@ class Settings:
     query_hour_days_max: int = 3 * 366
     query_day_days_max: int = 50 * 366
     num_cpus: int = field(default_factory=lambda: os.cpu_count() or 2)
+    # When the API demands bearer tokens: auto, on or off (see flowray/serve/auth.py).
+    # The admin token itself is read from FLOWRAY_ADMIN_TOKEN by each API process and
+    # is deliberately not a setting: settings travel in Ray runtime environments.
+    auth: str = "auto"
 
     def validate(self) -> Settings:
         if self.replicas < 1 or self.replicas % 2 == 0:
@@ -74,6 +80,8 @@ class Settings:
             raise ValueError(f"shards ({self.shards}) must be at least groups ({self.groups})")
         if not 1 <= self.port <= 65535:
             raise ValueError(f"port must be 1..65535, got {self.port}")
+        if self.auth not in AUTH_MODES:
+            raise ValueError(f"auth must be one of {', '.join(AUTH_MODES)}, got {self.auth!r}")
         return self
 
     @property
@@ -83,6 +91,10 @@ class Settings:
     @property
     def layout_file(self) -> Path:
         return self.data_dir / "layout.json"
+
+    @property
+    def tokens_file(self) -> Path:
+        return self.data_dir / "tokens.sqlite"
 
     @property
     def warehouse_dir(self) -> Path:

@@ -1,7 +1,7 @@
 """The flowray HTTP API, built by a factory that takes its dependencies.
 
-The factory does no I/O of its own: the ingest path, the warehouse, the admin calls
-and the cache come in as arguments, so tests drive the app in-process through
+The factory does no I/O of its own: the ingest path, the warehouse, the admin calls,
+the cache and the authorizer come in as arguments, so tests drive the app in-process through
 ``httpx.ASGITransport`` with fakes or the real things, and the Ray Serve deployment
 passes handles to the cluster's actors.
 """
@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 import numpy as np
 import orjson
 import pyarrow as pa
-from fastapi import FastAPI, Path, Query, Request
+import pyarrow.compute as pc
+from fastapi import Depends, FastAPI, Path, Query, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -27,9 +29,15 @@ from flowray import series
 from flowray.config import Settings
 from flowray.ingest import Piece, split_batch
 from flowray.router import ShardMap, SiteError, normalize_site
+from flowray.serve.auth import Authorizer, Decision, Grant, allow_sites
 from flowray.serve.cache import Cache
 from flowray.serve.dashboard import DASHBOARD_HTML
 
+AUTH_RESPONSES: dict[int | str, dict[str, Any]] = {
+    401: {"description": "No token, or an unknown or revoked one (when auth is enforced)"},
+    403: {"description": "The token's scope or sites do not cover this request"},
+    429: {"description": "The token's rate limit; retry after Retry-After"},
+}
 INTERVAL_DAYS_MAX = {
     "minute": "query_minute_days_max",
     "hour": "query_hour_days_max",
@@ -43,6 +51,14 @@ class Unavailable(RuntimeError):
     def __init__(self, message: str, retry_after_s: int = 1) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+
+class Denied(Exception):
+    """Raised by the auth dependency; the app answers with the decision's status."""
+
+    def __init__(self, decision: Decision) -> None:
+        super().__init__(decision.error)
+        self.decision = decision
 
 
 class Ingest(Protocol):
@@ -87,6 +103,12 @@ class _Metrics:
             "Queries answered by an identical query already running",
             registry=self.registry,
         )
+        self.denied = Counter(
+            "flowray_auth_denied_total",
+            "Requests refused by auth (401, 403, 429)",
+            ["status"],
+            registry=self.registry,
+        )
         self.query_s = Histogram(
             "flowray_query_seconds",
             "Traffic query latency",
@@ -99,6 +121,46 @@ def _error(status: int, message: str, **extra: Any) -> JSONResponse:
     return JSONResponse({"error": message, **extra}, status_code=status)
 
 
+def _denied(decision: Decision) -> JSONResponse:
+    return JSONResponse(decision.body(), status_code=decision.status, headers=decision.headers())
+
+
+GrantDependency = Callable[..., Awaitable[Grant | None]]
+
+
+def _auth_dependencies(authorizer: Authorizer | None) -> dict[str, GrantDependency]:
+    """One FastAPI dependency per kind of route (ingest, read, admin).
+
+    Each yields the request's grant, or None when the app runs open, and raises
+    Denied otherwise. Without an authorizer the dependencies do nothing and OpenAPI
+    shows no security; with one, OpenAPI shows the bearer scheme on guarded routes.
+    """
+    if authorizer is None:
+
+        async def open_route() -> Grant | None:
+            return None
+
+        return {need: open_route for need in ("ingest", "read", "admin")}
+    bearer = HTTPBearer(
+        auto_error=False,
+        description="A flowray token (`flowray token create`) or FLOWRAY_ADMIN_TOKEN.",
+    )
+
+    def guard(need: str) -> GrantDependency:
+        async def guarded(
+            request: Request,
+            _credentials: HTTPAuthorizationCredentials | None = Security(bearer),
+        ) -> Grant | None:
+            decision = authorizer.admit(request.headers.get("authorization"), need)
+            if not decision.ok:
+                raise Denied(decision)
+            return decision.grant
+
+        return guarded
+
+    return {need: guard(need) for need in ("ingest", "read", "admin")}
+
+
 def create_app(
     *,
     settings: Settings,
@@ -108,7 +170,9 @@ def create_app(
     admin: Admin,
     cache: Cache,
     clock: Callable[[], float] = time.time,
+    authorizer: Authorizer | None = None,
 ) -> FastAPI:
+    """The API; ``authorizer=None`` serves every route without tokens."""
     app = FastAPI(
         title="flowray",
         version="0.1.0",
@@ -124,6 +188,13 @@ def create_app(
             for e in exc.errors()
         ]
         return _error(422, "invalid request", details=details)
+
+    @app.exception_handler(Denied)
+    async def denied(_request: Request, exc: Denied) -> JSONResponse:
+        metrics.denied.labels(str(exc.decision.status)).inc()
+        return _denied(exc.decision)
+
+    needs = _auth_dependencies(authorizer)
 
     inflight: dict[str, asyncio.Future[bytes]] = {}
 
@@ -160,7 +231,9 @@ def create_app(
             chunks.append(chunk)
         return b"".join(chunks)
 
-    async def accept(request: Request, parse: Callable[[bytes, ev.Limits], pa.Table]) -> Response:
+    async def accept(
+        request: Request, parse: Callable[[bytes, ev.Limits], pa.Table], grant: Grant | None
+    ) -> Response:
         started = time.perf_counter()
         body = await read_body(request)
         if isinstance(body, JSONResponse):
@@ -181,6 +254,12 @@ def create_app(
                 total_errors=exc.total_errors,
                 errors=[{"position": e.position, "reason": e.reason} for e in exc.errors],
             )
+        if grant is not None and grant.scope != "admin":
+            sites = pc.unique(table.column("site")).to_pylist()
+            decision = allow_sites(grant, sites)
+            if not decision.ok:
+                metrics.denied.labels("403").inc()
+                return _denied(decision)
         try:
             await ingest.commit(split_batch(table, shard_map))
         except Unavailable as exc:
@@ -201,12 +280,15 @@ def create_app(
             413: {"description": "Body too large"},
             422: {"description": "Batch rejected; every bad item listed"},
             503: {"description": "No quorum; retry after Retry-After"},
+            **AUTH_RESPONSES,
         },
     )
-    async def post_events(request: Request) -> Response:
+    async def post_events(
+        request: Request, grant: Grant | None = Depends(needs["ingest"])
+    ) -> Response:
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         parse = ev.parse_ndjson_body if ctype == "application/x-ndjson" else ev.parse_json_body
-        return await accept(request, parse)
+        return await accept(request, parse, grant)
 
     @app.post(
         "/v1/logs",
@@ -215,12 +297,17 @@ def create_app(
             413: {"description": "Body too large"},
             422: {"description": "Batch rejected; every bad line listed"},
             503: {"description": "No quorum; retry after Retry-After"},
+            **AUTH_RESPONSES,
         },
     )
-    async def post_logs(request: Request) -> Response:
-        return await accept(request, ev.parse_seed_body)
+    async def post_logs(
+        request: Request, grant: Grant | None = Depends(needs["ingest"])
+    ) -> Response:
+        return await accept(request, ev.parse_seed_body, grant)
 
-    @app.get("/v1/sites/{site}/traffic", summary="A site's traffic series")
+    @app.get(
+        "/v1/sites/{site}/traffic", summary="A site's traffic series", responses=AUTH_RESPONSES
+    )
     async def traffic(
         request: Request,
         site: str = Path(..., description="The site's host name, e.g. example.com"),
@@ -229,15 +316,25 @@ def create_app(
         interval: str = Query("minute", description="minute, hour or day"),
         tz: str = Query("UTC", description="IANA time zone for buckets and labels"),
         format: str = Query("json", description="json or csv"),
+        grant: Grant | None = Depends(needs["read"]),
     ) -> Response:
         started = time.perf_counter()
         try:
             name = normalize_site(site)
+        except SiteError as exc:
+            return _error(422, str(exc))
+        # Checked on the normalized name, before the cache: a read token never sees
+        # another site's data, however the name is cased, dotted or percent-encoded.
+        decision = allow_sites(grant, [name])
+        if not decision.ok:
+            metrics.denied.labels("403").inc()
+            return _denied(decision)
+        try:
             zone = series.parse_zone(tz)
             start_ms, end_ms = series.parse_time(start, zone), series.parse_time(end, zone)
             days_max = getattr(settings, INTERVAL_DAYS_MAX.get(interval, "query_minute_days_max"))
             series.check_range(start_ms, end_ms, interval, days_max)
-        except (SiteError, series.RangeError) as exc:
+        except series.RangeError as exc:
             return _error(422, str(exc))
         want_csv = format == "csv" or "text/csv" in request.headers.get("accept", "")
         if format not in ("json", "csv"):
@@ -284,13 +381,23 @@ def create_app(
     async def dashboard() -> HTMLResponse:
         return HTMLResponse(DASHBOARD_HTML)
 
-    @app.get("/v1/admin/status", summary="Groups, replicas, blocks and warehouse versions")
+    @app.get(
+        "/v1/admin/status",
+        summary="Groups, replicas, blocks and warehouse versions",
+        responses=AUTH_RESPONSES,
+        dependencies=[Depends(needs["admin"])],
+    )
     async def status() -> dict[str, Any]:
         out = await admin.status()
         out["cache"] = cache.name
         return out
 
-    @app.post("/v1/admin/process", summary="Seal and process due blocks now")
+    @app.post(
+        "/v1/admin/process",
+        summary="Seal and process due blocks now",
+        responses=AUTH_RESPONSES,
+        dependencies=[Depends(needs["admin"])],
+    )
     async def process(
         mode: str = Query("closed", description="due, closed (hour over) or all (open too)"),
     ) -> Response:

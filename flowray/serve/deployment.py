@@ -23,6 +23,7 @@ from flowray.config import Settings
 from flowray.ingest import Piece, merge_pieces
 from flowray.router import ShardMap
 from flowray.serve.app import Unavailable, create_app
+from flowray.serve.auth import ADMIN_TOKEN_ENV, Authorizer, TokenStore
 from flowray.serve.cache import make_cache
 from flowray.storage.warehouse import Warehouse
 
@@ -218,6 +219,22 @@ def build_app() -> FastAPI:
         cache=make_cache(
             settings.redis_url, settings.redis_timeout_s, settings.cache_ttl_s, prefix
         ),
+        authorizer=build_authorizer(settings),
+    )
+
+
+def build_authorizer(settings: Settings) -> Authorizer:
+    """Tokens from the data directory's store; the admin token from this process's env.
+
+    The admin token is read here, not shipped in the settings blob, because that blob
+    travels in Ray runtime environments where anyone with dashboard access can read it.
+    Ray workers inherit the environment of the node they run on, so FLOWRAY_ADMIN_TOKEN
+    set for 'flowray up' (or on every node of a joined cluster) reaches each API process.
+    """
+    return Authorizer(
+        TokenStore(settings.tokens_file),
+        mode=settings.auth,
+        admin_token=os.environ.get(ADMIN_TOKEN_ENV) or None,
     )
 
 

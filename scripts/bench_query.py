@@ -1,0 +1,258 @@
+#!/usr/bin/env python3
+"""Query benchmark over a warehouse of 100,000 sites x 24 hours.
+
+    .venv/bin/python scripts/bench_query.py [--sites 100000] [--requests 400]
+
+Builds the warehouse directly (the same writer the processor uses), starts flowray on
+it, and measures a 24-hour minute series of one site (1,440 points):
+- cached (the same query again) and uncached (a different site each time) latency,
+  p50/p99, seen by a light client on loopback (an upper bound of the server's time);
+- requests/s of a cached query through Ray Serve and through the same app under
+  plain uvicorn (the ingest gateway), with their ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_ingest import RawHttp, free_port  # noqa: E402
+
+from flowray.router import shard_for_site  # noqa: E402
+from flowray.serve.cache import redis_answers  # noqa: E402
+from flowray.storage.catalog import Unit  # noqa: E402
+from flowray.storage.durable import write_json_atomic  # noqa: E402
+from flowray.storage.warehouse import Warehouse, unit_path, write_unit  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+FLOWRAY = [sys.executable, "-m", "flowray"]
+SHARDS, GROUPS = 8, 2
+DAY_START_MS = 1_767_225_600_000  # 2026-01-01T00:00:00Z
+BUSY_EVERY = 100  # one site in a hundred has traffic every minute
+
+
+def site_name(i: int) -> str:
+    return f"site{i:06d}.example"
+
+
+def build_warehouse(data_dir: Path, sites: int, seed: int = 1) -> int:
+    """Write 24 hourly units per shard; returns the rows written."""
+    rng = np.random.default_rng(seed)
+    names = [site_name(i) for i in range(sites)]
+    shard_of = np.array([shard_for_site(n, SHARDS) for n in names])
+    warehouse = Warehouse(data_dir / "warehouse", SHARDS)
+    units, rows = [], 0
+    for hour in range(24):
+        hour_ms = DAY_START_MS + hour * 3_600_000
+        for shard in range(SHARDS):
+            members = np.flatnonzero(shard_of == shard)
+            table = _unit_rows(rng, members, names, hour_ms)
+            path = unit_path(warehouse.root, "default", shard, hour_ms // 3_600_000, "bench")
+            write_unit(path, table)
+            units.append(
+                Unit(
+                    shard,
+                    hour_ms // 3_600_000,
+                    str(path),
+                    1,
+                    table.num_rows,
+                    int(np.sum(table.column("count").to_numpy())),
+                )
+            )
+            rows += table.num_rows
+    warehouse.catalog.publish(units, {})
+    warehouse.catalog.close()
+    write_json_atomic(data_dir / "layout.json", {"groups": GROUPS, "replicas": 3, "shards": SHARDS})
+    return rows
+
+
+def _unit_rows(
+    rng: np.random.Generator, members: np.ndarray, names: list[str], hour_ms: int
+) -> pa.Table:
+    site_idx, minutes = [], []
+    for i in members:
+        if i % BUSY_EVERY == 0:
+            active = np.arange(60)
+        else:
+            active = np.unique(rng.integers(0, 60, size=rng.integers(0, 6)))
+        site_idx.append(np.full(len(active), i))
+        minutes.append(active)
+    idx = np.concatenate(site_idx)
+    minute = np.concatenate(minutes)
+    order = np.lexsort((minute, idx))  # names sort like their indexes (zero-padded)
+    idx, minute = idx[order], minute[order]
+    counts = rng.integers(1, 50, size=len(idx))
+    return pa.table(
+        {
+            "site": pa.array([names[i] for i in idx], pa.string()),
+            "minute": pa.array(hour_ms + minute * 60_000, pa.timestamp("ms", tz="UTC")),
+            "count": pa.array(counts, pa.int64()),
+        }
+    )
+
+
+async def latencies(port: int, paths: list[str]) -> list[float]:
+    client = RawHttp("127.0.0.1", port, 1)
+    await client.open()
+    out = []
+    for path in paths:
+        t = time.perf_counter()
+        status = await _get(client, path)
+        out.append((time.perf_counter() - t) * 1000)
+        if status != 200:
+            raise RuntimeError(f"GET {path} answered {status}")
+    await client.close()
+    return sorted(out)
+
+
+async def _get(client: RawHttp, path: str) -> int:
+    reader, writer = await client.free.get()
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    status_line = await reader.readline()
+    length = 0
+    while (line := await reader.readline()) not in (b"\r\n", b""):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":")[1])
+    await reader.readexactly(length)
+    client.free.put_nowait((reader, writer))
+    return int(status_line.split()[1])
+
+
+def query(site: str) -> str:
+    return (
+        f"/v1/sites/{site}/traffic?start=2026-01-01T00:00:00Z"
+        "&end=2026-01-02T00:00:00Z&interval=minute&tz=UTC"
+    )
+
+
+def pct(values: list[float], q: float) -> float:
+    return values[min(len(values) - 1, int(len(values) * q))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sites", type=int, default=100_000)
+    parser.add_argument("--requests", type=int, default=400)
+    parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--markdown", type=Path)
+    args = parser.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="bench-query-", dir=ROOT))
+    data = tmp / "data"
+    started = time.monotonic()
+    rows = build_warehouse(data, args.sites)
+    built_s = time.monotonic() - started
+    port, gateway = free_port(), free_port()
+    redis_url = "redis://127.0.0.1:6379/0" if redis_answers("redis://127.0.0.1:6379/0") else ""
+    env = dict(os.environ, FLOWRAY_DATA_DIR=str(data), FLOWRAY_REDIS_URL=redis_url)
+    env.pop("RAY_ADDRESS", None)
+    up = subprocess.run(
+        [
+            *FLOWRAY,
+            "up",
+            "--detach",
+            "--port",
+            str(port),
+            "--ingest-port",
+            str(gateway),
+            "--groups",
+            str(GROUPS),
+            "--shards",
+            str(SHARDS),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    if up.returncode != 0:
+        sys.exit(f"flowray up failed: {up.stdout}{up.stderr}")
+    results: dict[str, Any] = {
+        "sites": args.sites,
+        "rows": rows,
+        "build_s": built_s,
+        "cache": "redis" if redis_url else "memory",
+    }
+    try:
+        busy = [site_name(i) for i in range(0, args.sites, BUSY_EVERY)]
+        for name, p in (("uvicorn", gateway), ("serve", port)):
+            fresh = [
+                query(busy[(i * 7 + (name == "serve")) % len(busy)])
+                for i in range(args.requests // 2)
+            ]
+            uncached = asyncio.run(latencies(p, fresh))
+            cached = asyncio.run(latencies(p, [query(busy[0])] * args.requests))
+            results[f"{name}_uncached_p50_ms"] = pct(uncached, 0.5)
+            results[f"{name}_uncached_p99_ms"] = pct(uncached, 0.99)
+            results[f"{name}_cached_p50_ms"] = pct(cached, 0.5)
+            results[f"{name}_cached_p99_ms"] = pct(cached, 0.99)
+            results[f"{name}_cached_rps"] = _wrk_get(p, query(busy[0]), args.seconds)
+    finally:
+        subprocess.run([*FLOWRAY, "down"], env=env, capture_output=True, timeout=120)
+        shutil.rmtree(tmp, ignore_errors=True)
+    report = render(results)
+    print(report)
+    print(json.dumps(results, indent=2), file=sys.stderr)
+    if args.markdown:
+        with open(args.markdown, "a") as fh:
+            fh.write(report + "\n")
+
+
+def _wrk_get(port: int, path: str, seconds: float) -> float:
+    """Requests/s of one GET with wrk (16 connections)."""
+    out = subprocess.run(
+        ["wrk", "-t1", "-c16", f"-d{int(seconds)}s", f"http://127.0.0.1:{port}{path}"],
+        capture_output=True,
+        text=True,
+        timeout=seconds + 60,
+    ).stdout
+    for line in out.splitlines():
+        if line.startswith("Requests/sec:"):
+            return float(line.split()[1])
+    raise RuntimeError(out)
+
+
+def render(r: dict[str, Any]) -> str:
+    ratio = r["uvicorn_cached_rps"] / max(r["serve_cached_rps"], 1.0)
+    rows = [
+        f"| {label} | {r[k + '_uncached_p50_ms']:.1f} / {r[k + '_uncached_p99_ms']:.1f} ms | "
+        f"{r[k + '_cached_p50_ms']:.2f} / {r[k + '_cached_p99_ms']:.2f} ms | "
+        f"{r[k + '_cached_rps']:,.0f} |"
+        for label, k in (("plain uvicorn (gateway)", "uvicorn"), ("Ray Serve", "serve"))
+    ]
+    return "\n".join(
+        [
+            f"### Queries — {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {platform.node()}: "
+            f"{os.cpu_count()} cores",
+            "",
+            f"Command: `.venv/bin/python scripts/bench_query.py --sites {r['sites']}`. "
+            f"Warehouse: {r['sites']:,} sites x 24 hours, {r['rows']:,} (site, minute) rows in "
+            f"{SHARDS * 24} Parquet files, built in {r['build_s']:.0f} s; cache: {r['cache']}. "
+            "Query: one site's 24-hour minute series (1,440 points). Latency is seen by a "
+            "one-connection client on loopback, so it bounds the server's time from above.",
+            "",
+            "| path | uncached p50 / p99 | cached p50 / p99 | cached requests/s (16 conns) |",
+            "|---|---|---|---|",
+            *rows,
+            "",
+            f"uvicorn / Serve requests/s ratio: {ratio:.1f}.",
+        ]
+    )
+
+
+if __name__ == "__main__":
+    main()
