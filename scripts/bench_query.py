@@ -53,8 +53,9 @@ def site_name(i: int) -> str:
 def build_warehouse(data_dir: Path, sites: int, seed: int = 1) -> int:
     """Write 24 hourly units per shard; returns the rows written."""
     rng = np.random.default_rng(seed)
-    names = [site_name(i) for i in range(sites)]
-    shard_of = np.array([shard_for_site(n, SHARDS) for n in names])
+    names_list = [site_name(i) for i in range(sites)]
+    shard_of = np.array([shard_for_site(n, SHARDS) for n in names_list])
+    names = pa.array(names_list, pa.string())
     warehouse = Warehouse(data_dir / "warehouse", SHARDS)
     units, rows = [], 0
     for hour in range(24):
@@ -82,24 +83,26 @@ def build_warehouse(data_dir: Path, sites: int, seed: int = 1) -> int:
 
 
 def _unit_rows(
-    rng: np.random.Generator, members: np.ndarray, names: list[str], hour_ms: int
+    rng: np.random.Generator, members: np.ndarray, names: pa.Array, hour_ms: int
 ) -> pa.Table:
-    site_idx, minutes = [], []
-    for i in members:
-        if i % BUSY_EVERY == 0:
-            active = np.arange(60)
-        else:
-            active = np.unique(rng.integers(0, 60, size=rng.integers(0, 6)))
-        site_idx.append(np.full(len(active), i))
-        minutes.append(active)
-    idx = np.concatenate(site_idx)
-    minute = np.concatenate(minutes)
-    order = np.lexsort((minute, idx))  # names sort like their indexes (zero-padded)
-    idx, minute = idx[order], minute[order]
+    """A sparse hour: busy sites every minute, the others in 0-5 random minutes."""
+    busy = members[members % BUSY_EVERY == 0]
+    quiet = members[members % BUSY_EVERY != 0]
+    k = rng.integers(0, 6, size=len(quiet))
+    quiet_sites = np.repeat(quiet, k)
+    quiet_minutes = rng.integers(0, 60, size=len(quiet_sites))
+    keys = np.concatenate(
+        [
+            np.repeat(busy, 60) * 60 + np.tile(np.arange(60), len(busy)),
+            quiet_sites * 60 + quiet_minutes,
+        ]
+    )
+    keys = np.unique(keys)  # sorted by site index, then minute
+    idx, minute = keys // 60, keys % 60
     counts = rng.integers(1, 50, size=len(idx))
     return pa.table(
         {
-            "site": pa.array([names[i] for i in idx], pa.string()),
+            "site": names.take(pa.array(idx)),
             "minute": pa.array(hour_ms + minute * 60_000, pa.timestamp("ms", tz="UTC")),
             "count": pa.array(counts, pa.int64()),
         }

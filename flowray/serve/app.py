@@ -449,5 +449,12 @@ def _render(
     if watermark is not None:
         wm = series.labels(np.array([watermark], dtype=np.int64), zone, "minute")[0]
     return orjson.dumps(
-        {"site": site, "interval": interval, "tz": tz, "points": points, "watermark": wm}
+        {
+            "site": site,
+            "interval": interval,
+            "tz": tz,
+            "points": points,
+            "total": int(totals.sum()),
+            "watermark": wm,
+        }
     )

@@ -27,7 +27,10 @@ from flowray.storage.durable import replace_durably
 from flowray.storage.replica_log import hour_label
 
 HOUR_MS = 3_600_000
-ROW_GROUP_ROWS = 32_768
+# Small row groups let a one-site query decompress little: measured over 100,000 sites
+# x 24 hours, 4,096 rows gave p50 12 / p99 17 ms per 24-hour series, 32,768 rows
+# 29 / 73 ms, 1,024 rows 16 / 20 ms.
+ROW_GROUP_ROWS = 4_096
 UNIT_SCHEMA = pa.schema(
     [
         pa.field("site", pa.string(), nullable=False),
@@ -68,7 +71,7 @@ class Warehouse:
     def _con(self) -> duckdb.DuckDBPyConnection:
         con = getattr(self._local, "con", None)
         if con is None:
-            con = duckdb.connect(config={"threads": 1})
+            con = duckdb.connect(config={"threads": 1, "enable_object_cache": True})
             self._local.con = con
         return con
 
