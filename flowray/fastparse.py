@@ -11,6 +11,7 @@ same table for what it accepts (tests/test_fastparse.py checks both, differentia
 from __future__ import annotations
 
 import io
+import re
 from typing import TYPE_CHECKING
 
 import pyarrow as pa
@@ -29,6 +30,7 @@ _JSON_SCHEMA = pa.schema(
 )
 _SEED_COLUMNS = ["date", "time", "site"]
 _READ_BLOCK_BYTES = 16 * 1024 * 1024
+_NOT_AN_OBJECT_LINE = re.compile(rb"(?:^|\n)[ \t\r]*[^{\s]")
 # Below this size a thread pool's hand-off costs more than it saves.
 _THREADS_FROM_BYTES = 4 * 1024 * 1024
 
@@ -37,6 +39,10 @@ def ndjson(body: bytes, limits: Limits) -> pa.Table | None:
     """NDJSON with integer ``ts`` (or none) and string fields: the tracker's usual form."""
     if not body.strip() or b'"ts":"' in body or b'"ts": "' in body or not _utf8(body):
         return None  # empty, RFC 3339 strings or bad bytes: the exact parser handles them
+    if _NOT_AN_OBJECT_LINE.search(body):
+        # A line that is not an object goes to the exact parser, which names it; Arrow's
+        # reader also crashes the process on a leading null (apache/arrow#47409).
+        return None
     try:
         table = pjson.read_json(
             io.BytesIO(body),

@@ -306,7 +306,15 @@ def create_app(
         return await accept(request, ev.parse_seed_body, grant)
 
     @app.get(
-        "/v1/sites/{site}/traffic", summary="A site's traffic series", responses=AUTH_RESPONSES
+        "/v1/sites/{site}/traffic",
+        summary="A site's traffic series",
+        responses={
+            **AUTH_RESPONSES,
+            200: {
+                "description": "The series (JSON), or CSV for format=csv or Accept: text/csv",
+                "content": {"application/json": {}, "text/csv": {"schema": {"type": "string"}}},
+            },
+        },
     )
     async def traffic(
         request: Request,
@@ -366,8 +374,14 @@ def create_app(
                     status_code=503,
                     headers={"Retry-After": "1"},
                 )
-        metrics.query_s.observe(time.perf_counter() - started)
-        return Response(body, media_type="text/csv" if want_csv else "application/json")
+        elapsed = time.perf_counter() - started
+        metrics.query_s.observe(elapsed)
+        return Response(
+            body,
+            media_type="text/csv" if want_csv else "application/json",
+            # The handler's own time, so clients can tell it from the network and proxies.
+            headers={"Server-Timing": f"app;dur={elapsed * 1000:.3f}"},
+        )
 
     @app.get("/healthz", summary="Liveness")
     async def healthz() -> dict[str, str]:
