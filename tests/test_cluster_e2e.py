@@ -10,6 +10,7 @@ compared with an independent count made directly with DuckDB.
 from __future__ import annotations
 
 import random
+import time
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -292,3 +293,39 @@ def test_bad_input_is_rejected_whole_and_the_cluster_keeps_serving(
         assert client.get("/healthz").status_code == 200
         response = client.post("/v1/events", json=[{"ts": 1714600000000, "site": "ok.com"}])
         assert response.status_code == 200 and response.json() == {"accepted": 1}
+
+
+def test_scoped_tokens_on_the_real_cluster(running: tuple[cluster.Cluster, str]) -> None:
+    """Last in this module: creating a token switches the cluster's auth on (auto)."""
+    from flowray.serve.auth import TokenStore
+
+    the_cluster, url = running
+    gateway = f"http://127.0.0.1:{the_cluster.settings.ingest_port}"
+    store = TokenStore(the_cluster.settings.tokens_file)
+    reader, _ = store.create("read", ["site0001.example.com"], name="merchant 1")
+    writer, _ = store.create("ingest", ["site0001.example.com"], name="tracker 1")
+    params = {"start": "2024-05-01T21:00:00Z", "end": "2024-05-01T22:00:00Z"}
+    own, other = "/v1/sites/site0001.example.com/traffic", "/v1/sites/site0002.example.com/traffic"
+    event = {"ts": 1714600000000, "site": "site0002.example.com"}
+    for base in (url, gateway):
+        with httpx.Client(base_url=base, timeout=30) as client:
+            deadline = time.monotonic() + 10  # the token list is re-read every 2 s
+            while client.get(own, params=params).status_code != 401:
+                assert time.monotonic() < deadline, "auth did not switch on"
+                time.sleep(0.3)
+            read = {"Authorization": f"Bearer {reader}"}
+            assert client.get(own, params=params, headers=read).status_code == 200
+            denied = client.get(other, params=params, headers=read)
+            assert denied.status_code == 403, denied.text
+            assert (
+                client.get(
+                    "/v1/sites/SITE0002.example.com./traffic", params=params, headers=read
+                ).status_code
+                == 403
+            )
+            write = {"Authorization": f"Bearer {writer}"}
+            response = client.post("/v1/events", json=[event], headers=write)
+            assert response.status_code == 403 and "site0002.example.com" in response.text
+            assert client.post("/v1/events", json=[event], headers=read).status_code == 403
+            assert client.get("/v1/admin/status", headers=read).status_code == 403
+            assert client.get("/healthz").status_code == 200

@@ -66,13 +66,15 @@ class Warehouse:
         self.root = root
         self.shard_count = shard_count
         self.catalog = Catalog(root / "catalog.sqlite")
+        # One DuckDB database per process, so every thread shares its cache of Parquet
+        # metadata; each thread queries through a cursor of its own.
+        self._db = duckdb.connect(config={"threads": 1, "enable_object_cache": True})
         self._local = threading.local()
 
     def _con(self) -> duckdb.DuckDBPyConnection:
         con = getattr(self._local, "con", None)
         if con is None:
-            con = duckdb.connect(config={"threads": 1, "enable_object_cache": True})
-            self._local.con = con
+            con = self._local.con = self._db.cursor()
         return con
 
     def snapshot(self) -> tuple[int, int, int | None]:
