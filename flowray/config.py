@@ -35,6 +35,9 @@ class Settings:
     redis_timeout_s: float = 0.05
     cache_ttl_s: int = 3600
     query_timeout_s: float = 10.0
+    # Answers with provisional (live) points are cached this long, so fresh traffic
+    # shows within seconds.
+    live_cache_ttl_s: int = 1
     # A block (shard, hour) is sealed once its hour has ended plus this grace period,
     # so stragglers from clients with late clocks still land in the first pass.
     seal_grace_s: float = 300.0

@@ -99,6 +99,8 @@ class Processor:
             units = await self._process(work, masters)
             cursors = {g: max(b["seal_index"] for b in w) for g, w in work.items() if w}
             summary["generation"] = await asyncio.to_thread(self.catalog.publish, units, cursors)
+            for group, cursor in cursors.items():  # now in the warehouse: not live any more
+                masters[group].published.remote(cursor)
             summary["units"] = len(units)
             summary["events"] = sum(u.events for u in units)
             self.jobs += 1

@@ -25,14 +25,18 @@ import ray
 
 from flowray.actors.blocks import BlockTable, SealPolicy
 from flowray.config import Settings
+from flowray.ingest import from_ipc
 from flowray.invariant import require
+from flowray.live import LiveCounts
 from flowray.replication import Msg, Node, NotLeader, Ready, Role, Timing
+from flowray.storage.catalog import Catalog
 from flowray.storage.durable import write_json_atomic
 from flowray.storage.replica_log import BlockKey, ReplicaLog
-from flowray.storage.segment import CONTROL_SHARD, KIND_DATA, KIND_SEAL
+from flowray.storage.segment import CONTROL_SHARD, KIND_DATA, KIND_SEAL, Entry
 
 log = logging.getLogger("flowray.replica")
 PENDING_PROPOSALS_MAX = 10_000
+LIVE_READ_BYTES_MAX = 64 * 1024 * 1024
 HANDLE_REFRESH_S = 2.0
 
 
@@ -103,6 +107,9 @@ class Replica:
             )
         )
         self.blocks_term = -1
+        self.live = LiveCounts()
+        self.live_term = -1
+        self.live_applied = 0
         self.handles: dict[int, Any] = {}
         self.handles_at = 0.0
         self.waiters: list[_Waiter] = []
@@ -197,6 +204,10 @@ class Replica:
         ):
             self.blocks.load(self.log.blocks, _now_ms())
             self.blocks_term = node.term
+        if node.role == Role.LEADER and self.blocks_term == node.term:
+            self._update_live()
+        elif self.live_term != -1:
+            self.live, self.live_term = LiveCounts(), -1  # only a master serves live counts
         still = []
         for w in self.waiters:
             if w.future.done():
@@ -212,6 +223,64 @@ class Replica:
                 still.append(w)
         self.waiters = still
         self._notified_commit = node.commit_index
+
+    # ---- live counts -----------------------------------------------------------------
+    def _update_live(self) -> None:
+        """Count newly committed entries; a new master first rebuilds from its log."""
+        node = self.node
+        if node.commit_index == 0 or node.term_at(node.commit_index) != node.term:
+            return  # wait for this term's no-op: then everything before it is committed
+        if self.live_term != node.term:
+            self._rebuild_live()
+        for entry in self._committed_since(self.live_applied):
+            if entry.shard == CONTROL_SHARD:
+                continue
+            if entry.kind == KIND_DATA:
+                self.live.apply(entry.block, from_ipc(entry.payload))
+            elif entry.kind == KIND_SEAL:
+                self.live.sealed(entry.block, entry.index)
+        self.live_applied = node.commit_index
+
+    def _committed_since(self, applied: int) -> list[Entry]:
+        out: list[Entry] = []
+        index = applied + 1
+        while index <= self.node.commit_index:
+            batch = self.node.entries_from(index, LIVE_READ_BYTES_MAX)
+            batch = [e for e in batch if e.index <= self.node.commit_index]
+            if not batch:
+                break
+            out.extend(batch)
+            index = batch[-1].index + 1
+        return out
+
+    def _rebuild_live(self) -> None:
+        """Live counts of every committed block that the warehouse does not hold yet."""
+        self.live = LiveCounts()
+        published = Catalog(self.settings.warehouse_dir / "catalog.sqlite").cursor(self.group)
+        commit = self.node.commit_index
+        for key, info in list(self.log.blocks.items()):
+            if key[0] == CONTROL_SHARD or 0 < info.seal_index <= published:
+                continue
+            for payload in self.log.block_payloads(key, commit):
+                self.live.apply(key, from_ipc(payload))
+            if 0 < info.seal_index <= commit:
+                self.live.sealed(key, info.seal_index)
+        self.live.published(published)
+        self.live_applied, self.live_term = commit, self.node.term
+
+    def live_minutes(
+        self, site: str, start_ms: int, end_ms: int, published_upto: int
+    ) -> tuple[list[int], list[int]]:
+        """Committed, not yet published (minute_ms, count) of a site: masters only."""
+        self._require_master()
+        if self.live_term != self.node.term:
+            raise NotMaster(f"group {self.group}: live counts are being rebuilt", self.replica)
+        minutes, counts = self.live.minutes(site, start_ms, end_ms, published_upto)
+        return minutes.tolist(), counts.tolist()
+
+    def published(self, upto_seal_index: int) -> None:
+        """The processor published every block sealed at or before this index."""
+        self.live.published(upto_seal_index)
 
     # ---- messages from peers ---------------------------------------------------------
     async def receive(self, msgs: list[Msg]) -> None:

@@ -74,6 +74,11 @@ class Minutes(Protocol):
     ) -> tuple[np.ndarray, np.ndarray]: ...
 
 
+class Live(Protocol):
+    async def minutes(self, site: str, start_ms: int, end_ms: int) -> tuple[np.ndarray, np.ndarray]:
+        """Committed (minute_ms, count) of ``site`` that the warehouse does not hold yet."""
+
+
 class Admin(Protocol):
     async def status(self) -> dict[str, Any]: ...
 
@@ -171,6 +176,7 @@ def create_app(
     cache: Cache,
     clock: Callable[[], float] = time.time,
     authorizer: Authorizer | None = None,
+    live: Live | None = None,
 ) -> FastAPI:
     """The API; ``authorizer=None`` serves every route without tokens."""
     app = FastAPI(
@@ -198,7 +204,7 @@ def create_app(
 
     inflight: dict[str, asyncio.Future[bytes]] = {}
 
-    async def single_flight(key: str, render: Callable[[], bytes]) -> bytes:
+    async def single_flight(key: str, ttl_s: int, produce: Callable[[], Awaitable[bytes]]) -> bytes:
         """Concurrent identical misses share one warehouse query; its answer is cached."""
         running = inflight.get(key)
         if running is not None:
@@ -207,8 +213,8 @@ def create_app(
         future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         inflight[key] = future
         try:
-            body = await asyncio.wait_for(asyncio.to_thread(render), settings.query_timeout_s)
-            await cache.set(key, body, settings.cache_ttl_s)
+            body = await asyncio.wait_for(produce(), settings.query_timeout_s)
+            await cache.set(key, body, ttl_s)
             future.set_result(body)
             return body
         except BaseException as exc:
@@ -351,23 +357,32 @@ def create_app(
         key = f"q1:{generation}:{name}:{start_ms}:{end_ms}:{interval}:{tz}:{int(want_csv)}"
         body = await cache.get(key)
         metrics.queries.labels("hit" if body is not None else "miss").inc()
+        # An answer with provisional points changes as events arrive: cache it briefly.
+        unsettled = watermark is None or end_ms > watermark
+        ttl_s = settings.live_cache_ttl_s if unsettled else settings.cache_ttl_s
+
+        async def produce() -> bytes:
+            extra = None
+            if live is not None and unsettled:
+                extra = await live.minutes(name, start_ms, end_ms)
+            return await asyncio.to_thread(
+                _render,
+                warehouse,
+                name,
+                start_ms,
+                end_ms,
+                interval,
+                zone,
+                tz,
+                version,
+                watermark,
+                want_csv,
+                extra,
+            )
+
         if body is None:
             try:
-                body = await single_flight(
-                    key,
-                    lambda: _render(
-                        warehouse,
-                        name,
-                        start_ms,
-                        end_ms,
-                        interval,
-                        zone,
-                        tz,
-                        version,
-                        watermark,
-                        want_csv,
-                    ),
-                )
+                body = await single_flight(key, ttl_s, produce)
             except TimeoutError:
                 return JSONResponse(
                     {"error": f"query took longer than {settings.query_timeout_s} s"},
@@ -440,8 +455,13 @@ def _render(
     version: int,
     watermark: int | None,
     want_csv: bool,
+    live: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> bytes:
     minute_ms, counts = warehouse.minutes(site, start_ms, end_ms, version)
+    if live is not None and len(live[0]):
+        # Live counts cover only blocks the warehouse does not hold: the two add up.
+        minute_ms = np.concatenate([minute_ms, live[0]])
+        counts = np.concatenate([counts, live[1]])
     starts, totals = series.dense_series(minute_ms, counts, start_ms, end_ms, interval, zone)
     labels = series.labels(starts, zone, interval)
     # A bucket is final only when it ends at or before the watermark: an hour or a day

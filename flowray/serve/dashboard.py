@@ -64,7 +64,7 @@ may still change <span id="watermark"></span></div>
 "use strict";
 const $ = (id) => document.getElementById(id);
 const TOKEN_KEY = "flowray.token";
-const REFRESH_MS = 15000;
+const REFRESH_MS = 5000;  // live counts make the newest minutes visible within seconds
 const fmt = (n) => n.toLocaleString("en-US");
 let busy = false;
 

@@ -1,0 +1,163 @@
+"""Live counts: acknowledged events show in queries within seconds, marked provisional;
+when their block is published, the published numbers equal what the live counts said
+— also across a master's death (a new master rebuilds them from its log)."""
+
+from __future__ import annotations
+
+import random
+import time
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pyarrow as pa
+import pytest
+
+from flowray import cluster
+from flowray.config import Settings
+from flowray.events import EVENT_SCHEMA
+from flowray.live import LiveCounts
+from tests.conftest import free_port
+from tests.helpers import kill9, replica_pid, running_cluster
+
+HOUR_MS = 3_600_000
+SITES = [f"fresh{i}.example" for i in range(12)]
+
+
+def _table(rows: list[dict[str, Any]]) -> pa.Table:
+    return pa.Table.from_pylist(rows, schema=EVENT_SCHEMA)
+
+
+def test_live_counts_follow_the_processing_rules() -> None:
+    live = LiveCounts()
+    key = (0, 100, 0)
+    live.apply(
+        key,
+        _table(
+            [
+                {"ts": 100 * HOUR_MS + 5_000, "site": "a.com", "id": "x"},
+                {"ts": 100 * HOUR_MS + 6_000, "site": "a.com", "id": "x"},  # duplicate id
+                {"ts": 100 * HOUR_MS + 61_000, "site": "a.com"},
+                {"ts": 100 * HOUR_MS + 61_000, "site": "b.com"},
+            ]
+        ),
+    )
+    # a late part of the same hour: its duplicate of id x is not counted again
+    live.apply(
+        (0, 100, 1),
+        _table(
+            [
+                {"ts": 100 * HOUR_MS + 7_000, "site": "a.com", "id": "x"},
+                {"ts": 100 * HOUR_MS + 8_000, "site": "a.com"},
+            ]
+        ),
+    )
+    minutes, counts = live.minutes("a.com", 0, 200 * HOUR_MS, published_upto=0)
+    assert minutes.tolist() == [100 * HOUR_MS, 100 * HOUR_MS + 60_000]
+    assert counts.tolist() == [2, 1]
+    live.sealed(key, 7)
+    live.published(7)
+    assert live.minutes("a.com", 0, 200 * HOUR_MS, published_upto=7)[1].tolist() == [1]
+    # A reader whose catalog predates the publish still sees the retired block once.
+    assert live.minutes("a.com", 0, 200 * HOUR_MS, published_upto=0)[1].tolist() == [2, 1]
+    live.published(9)
+    assert live.minutes("a.com", 0, 200 * HOUR_MS, published_upto=0)[1].tolist() == [1]
+
+
+@pytest.fixture(scope="module")
+def live_cluster(
+    ray_session: None, redis_url: str, serve_port: int, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[cluster.Cluster, str]]:
+    settings = Settings(
+        data_dir=tmp_path_factory.mktemp("live"),
+        port=serve_port,
+        ingest_port=free_port(),
+        groups=1,
+        replicas=3,
+        shards=2,
+        redis_url=redis_url,
+        seal_grace_s=0,
+        process_interval_s=3600,
+        namespace="flowray-live",
+    )
+    with running_cluster(settings) as running:
+        yield running
+
+
+def _series(client: httpx.Client, site: str, start_ms: int) -> list[dict[str, Any]]:
+    r = client.get(
+        f"/v1/sites/{site}/traffic",
+        params={"start": str(start_ms), "end": str(start_ms + HOUR_MS), "interval": "minute"},
+    )
+    assert r.status_code == 200, r.text
+    points: list[dict[str, Any]] = r.json()["points"]
+    return points
+
+
+def _counts(client: httpx.Client, start_ms: int) -> dict[str, Counter[int]]:
+    out = {}
+    for site in SITES:
+        points = _series(client, site, start_ms)
+        out[site] = Counter({i: p["count"] for i, p in enumerate(points) if p["count"]})
+    return out
+
+
+def test_acknowledged_events_are_visible_within_seconds(
+    live_cluster: tuple[cluster.Cluster, str],
+) -> None:
+    _running, url = live_cluster
+    now = int(time.time() * 1000)
+    hour = now // HOUR_MS * HOUR_MS
+    with httpx.Client(base_url=url, timeout=30) as client:
+        acked = time.monotonic()
+        r = client.post("/v1/events", json=[{"ts": now, "site": "now.example"}])
+        assert r.status_code == 200
+        deadline = acked + 5
+        while True:
+            points = _series(client, "now.example", hour)
+            seen = [p for p in points if p["count"]]
+            if seen:
+                break
+            assert time.monotonic() < deadline, "not visible within 5 s of the acknowledgement"
+            time.sleep(0.1)
+        assert seen[0]["count"] == 1 and seen[0]["provisional"] is True
+
+
+def test_published_counts_equal_live_counts_across_a_master_kill(
+    live_cluster: tuple[cluster.Cluster, str],
+) -> None:
+    _running, url = live_cluster
+    start = (int(time.time() * 1000) // HOUR_MS - 30) * HOUR_MS  # an hour long past
+    rng = random.Random(3)
+    events = [
+        {"ts": start + rng.randrange(HOUR_MS), "site": rng.choice(SITES), "id": f"e{i}"}
+        for i in range(3000)
+    ]
+    events += events[:200]  # retried duplicates: counted once, live and published
+    events += [
+        {"ts": start + rng.randrange(HOUR_MS), "site": rng.choice(SITES)} for _ in range(1000)
+    ]
+    with httpx.Client(base_url=url, timeout=60) as client:
+        for lo in range(0, len(events), 400):
+            assert client.post("/v1/events", json=events[lo : lo + 400]).status_code == 200
+        time.sleep(1.5)  # provisional answers are cached for a second
+        live = _counts(client, start)
+        assert sum(sum(c.values()) for c in live.values()) == 4000
+        kill9(replica_pid(url, 0, "master"))
+        deadline = time.monotonic() + 30
+        while True:  # the new master rebuilds its live counts from its log
+            time.sleep(1.5)
+            try:
+                rebuilt = _counts(client, start)
+            except AssertionError:
+                rebuilt = {}
+            if rebuilt == live:
+                break
+            assert time.monotonic() < deadline, "live counts differ after failover"
+        result = client.post("/v1/admin/process", params={"mode": "closed"}).json()
+        assert result.get("events") == 4000, result
+        published = _counts(client, start)
+        assert published == live
+        points = _series(client, SITES[0], start)
+        assert not any(p["provisional"] for p in points)
