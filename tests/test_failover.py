@@ -17,12 +17,15 @@ from typing import Any
 
 import httpx
 import orjson
+import pyarrow as pa
 import pytest
 import ray
 
 from flowray import cluster
 from flowray.actors.replica import Replica, actor_name
 from flowray.config import Settings
+from flowray.events import EVENT_SCHEMA
+from flowray.ingest import to_ipc
 from flowray.storage import segment
 from flowray.storage.segment import KIND_DATA
 from tests.conftest import free_port
@@ -204,7 +207,10 @@ def test_majority_down_refuses_and_minority_down_writes(ray_session: None, tmp_p
         master = running.masters()[0]
         followers = [r for r in range(3) if r != master]
         handle = running.replicas[(0, master)]
-        piece = [(0, 475_000, b"x")]
+        one = pa.Table.from_pylist(
+            [{"ts": 475_000 * 3_600_000, "site": "q.example"}], schema=EVENT_SCHEMA
+        )
+        piece = [(0, 475_000, to_ipc(one))]
         ray.kill(running.replicas[(0, followers[0])], no_restart=True)
         assert ray.get(handle.propose.remote(piece), timeout=30) > 0
         ray.kill(running.replicas[(0, followers[1])], no_restart=True)

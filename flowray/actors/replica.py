@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import pyarrow as pa
 import ray
 
 from flowray.actors.blocks import BlockTable, SealPolicy
@@ -110,6 +111,7 @@ class Replica:
         self.live = LiveCounts()
         self.live_term = -1
         self.live_applied = 0
+        self.live_errors = 0
         self.handles: dict[int, Any] = {}
         self.handles_at = 0.0
         self.waiters: list[_Waiter] = []
@@ -126,9 +128,25 @@ class Replica:
         self.started = True
         self._wake = asyncio.Event()
         self._tasks = [
-            asyncio.create_task(self._tick_loop()),
-            asyncio.create_task(self._ready_loop()),
+            asyncio.create_task(self._crash_on_error(self._tick_loop())),
+            asyncio.create_task(self._crash_on_error(self._ready_loop())),
         ]
+
+    async def _crash_on_error(self, loop: Any) -> None:
+        """A loop that dies leaves a replica that answers but never replicates: crash the
+        process instead, so Ray restarts it and it recovers from its disk."""
+        try:
+            await loop
+        except asyncio.CancelledError:
+            raise
+        except BaseException:
+            log.critical(
+                "group %s replica %s: a replication loop failed; exiting",
+                self.group,
+                self.replica,
+                exc_info=True,
+            )
+            os._exit(70)
 
     async def start(self) -> int:
         """Start ticking (also done by the first call of any kind, after a restart)."""
@@ -236,10 +254,20 @@ class Replica:
             if entry.shard == CONTROL_SHARD:
                 continue
             if entry.kind == KIND_DATA:
-                self.live.apply(entry.block, from_ipc(entry.payload))
+                self._live_apply(entry.block, entry.payload)
             elif entry.kind == KIND_SEAL:
                 self.live.sealed(entry.block, entry.index)
         self.live_applied = node.commit_index
+
+    def _live_apply(self, key: BlockKey, payload: bytes) -> None:
+        """Count a committed payload; one that does not decode is counted as an error
+        (processing will report it too), never a reason to stop replicating."""
+        try:
+            events = from_ipc(payload)
+            self.live.apply(key, events)
+        except (pa.ArrowException, KeyError, ValueError) as exc:
+            self.live_errors += 1
+            log.warning("group %s: live counts skip an entry of %s: %s", self.group, key, exc)
 
     def _committed_since(self, applied: int) -> list[Entry]:
         out: list[Entry] = []
@@ -262,7 +290,7 @@ class Replica:
             if key[0] == CONTROL_SHARD or 0 < info.seal_index <= published:
                 continue
             for payload in self.log.block_payloads(key, commit):
-                self.live.apply(key, from_ipc(payload))
+                self._live_apply(key, payload)
             if 0 < info.seal_index <= commit:
                 self.live.sealed(key, info.seal_index)
         self.live.published(published)
