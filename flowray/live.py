@@ -92,6 +92,11 @@ class LiveCounts:
         for key in [k for k, b in self.blocks.items() if 0 < b.seal_index <= upto_seal_index]:
             block = self.retired[key] = self.blocks.pop(key)
             self.events -= block.events
+        # Ids of an hour with nothing left live are not needed: memory stays bounded by
+        # the unpublished data (a later late part of that hour dedups at processing).
+        live_hours = {(k[0], k[1]) for k in self.blocks}
+        for hour in [h for h in self.seen_ids if h not in live_hours]:
+            del self.seen_ids[hour]
 
     def minutes(
         self, site: str, start_ms: int, end_ms: int, published_upto: int
