@@ -7,6 +7,8 @@ import signal
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -14,6 +16,29 @@ from flowray import cluster
 from flowray.config import Settings
 
 HEALTH_TIMEOUT_S = 120.0
+
+
+def cluster_settings(
+    data_dir: Path, port: int, redis_url: str, namespace: str, **overrides: Any
+) -> Settings:
+    """Settings of a test cluster: loopback ports, hours sealed at once, no background
+    processing (tests process when they mean to)."""
+    from tests.conftest import free_port
+
+    values: dict[str, Any] = {
+        "data_dir": data_dir,
+        "port": port,
+        "ingest_port": free_port(),
+        "groups": 1,
+        "replicas": 3,
+        "shards": 2,
+        "redis_url": redis_url,
+        "seal_grace_s": 0,
+        "process_interval_s": 3600,
+        "namespace": namespace,
+    }
+    values.update(overrides)
+    return Settings(**values)
 
 
 def wait_healthy(url: str, timeout_s: float = HEALTH_TIMEOUT_S) -> None:

@@ -30,8 +30,7 @@ from flowray.ingest import from_ipc
 from flowray.router import ShardMap
 from flowray.storage import segment
 from flowray.storage.segment import KIND_DATA
-from tests.conftest import free_port
-from tests.helpers import running_cluster
+from tests.helpers import cluster_settings, running_cluster
 
 SITES = 1000
 EVENTS = 100_000
@@ -43,17 +42,13 @@ SPAN_MS = int(3.5 * 3_600_000)  # 21:10 -> 00:40 next day: crosses hours and a d
 def running(
     ray_session: None, redis_url: str, serve_port: int, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[cluster.Cluster, str]]:
-    settings = Settings(
-        data_dir=tmp_path_factory.mktemp("e2e"),
-        port=serve_port,
-        ingest_port=free_port(),
+    settings = cluster_settings(
+        tmp_path_factory.mktemp("e2e"),
+        serve_port,
+        redis_url,
+        "flowray-e2e",
         groups=2,
-        replicas=3,
         shards=6,
-        redis_url=redis_url,
-        seal_grace_s=0,
-        process_interval_s=3600,
-        namespace="flowray-e2e",
         reduce_keys=3,
     )
     with running_cluster(settings) as (the_cluster, url):

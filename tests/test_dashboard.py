@@ -26,9 +26,7 @@ import httpx
 import pytest
 
 from flowray import cluster
-from flowray.config import Settings
-from tests.conftest import free_port
-from tests.helpers import running_cluster
+from tests.helpers import cluster_settings, running_cluster
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_TIMEOUT_S = 120
@@ -61,17 +59,8 @@ def dashboard_cluster(
     serve_port: int,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[tuple[cluster.Cluster, str]]:
-    settings = Settings(
-        data_dir=tmp_path_factory.mktemp("dashboard"),
-        port=serve_port,
-        ingest_port=free_port(),
-        groups=1,
-        replicas=3,
-        shards=2,
-        redis_url=redis_url,
-        seal_grace_s=0,
-        process_interval_s=3600,
-        namespace="flowray-dashboard",
+    settings = cluster_settings(
+        tmp_path_factory.mktemp("dashboard"), serve_port, redis_url, "flowray-dashboard"
     )
     with running_cluster(settings) as running:
         yield running

@@ -28,8 +28,7 @@ from flowray.events import EVENT_SCHEMA
 from flowray.ingest import to_ipc
 from flowray.storage import segment
 from flowray.storage.segment import KIND_DATA
-from tests.conftest import free_port
-from tests.helpers import kill9, replica_pid, running_cluster, status
+from tests.helpers import cluster_settings, kill9, replica_pid, running_cluster, status
 
 HOUR_MS = 3_600_000
 HOURS = {"m": 1_714_600_800_000, "f": 1_714_600_800_000 + HOUR_MS}  # hours long past
@@ -91,17 +90,13 @@ class Writer(threading.Thread):
 def failover_cluster(
     ray_session: None, redis_url: str, serve_port: int, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[cluster.Cluster, str]]:
-    settings = Settings(
-        data_dir=tmp_path_factory.mktemp("failover"),
-        port=serve_port,
-        ingest_port=free_port(),
+    settings = cluster_settings(
+        tmp_path_factory.mktemp("failover"),
+        serve_port,
+        redis_url,
+        "flowray-failover",
         groups=2,
-        replicas=3,
         shards=4,
-        redis_url=redis_url,
-        seal_grace_s=0,
-        process_interval_s=3600,
-        namespace="flowray-failover",
         commit_timeout_s=3.0,
     )
     with running_cluster(settings) as running:

@@ -15,11 +15,9 @@ import pyarrow as pa
 import pytest
 
 from flowray import cluster
-from flowray.config import Settings
 from flowray.events import EVENT_SCHEMA
 from flowray.live import LiveCounts
-from tests.conftest import free_port
-from tests.helpers import kill9, replica_pid, running_cluster
+from tests.helpers import cluster_settings, kill9, replica_pid, running_cluster
 
 HOUR_MS = 3_600_000
 SITES = [f"fresh{i}.example" for i in range(12)]
@@ -69,17 +67,8 @@ def test_live_counts_follow_the_processing_rules() -> None:
 def live_cluster(
     ray_session: None, redis_url: str, serve_port: int, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[cluster.Cluster, str]]:
-    settings = Settings(
-        data_dir=tmp_path_factory.mktemp("live"),
-        port=serve_port,
-        ingest_port=free_port(),
-        groups=1,
-        replicas=3,
-        shards=2,
-        redis_url=redis_url,
-        seal_grace_s=0,
-        process_interval_s=3600,
-        namespace="flowray-live",
+    settings = cluster_settings(
+        tmp_path_factory.mktemp("live"), serve_port, redis_url, "flowray-live"
     )
     with running_cluster(settings) as running:
         yield running

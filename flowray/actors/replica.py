@@ -17,7 +17,9 @@ import logging
 import os
 import random
 import socket
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,7 +35,7 @@ from flowray.replication import Msg, Node, NotLeader, Ready, Role, Timing
 from flowray.storage.catalog import Catalog
 from flowray.storage.durable import write_json_atomic
 from flowray.storage.replica_log import BlockKey, ReplicaLog
-from flowray.storage.segment import CONTROL_SHARD, KIND_DATA, KIND_SEAL, Entry
+from flowray.storage.segment import CONTROL_SHARD, KIND_DATA, KIND_SEAL
 
 log = logging.getLogger("flowray.replica")
 PENDING_PROPOSALS_MAX = 10_000
@@ -112,6 +114,9 @@ class Replica:
         self.live_term = -1
         self.live_applied = 0
         self.live_errors = 0
+        self.live_ready_term = -1
+        self.live_lock = threading.Lock()
+        self.live_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="live")
         self.handles: dict[int, Any] = {}
         self.handles_at = 0.0
         self.waiters: list[_Waiter] = []
@@ -225,7 +230,8 @@ class Replica:
         if node.role == Role.LEADER and self.blocks_term == node.term:
             self._update_live()
         elif self.live_term != -1:
-            self.live, self.live_term = LiveCounts(), -1  # only a master serves live counts
+            self.live_term = self.live_ready_term = -1  # only a master serves live counts
+            self.live_worker.submit(self._forget_live)
         still = []
         for w in self.waiters:
             if w.future.done():
@@ -243,21 +249,43 @@ class Replica:
         self._notified_commit = node.commit_index
 
     # ---- live counts -----------------------------------------------------------------
+    # Counting decodes every committed payload, and a new master first re-reads its
+    # unpublished blocks: both run on one worker thread, in commit order, so the event
+    # loop keeps answering heartbeats and votes (a rebuild on the loop once stalled
+    # failover for seconds). ``live_lock`` guards the counts against queries.
+
     def _update_live(self) -> None:
-        """Count newly committed entries; a new master first rebuilds from its log."""
+        """Queue the counting of newly committed entries (a rebuild first, if new master)."""
         node = self.node
         if node.commit_index == 0 or node.term_at(node.commit_index) != node.term:
             return  # wait for this term's no-op: then everything before it is committed
+        commit = node.commit_index
         if self.live_term != node.term:
-            self._rebuild_live()
-        for entry in self._committed_since(self.live_applied):
-            if entry.shard == CONTROL_SHARD:
-                continue
-            if entry.kind == KIND_DATA:
-                self._live_apply(entry.block, entry.payload)
-            elif entry.kind == KIND_SEAL:
-                self.live.sealed(entry.block, entry.index)
-        self.live_applied = node.commit_index
+            self.live_term, self.live_ready_term = node.term, -1
+            self.live_worker.submit(self._rebuild_live, node.term, commit)
+        elif commit > self.live_applied:
+            self.live_worker.submit(self._count_range, self.live_applied + 1, commit)
+        self.live_applied = commit
+
+    def _forget_live(self) -> None:
+        with self.live_lock:
+            self.live = LiveCounts()
+
+    def _count_range(self, first: int, last: int) -> None:
+        index = first
+        while index <= last:
+            batch = [e for e in self.log.read(index, LIVE_READ_BYTES_MAX) if e.index <= last]
+            if not batch:
+                break
+            with self.live_lock:
+                for entry in batch:
+                    if entry.shard == CONTROL_SHARD:
+                        continue
+                    if entry.kind == KIND_DATA:
+                        self._live_apply(entry.block, entry.payload)
+                    elif entry.kind == KIND_SEAL:
+                        self.live.sealed(entry.block, entry.index)
+            index = batch[-1].index + 1
 
     def _live_apply(self, key: BlockKey, payload: bytes) -> None:
         """Count a committed payload; one that does not decode is counted as an error
@@ -269,46 +297,45 @@ class Replica:
             self.live_errors += 1
             log.warning("group %s: live counts skip an entry of %s: %s", self.group, key, exc)
 
-    def _committed_since(self, applied: int) -> list[Entry]:
-        out: list[Entry] = []
-        index = applied + 1
-        while index <= self.node.commit_index:
-            batch = self.node.entries_from(index, LIVE_READ_BYTES_MAX)
-            batch = [e for e in batch if e.index <= self.node.commit_index]
-            if not batch:
-                break
-            out.extend(batch)
-            index = batch[-1].index + 1
-        return out
-
-    def _rebuild_live(self) -> None:
+    def _rebuild_live(self, term: int, commit: int) -> None:
         """Live counts of every committed block that the warehouse does not hold yet."""
-        self.live = LiveCounts()
+        fresh = LiveCounts()
         published = Catalog(self.settings.warehouse_dir / "catalog.sqlite").cursor(self.group)
-        commit = self.node.commit_index
         for key, info in list(self.log.blocks.items()):
             if key[0] == CONTROL_SHARD or 0 < info.seal_index <= published:
                 continue
             for payload in self.log.block_payloads(key, commit):
-                self._live_apply(key, payload)
+                try:
+                    fresh.apply(key, from_ipc(payload))
+                except (pa.ArrowException, KeyError, ValueError) as exc:
+                    self.live_errors += 1
+                    log.warning("group %s: live counts skip an entry: %s", self.group, exc)
             if 0 < info.seal_index <= commit:
-                self.live.sealed(key, info.seal_index)
-        self.live.published(published)
-        self.live_applied, self.live_term = commit, self.node.term
+                fresh.sealed(key, info.seal_index)
+        fresh.published(published)
+        with self.live_lock:
+            self.live = fresh
+            self.live_ready_term = term
 
     def live_minutes(
         self, site: str, start_ms: int, end_ms: int, published_upto: int
     ) -> tuple[list[int], list[int]]:
         """Committed, not yet published (minute_ms, count) of a site: masters only."""
         self._require_master()
-        if self.live_term != self.node.term:
+        if self.live_ready_term != self.node.term:
             raise NotMaster(f"group {self.group}: live counts are being rebuilt", self.replica)
-        minutes, counts = self.live.minutes(site, start_ms, end_ms, published_upto)
+        with self.live_lock:
+            minutes, counts = self.live.minutes(site, start_ms, end_ms, published_upto)
         return minutes.tolist(), counts.tolist()
 
     def published(self, upto_seal_index: int) -> None:
         """The processor published every block sealed at or before this index."""
-        self.live.published(upto_seal_index)
+
+        def drop() -> None:
+            with self.live_lock:
+                self.live.published(upto_seal_index)
+
+        self.live_worker.submit(drop)  # after the counting queued before it
 
     # ---- messages from peers ---------------------------------------------------------
     async def receive(self, msgs: list[Msg]) -> None:
