@@ -77,6 +77,8 @@ LIVE_TIMEOUT_S = 1.0
 # 119 / 223, 16 gave 199 / 346 ms, and 1 also gave the most events/s: a master's cost
 # is per proposal, so fewer, larger proposals win.
 INFLIGHT_PER_GROUP = 1
+# Writes waiting for a group's next proposal, at most: beyond it, 503 (back off).
+QUEUED_BYTES_MAX = 256 * 1024 * 1024
 
 
 def cause(exc: BaseException) -> BaseException:
@@ -90,6 +92,7 @@ class _Batch:
     def __init__(self) -> None:
         self.pieces: list[Piece] = []
         self.futures: list[asyncio.Future[None]] = []
+        self.bytes = 0
 
 
 class RayIngest:
@@ -112,7 +115,14 @@ class RayIngest:
 
     async def _submit(self, group: int, pieces: list[Piece]) -> None:
         batch = self._queued.setdefault(group, _Batch())
+        size = sum(len(p.payload) for p in pieces)
+        if batch.bytes and batch.bytes + size > QUEUED_BYTES_MAX:
+            raise Unavailable(
+                f"group {group}: {batch.bytes} bytes already wait for the next proposal",
+                RETRY_AFTER_ELECTION_S,
+            )
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        batch.bytes += size
         batch.pieces.extend(pieces)
         batch.futures.append(future)
         asyncio.create_task(self._drain(group))
