@@ -145,6 +145,11 @@ def test_ingest_process_query_matches_duckdb(
     with httpx.Client(base_url=url, timeout=600) as client:
         result = client.post("/v1/admin/process", params={"mode": "closed"}).json()
     assert result["blocks"] > 0 and result["events"] == EVENTS, result
+    replicas = [r for g in _status(url)["groups"] for r in g["replicas"]]
+    assert sum(r["reads_served"] for r in replicas if r["role"] == "follower") > 0
+    assert sum(r["reads_served"] for r in replicas if r["role"] == "master") == 0, (
+        "processing should read sealed blocks from followers, sparing the masters"
+    )
 
     ref = _reference(events, tmp_path)
     _compare_all_sites(url, ref)
@@ -238,6 +243,12 @@ def _events_on_disk(root: Path) -> Counter[tuple[str, int]]:
                     )
                 )
     return got
+
+
+def _status(url: str) -> dict[str, Any]:
+    with httpx.Client(base_url=url, timeout=30) as client:
+        body: dict[str, Any] = client.get("/v1/admin/status").json()
+        return body
 
 
 def _last_indexes(url: str) -> list[int]:

@@ -24,6 +24,7 @@ from flowray.storage.catalog import Catalog, Unit
 from flowray.tasks.mapreduce import map_task, reduce_task, write_task
 
 HOUR_MS = 3_600_000
+READER_TRIES = 5
 log = logging.getLogger("flowray.processor")
 
 
@@ -119,17 +120,17 @@ class Processor:
         units: list[tuple[int, int, int]] = []
         timeout = s.rpc_timeout_s
         for group, blocks in work.items():
-            master = masters[group]
             upto = max(b["seal_index"] for b in blocks)
+            reader = await self._reader(group, upto, masters[group])
             for shard, hour in sorted({(b["shard"], b["hour"]) for b in blocks}):
                 parts = await asyncio.wait_for(
-                    master.block_parts.remote(shard, hour, upto), timeout
+                    reader.block_parts.remote(shard, hour, upto), timeout
                 )
                 units.append((shard, hour, len(parts)))
                 for part, nbytes in parts:
                     n = max(1, -(-nbytes // s.map_slice_bytes))
                     for i in range(n):
-                        ref = master.read_block.remote((shard, hour, part), i, n)
+                        ref = reader.read_block.remote((shard, hour, part), i, n)
                         slices.append(((shard, hour), ref, nbytes // n))
         keys = s.reduce_keys
         map_outputs = [
@@ -147,6 +148,25 @@ class Processor:
             s.process_timeout_s,
         )
         return written
+
+    async def _reader(self, group: int, upto: int, master: Any) -> Any:
+        """A follower that has committed everything up to ``upto``, to spare the master
+        the reads; followers learn a commit within a heartbeat, so wait that long for
+        one, then fall back to the master."""
+        replicas = [self.directory.handle(group, r) for r in range(self.settings.replicas)]
+        for _attempt in range(READER_TRIES):
+            statuses = await asyncio.gather(
+                *(
+                    asyncio.wait_for(h.status.remote(), self.settings.rpc_timeout_s)
+                    for h in replicas
+                ),
+                return_exceptions=True,
+            )
+            for handle, st in zip(replicas, statuses, strict=True):
+                if isinstance(st, dict) and st["role"] == "follower" and st["commit_index"] >= upto:
+                    return handle
+            await asyncio.sleep(self.settings.tick_s * self.settings.heartbeat_ticks)
+        return master
 
     async def _update_watermark(self, masters: dict[int, Any]) -> None:
         """Data is final up to the oldest hour that still has an open block."""

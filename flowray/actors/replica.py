@@ -114,6 +114,7 @@ class Replica:
         self.live_term = -1
         self.live_applied = 0
         self.live_errors = 0
+        self.reads_served = 0  # block slices read for processing
         self.live_ready_term = -1
         self.live_lock = threading.Lock()
         self.live_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="live")
@@ -429,6 +430,7 @@ class Replica:
         require(info is not None and info.sealed, f"block {key} is not sealed here")
         upto = info.seal_index if info is not None else 0
         require(upto <= self.node.commit_index, f"the seal of {key} is not committed here")
+        self.reads_served += 1
         return await asyncio.to_thread(self.log.block_payloads, block, upto, slice_no, slices)
 
     def leader(self) -> tuple[int | None, int, str]:
@@ -454,6 +456,7 @@ class Replica:
             "node": ray.get_runtime_context().get_node_id(),
             "host": socket.gethostname(),
             "dir": str(self.root),
+            "reads_served": self.reads_served,
             "blocks_open": len(open_blocks),
             "blocks_sealed": sum(1 for b in self.log.blocks.values() if b.sealed),
             "match": {p: pr.match for p, pr in node.progress.items()} if is_master else None,
