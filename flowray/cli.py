@@ -333,7 +333,15 @@ def status(
                 str(r.get("blocks_sealed", "-")),
             )
     console.print(table)
+    masters = [r for g in body["groups"] for r in g["replicas"] if r.get("role") == "master"]
+    pending = sum(r.get("sealed_pending") or 0 for r in masters)
+    late = sum(r.get("late_events") or 0 for r in masters)
     proc = body.get("processor", {})
+    console.print(
+        f"pending: {pending} sealed blocks not yet published; late events (since the "
+        f"masters started): {late}; units re-published for late events: "
+        f"{proc.get('republished_units')}"
+    )
     console.print(
         f"warehouse: {proc.get('catalog')}  jobs: {proc.get('jobs')}  "
         f"last job: {proc.get('last_job')}  cache: {body.get('cache')}"

@@ -150,3 +150,36 @@ def test_published_counts_equal_live_counts_across_a_master_kill(
         assert published == live
         points = _series(client, SITES[0], start)
         assert not any(p["provisional"] for p in points)
+
+
+def test_late_events_are_counted_and_republish_their_hour(
+    live_cluster: tuple[cluster.Cluster, str],
+) -> None:
+    _running, url = live_cluster
+    start = (int(time.time() * 1000) // HOUR_MS - 50) * HOUR_MS
+    site = "late.example"
+    with httpx.Client(base_url=url, timeout=60) as client:
+        first = [{"ts": start + i * 1000, "site": site} for i in range(30)]
+        assert client.post("/v1/events", json=first).status_code == 200
+        assert client.post("/v1/admin/process", params={"mode": "closed"}).json()["events"]
+        late = [{"ts": start + 120_000 + i, "site": site} for i in range(7)]
+        assert client.post("/v1/events", json=late).status_code == 200
+        status = client.get("/v1/admin/status").json()
+        master = [r for g in status["groups"] for r in g["replicas"] if r["role"] == "master"]
+        assert sum(r["late_events"] for r in master) >= 7
+        result = client.post("/v1/admin/process", params={"mode": "closed"}).json()
+        assert result["units"] >= 1
+        status = client.get("/v1/admin/status").json()
+        assert status["processor"]["republished_units"] >= 1
+        deadline = time.monotonic() + 5  # the masters hear of the publish asynchronously
+        while True:
+            status = client.get("/v1/admin/status").json()
+            groups = status["groups"]
+            master = [r for g in groups for r in g["replicas"] if r["role"] == "master"]
+            if all(r["sealed_pending"] == 0 for r in master):
+                break
+            assert time.monotonic() < deadline, f"still pending: {master}"
+            time.sleep(0.2)
+        time.sleep(1.2)
+        total = sum(p["count"] for p in _series(client, site, start))
+        assert total == 37, "late events are counted, never dropped"

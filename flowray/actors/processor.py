@@ -41,6 +41,7 @@ class Processor:
         self._lock: asyncio.Lock | None = None
         self._loop_task: asyncio.Task[None] | None = None
         self.jobs = 0
+        self.republished_units = 0  # units published again because late events came
         self.last_job: dict[str, Any] = {}
         self.last_error = ""
 
@@ -103,6 +104,7 @@ class Processor:
             for group, cursor in cursors.items():  # now in the warehouse: not live any more
                 masters[group].published.remote(cursor)
             summary["units"] = len(units)
+            self.republished_units += sum(1 for u in units if u.parts > 1)
             summary["events"] = sum(u.events for u in units)
             self.jobs += 1
         await self._update_watermark(masters)
@@ -183,6 +185,7 @@ class Processor:
         await self.start()
         return {
             "jobs": self.jobs,
+            "republished_units": self.republished_units,
             "last_job": self.last_job,
             "last_error": self.last_error,
             "catalog": self.catalog.summary(),

@@ -115,6 +115,7 @@ class Replica:
         self.live_applied = 0
         self.live_errors = 0
         self.reads_served = 0  # block slices read for processing
+        self.late_events = 0  # events for hours already sealed, since this process began
         self.live_ready_term = -1
         self.live_lock = threading.Lock()
         self.live_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="live")
@@ -373,15 +374,19 @@ class Replica:
                 f"{self.settings.commit_timeout_s} s"
             ) from exc
 
-    async def propose(self, pieces: list[tuple[int, int, bytes]]) -> int:
-        """Append (shard, hour, payload) pieces; returns once a majority has them on disk."""
+    async def propose(self, pieces: list[tuple[Any, ...]]) -> int:
+        """Append (shard, hour, payload[, events]) pieces; returns once a majority has
+        them on disk. Events that go to a later part of an hour whose first block is
+        already sealed are late: they are counted, and re-publish that hour."""
         self._ensure_started()
         self._require_master()
         now = _now_ms()
-        items = [
-            (KIND_DATA, shard, hour, self.blocks.place(shard, hour, len(payload), now), payload)
-            for shard, hour, payload in pieces
-        ]
+        items = []
+        for shard, hour, payload, *rest in pieces:
+            part = self.blocks.place(shard, hour, len(payload), now)
+            if part > 0:
+                self.late_events += int(rest[0]) if rest else 0
+            items.append((KIND_DATA, shard, hour, part, payload))
         return await self._propose(items)
 
     async def seal(self, mode: str) -> list[BlockKey]:
@@ -457,6 +462,12 @@ class Replica:
             "host": socket.gethostname(),
             "dir": str(self.root),
             "reads_served": self.reads_served,
+            "late_events": self.late_events,
+            "sealed_pending": sum(
+                1 for b in self.log.blocks.values() if b.seal_index > self.live.published_upto
+            )
+            if is_master
+            else None,
             "blocks_open": len(open_blocks),
             "blocks_sealed": sum(1 for b in self.log.blocks.values() if b.sealed),
             "match": {p: pr.match for p, pr in node.progress.items()} if is_master else None,

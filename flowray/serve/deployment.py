@@ -146,7 +146,7 @@ class RayIngest:
                     f.set_result(None)
 
     async def _propose(self, group: int, pieces: list[Piece]) -> None:
-        payload = [(p.shard, p.hour, p.payload) for p in pieces]
+        payload = [(p.shard, p.hour, p.payload, p.events) for p in pieces]
         timeout = self.settings.commit_timeout_s + self.settings.rpc_timeout_s
         for _attempt in range(3):
             try:
