@@ -239,8 +239,14 @@ class Replica:
             if w.future.done():
                 continue
             if node.role != Role.LEADER or node.term != w.term:
+                # Appended but not committed: it may still commit under the next
+                # master, so the caller must not resend it elsewhere at once.
                 w.future.set_exception(
-                    NotMaster(f"group {self.group}: mastership changed before commit", node.leader)
+                    NotMaster(
+                        f"group {self.group}: mastership changed before commit",
+                        node.leader,
+                        refused=False,
+                    )
                 )
             elif node.commit_index >= w.last_index:
                 require(node.term_at(w.last_index) == w.term, "a master replaced its own entry")
