@@ -1187,3 +1187,41 @@ async def test_queries_answer_when_redis_is_down(shared: Warehouse) -> None:
         assert sum(p["count"] for p in r.json()["points"]) == 4
         assert time.perf_counter() - started < 5
     assert dead.errors >= 2  # the get and the set both failed, and neither broke the query
+
+
+class StatusAdmin(FakeAdmin):
+    async def status(self) -> dict[str, Any]:
+        return {
+            "groups": [
+                {
+                    "group": 0,
+                    "replicas": [
+                        {
+                            "replica": 0,
+                            "role": "master",
+                            "last_index": 50,
+                            "sealed_pending": 2,
+                            "blocks_open": 3,
+                            "late_events": 7,
+                        },
+                        {"replica": 1, "role": "follower", "last_index": 47},
+                        {"replica": 2, "status": "down", "group": 0},
+                    ],
+                }
+            ],
+            "processor": {"jobs": 4, "last_job": {"seconds": 1.5}},
+        }
+
+
+@pytest.mark.anyio
+async def test_metrics_show_the_cluster(shared: Warehouse) -> None:
+    async with client_for(make_app(warehouse=shared, admin=StatusAdmin())) as c:
+        text = (await c.get("/metrics")).text
+    assert 'flowray_replication_lag_entries{group="0",replica="1"} 3.0' in text
+    assert 'flowray_replication_lag_entries{group="0",replica="0"} 0.0' in text
+    assert 'flowray_replica_up{group="0",replica="2"} 0.0' in text
+    assert 'flowray_blocks_pending{group="0"} 2.0' in text
+    assert 'flowray_blocks_open{group="0"} 3.0' in text
+    assert 'flowray_late_events{group="0"} 7.0' in text
+    assert "flowray_processing_jobs 4.0" in text
+    assert "flowray_processing_last_job_seconds 1.5" in text

@@ -21,7 +21,7 @@ from fastapi import Depends, FastAPI, Path, Query, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from flowray import events as ev
@@ -103,6 +103,46 @@ class _Metrics:
         self.queries = Counter(
             "flowray_queries_total", "Traffic queries", ["cache"], registry=self.registry
         )
+        self.lag = Gauge(
+            "flowray_replication_lag_entries",
+            "Log entries a replica is behind its group's master",
+            ["group", "replica"],
+            registry=self.registry,
+        )
+        self.up = Gauge(
+            "flowray_replica_up",
+            "1 when a replica answers",
+            ["group", "replica"],
+            registry=self.registry,
+        )
+        self.pending = Gauge(
+            "flowray_blocks_pending",
+            "Blocks sealed but not yet published, per group",
+            ["group"],
+            registry=self.registry,
+        )
+        self.open_blocks = Gauge(
+            "flowray_blocks_open",
+            "Blocks still taking events, per group",
+            ["group"],
+            registry=self.registry,
+        )
+        self.late = Gauge(
+            "flowray_late_events",
+            "Events for hours already sealed, since the group's master started",
+            ["group"],
+            registry=self.registry,
+        )
+        self.last_job_s = Gauge(
+            "flowray_processing_last_job_seconds",
+            "Duration of the last processing job",
+            registry=self.registry,
+        )
+        self.jobs = Gauge(
+            "flowray_processing_jobs",
+            "Processing jobs since the processor started",
+            registry=self.registry,
+        )
         self.joined = Counter(
             "flowray_query_joined_total",
             "Queries answered by an identical query already running",
@@ -120,6 +160,31 @@ class _Metrics:
             registry=self.registry,
             buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1),
         )
+
+
+def _cluster_metrics(m: _Metrics, status: dict[str, Any]) -> None:
+    """Gauges from the cluster's status, read at scrape time."""
+    for group in status.get("groups", []):
+        g = str(group.get("group"))
+        replicas = group.get("replicas", [])
+        masters = [r for r in replicas if r.get("role") == "master"]
+        top = max((r.get("last_index", 0) for r in masters), default=None)
+        for r in replicas:
+            labels = (g, str(r.get("replica")))
+            alive = "last_index" in r
+            m.up.labels(*labels).set(1 if alive else 0)
+            if alive and top is not None:
+                m.lag.labels(*labels).set(max(0, top - r["last_index"]))
+        for r in masters:
+            m.pending.labels(g).set(r.get("sealed_pending") or 0)
+            m.open_blocks.labels(g).set(r.get("blocks_open") or 0)
+            m.late.labels(g).set(r.get("late_events") or 0)
+    processor = status.get("processor") or {}
+    if isinstance(processor.get("jobs"), int):
+        m.jobs.set(processor["jobs"])
+    seconds = (processor.get("last_job") or {}).get("seconds")
+    if isinstance(seconds, int | float):
+        m.last_job_s.set(seconds)
 
 
 def _error(status: int, message: str, **extra: Any) -> JSONResponse:
@@ -404,6 +469,11 @@ def create_app(
 
     @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
     async def prometheus() -> Response:
+        try:
+            status = await asyncio.wait_for(admin.status(), settings.rpc_timeout_s)
+        except Exception:  # the cluster's state is unknown now: serve this process's own
+            status = {}
+        _cluster_metrics(metrics, status)
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/", summary="Dashboard", response_class=HTMLResponse)
