@@ -615,6 +615,25 @@ def token_revoke(
     console.print(f"token {record.id} ({record.scope}, {record.name or 'no name'}) is revoked")
 
 
+BENCHMARKS = ("ingest", "query", "freshness")
+
+
+@app.command()
+def bench(
+    which: Annotated[str, typer.Argument(help="ingest, query or freshness.")],
+    args: Annotated[
+        list[str] | None, typer.Argument(help="Passed to the script, after --.")
+    ] = None,
+) -> None:
+    """Run a benchmark script from scripts/ (a source checkout); see BENCHMARKS.md."""
+    if which not in BENCHMARKS:
+        _fail(f"benchmark must be one of {', '.join(BENCHMARKS)}")
+    script = Path(__file__).resolve().parent.parent / "scripts" / f"bench_{which}.py"
+    if not script.is_file():
+        _fail(f"{script} is missing: benchmarks run from a source checkout of flowray")
+    raise typer.Exit(subprocess.call([sys.executable, str(script), *(args or [])]))
+
+
 def main() -> None:
     app()
 

@@ -18,7 +18,7 @@ import pytest
 
 from tests.conftest import free_port
 
-COMMANDS = ["up", "down", "status", "ingest", "process", "query", "demo"]
+COMMANDS = ["up", "down", "status", "ingest", "process", "query", "demo", "bench"]
 
 
 def flowray(
@@ -320,3 +320,14 @@ def test_whole_cluster_restart_recovers_every_acknowledged_event(
     assert flowray("process", env=env).returncode == 0
     assert _total(env) == len(first) + len(second)
     assert flowray("down", env=env).returncode == 0
+
+
+def test_bench_refuses_an_unknown_benchmark() -> None:
+    result = flowray("bench", "nonsense", env=dict(os.environ), timeout=60)
+    assert result.returncode == 1 and "ingest, query, freshness" in result.stderr
+
+
+def test_bench_passes_its_arguments_to_the_script() -> None:
+    result = flowray("bench", "query", "--", "--help", env=dict(os.environ), timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "100,000 sites" in result.stdout
