@@ -28,10 +28,6 @@ class _Block:
     counts: dict[str, dict[int, int]] = field(default_factory=dict)
     seal_index: int = 0  # 0 while open
 
-    @property
-    def events(self) -> int:
-        return sum(sum(m.values()) for m in self.counts.values())
-
 
 class LiveCounts:
     def __init__(self) -> None:
@@ -42,7 +38,6 @@ class LiveCounts:
         # (site, id) already counted, per (shard, hour): duplicates count once.
         self.seen_ids: dict[tuple[int, int], set[tuple[str, str]]] = defaultdict(set)
         self.published_upto = 0
-        self.events = 0
 
     def apply(self, key: BlockKey, events: pa.Table) -> None:
         """Count one committed batch of events of block ``key``."""
@@ -77,7 +72,6 @@ class LiveCounts:
         ):
             per_minute = block.counts.setdefault(site, {})
             per_minute[m] = per_minute.get(m, 0) + n
-            self.events += n
 
     def sealed(self, key: BlockKey, seal_index: int) -> None:
         if key in self.blocks:
@@ -90,8 +84,7 @@ class LiveCounts:
         self.published_upto = upto_seal_index
         self.retired = {}
         for key in [k for k, b in self.blocks.items() if 0 < b.seal_index <= upto_seal_index]:
-            block = self.retired[key] = self.blocks.pop(key)
-            self.events -= block.events
+            self.retired[key] = self.blocks.pop(key)
         # Ids of an hour with nothing left live are not needed: memory stays bounded by
         # the unpublished data (a later late part of that hour dedups at processing).
         live_hours = {(k[0], k[1]) for k in self.blocks}

@@ -479,6 +479,3 @@ class Replica:
             "match": {p: pr.match for p, pr in node.progress.items()} if is_master else None,
             "oldest_open_hour": self.blocks.oldest_open_hour() if is_master else None,
         }
-
-    def ping(self) -> int:
-        return self.node.term
