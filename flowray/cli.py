@@ -346,6 +346,10 @@ def status(
         f"warehouse: {proc.get('catalog')}  jobs: {proc.get('jobs')}  "
         f"last job: {proc.get('last_job')}  cache: {body.get('cache')}"
     )
+    if proc.get("versions"):
+        console.print(_versions_table(proc["versions"]))
+    for job in proc.get("jobs_running") or []:
+        console.print(f"running: {job['kind']} job {job['job']} ({job['done']}/{job['total']})")
     if proc.get("last_error"):
         console.print(f"[yellow]last processing error:[/yellow] {proc['last_error']}")
 
@@ -424,6 +428,169 @@ def process(
         f"({result['events']} events) in {result['seconds']} s; "
         f"generation {result['generation']}"
     )
+
+
+JOB_TIMEOUT_S = 24 * 3600.0
+CHANGES_SHOWN = 20
+
+
+def _follow_job(client: Client, job: dict[str, Any], label: str) -> dict[str, Any]:
+    """Wait for a processor job with a progress bar over the units it re-makes."""
+    with Progress(
+        TextColumn(label),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} units"),
+        TimeRemainingColumn(),
+        console=err,
+        transient=True,
+    ) as bar:
+        task = bar.add_task(label, total=None)
+
+        def show(state: dict[str, Any]) -> None:
+            bar.update(task, total=state.get("total"), completed=state.get("done", 0))
+
+        state = client.wait_job(job, JOB_TIMEOUT_S, show)
+    result: dict[str, Any] = state["result"]
+    return result
+
+
+def _print_changes(result: dict[str, Any], shown: int) -> None:
+    changes = result["changes"]
+    if changes:
+        table = Table(title=f"sites changed: {result['sites_changed']}")
+        table.add_column("site")
+        table.add_column("buckets changed", justify="right")
+        table.add_column("before", justify="right")
+        table.add_column("after", justify="right")
+        for row in changes[:shown]:
+            table.add_row(
+                row["site"], str(row["buckets_changed"]), str(row["before"]), str(row["after"])
+            )
+        console.print(table)
+        if len(changes) > shown:
+            console.print(f"... and {result['sites_changed'] - shown} more sites (see --json)")
+    console.print(
+        f"{result['units']} units; {result['sites_examined']} sites examined, "
+        f"{result['sites_changed']} changed, {result['buckets_changed']} buckets changed; "
+        f"events {result['events_before']} -> {result['events_after']}"
+    )
+
+
+@app.command()
+def reprocess(
+    start: Annotated[str, typer.Option(help="Inclusive start (ISO-8601, date, epoch ms).")],
+    end: Annotated[str, typer.Option(help="Exclusive end (ISO-8601, date, epoch ms).")],
+    site: Annotated[
+        list[str] | None, typer.Option("--site", help="Only this site (repeatable).")
+    ] = None,
+    logic: Annotated[
+        str | None, typer.Option(help="Processing logic (default: the current version's).")
+    ] = None,
+    logic_module: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--logic-module",
+            help="Module that registers the logic (repeatable); must be importable by the "
+            "cluster's processes.",
+        ),
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Show what would change; publish nothing.")
+    ] = False,
+    tz: Annotated[str, typer.Option(help="Time zone of --start/--end without one.")] = "UTC",
+    as_json: Annotated[bool, typer.Option("--json", help="The full result as JSON.")] = False,
+    data_dir: DataDir = Path(DEFAULT_DATA_DIR),
+    url: Url = None,
+) -> None:
+    """Re-process published hours from the retained raw log, show what changes, and
+    publish the result as a new warehouse version (atomically)."""
+    request = {
+        "start": start,
+        "end": end,
+        "tz": tz,
+        "sites": site or None,
+        "logic": logic,
+        "logic_modules": logic_module or [],
+        "dry_run": dry_run,
+    }
+    with _client(data_dir, url, admin=True) as client:
+        try:
+            result = _follow_job(client, client.reprocess(**request), "re-processing")
+        except (ApiError, OSError, TimeoutError) as exc:
+            _fail(str(exc))
+            return
+    if as_json:
+        sys.stdout.write(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode() + "\n")
+        return
+    _print_changes(result, CHANGES_SHOWN)
+    if result["dry_run"]:
+        console.print(f"dry run: nothing published; version {result['from_version']} stays")
+    else:
+        console.print(
+            f"published version {result['version']} (logic {result['logic']}), "
+            f"replacing version {result['from_version']}; 'flowray rollback' returns to it"
+        )
+
+
+@app.command()
+def rollback(
+    to: Annotated[
+        int | None, typer.Option("--to", help="Version to return to (default: the previous).")
+    ] = None,
+    data_dir: DataDir = Path(DEFAULT_DATA_DIR),
+    url: Url = None,
+) -> None:
+    """Return the warehouse to the previous version (hours processed since are re-made
+    with that version's logic)."""
+    with _client(data_dir, url, admin=True) as client:
+        try:
+            result = _follow_job(client, client.rollback(to), "rolling back")
+        except (ApiError, OSError, TimeoutError) as exc:
+            _fail(str(exc))
+            return
+    console.print(
+        f"version {result['version']} (logic {result['logic']}) is current again, "
+        f"replacing version {result['from_version']}; "
+        f"{result['units_brought_up_to_date']} units brought up to date"
+    )
+
+
+@app.command()
+def versions(
+    as_json: Annotated[bool, typer.Option("--json", help="As JSON.")] = False,
+    data_dir: DataDir = Path(DEFAULT_DATA_DIR),
+    url: Url = None,
+) -> None:
+    """The warehouse versions: logic, parent, units, events, which one is current."""
+    with _client(data_dir, url, admin=True) as client:
+        try:
+            rows = client.versions()
+        except (ApiError, OSError) as exc:
+            _fail(str(exc))
+            return
+    if as_json:
+        sys.stdout.write(orjson.dumps(rows, option=orjson.OPT_INDENT_2).decode() + "\n")
+        return
+    console.print(_versions_table(rows))
+
+
+def _versions_table(rows: list[dict[str, Any]]) -> Table:
+    table = Table(title="warehouse versions")
+    for name in ("version", "current", "logic", "parent", "created", "units", "events", "note"):
+        table.add_column(name, justify="right" if name in ("units", "events") else "left")
+    for v in rows:
+        created = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(v["created_ms"] / 1000))
+        table.add_row(
+            str(v["version"]),
+            "*" if v["current"] else "",
+            v["logic"],
+            "" if v["parent"] is None else str(v["parent"]),
+            created,
+            str(v["units"]),
+            str(v["events"]),
+            v["note"],
+        )
+    return table
 
 
 @app.command()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +111,41 @@ class Client:
 
     def process(self, mode: str = "closed") -> Any:
         return self._json(self.http.post("/v1/admin/process", params={"mode": mode}, timeout=900))
+
+    def reprocess(self, **request: Any) -> Any:
+        """Start a re-processing job; see ``POST /v1/admin/reprocess``."""
+        return self._json(self.http.post("/v1/admin/reprocess", json=request))
+
+    def rollback(self, to_version: int | None = None) -> Any:
+        params = {} if to_version is None else {"to": to_version}
+        return self._json(self.http.post("/v1/admin/rollback", params=params))
+
+    def job(self, job_id: str) -> Any:
+        return self._json(self.http.get(f"/v1/admin/jobs/{job_id}"))
+
+    def versions(self) -> Any:
+        return self._json(self.http.get("/v1/admin/versions"))
+
+    def wait_job(
+        self,
+        job: dict[str, Any],
+        timeout_s: float,
+        on_progress: Callable[[dict[str, Any]], None] | None = None,
+        poll_s: float = 0.5,
+    ) -> dict[str, Any]:
+        """Poll a job until it is done or failed (a failed job raises ApiError)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            state: dict[str, Any] = self.job(job["job"])
+            if on_progress is not None:
+                on_progress(state)
+            if state["state"] == "done":
+                return state
+            if state["state"] == "failed":
+                raise ApiError(500, {"error": f"{state['kind']} failed: {state['error']}"})
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"job {job['job']} still running after {timeout_s} s")
+            time.sleep(poll_s)
 
     def healthy(self) -> bool:
         try:

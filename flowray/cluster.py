@@ -13,6 +13,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -107,7 +108,11 @@ class Cluster:
 def start(settings: Settings, serve_app: bool = True) -> Cluster:
     """Create the groups, wait for their masters, start the processor and the API."""
     settle_layout(settings)
-    settings = replace(settings, data_dir=settings.data_dir.resolve())
+    settings = replace(
+        settings,
+        data_dir=settings.data_dir.resolve(),
+        warehouse=str(Path(settings.warehouse).resolve()) if settings.warehouse else "",
+    )
     init_ray(settings)
     blob = settings.to_json()
     ns = settings.namespace

@@ -70,6 +70,13 @@ class Settings:
     # The admin token itself is read from FLOWRAY_ADMIN_TOKEN by each API process and
     # is deliberately not a setting: settings travel in Ray runtime environments.
     auth: str = "auto"
+    # Python modules imported by the processor and its tasks before processing, so the
+    # processing logics they register (flowray.logic.register) can be named; comma
+    # separated, and importable on every node (installed, or on PYTHONPATH).
+    logic_modules: str = ""
+    # Where the Parquet warehouse and its catalog live; empty: DATA_DIR/warehouse. On a
+    # multi-node cluster it must be storage every node mounts at the same path.
+    warehouse: str = ""
 
     def validate(self) -> Settings:
         if self.replicas < 1 or self.replicas % 2 == 0:
@@ -101,7 +108,11 @@ class Settings:
 
     @property
     def warehouse_dir(self) -> Path:
-        return self.data_dir / "warehouse"
+        return Path(self.warehouse) if self.warehouse else self.data_dir / "warehouse"
+
+    @property
+    def logic_module_names(self) -> tuple[str, ...]:
+        return tuple(m.strip() for m in self.logic_modules.split(",") if m.strip())
 
     def replica_dir(self, group: int, replica: int) -> Path:
         return self.data_dir / "groups" / f"g{group:03d}" / f"r{replica}"

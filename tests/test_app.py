@@ -33,6 +33,7 @@ from flowray.serve.app import Unavailable, create_app
 from flowray.serve.cache import Cache, MemoryCache, RedisCache
 from flowray.storage.warehouse import Warehouse
 from flowray.tasks.mapreduce import map_block_slices, reduce_partials, write_units
+from tests.fakes import FakeAdmin
 
 NOW_S = 1_700_000_000.0  # 2023-11-14T22:13:20Z, the injected server clock
 NOW_MS = int(NOW_S * 1000)
@@ -48,6 +49,10 @@ ROUTES = {
     "/v1/sites/{site}/traffic",
     "/v1/admin/status",
     "/v1/admin/process",
+    "/v1/admin/reprocess",
+    "/v1/admin/rollback",
+    "/v1/admin/jobs/{job_id}",
+    "/v1/admin/versions",
 }
 
 
@@ -89,21 +94,6 @@ class RecordingIngest:
             assert table.schema.equals(EVENT_SCHEMA)
             rows += table.to_pylist()
         return rows
-
-
-class FakeAdmin:
-    def __init__(self) -> None:
-        self.modes: list[str] = []
-        self.error: Exception | None = None
-
-    async def status(self) -> dict[str, Any]:
-        return {"groups": [{"group": 0, "master": 0}]}
-
-    async def process(self, mode: str) -> dict[str, Any]:
-        if self.error is not None:
-            raise self.error
-        self.modes.append(mode)
-        return {"mode": mode, "units": 0}
 
 
 class CountingCache:
@@ -1128,6 +1118,63 @@ async def test_admin_status_and_process(ingest: RecordingIngest) -> None:
         assert busy.status_code == 503
         assert busy.headers["retry-after"] == "2"
         assert busy.json() == {"error": "processor restarting"}
+
+
+@pytest.mark.anyio
+async def test_reprocess_rollback_and_job_routes() -> None:
+    admin = FakeAdmin()
+    async with client_for(make_app(admin=admin)) as client:
+        started = await client.post(
+            "/v1/admin/reprocess",
+            json={
+                "start": "2020-03-14T08:00",
+                "end": "2020-03-14",
+                "tz": "Asia/Kolkata",
+                "sites": ["Shop.Example."],
+                "logic": "no-bots",
+                "logic_modules": ["mylogic"],
+            },
+        )
+        assert started.status_code == 422  # end before start, in the zone given
+        started = await client.post(
+            "/v1/admin/reprocess",
+            json={
+                "start": "2020-03-14T08:00",
+                "end": "2020-03-15",
+                "tz": "Asia/Kolkata",
+                "sites": ["Shop.Example."],
+                "logic": "no-bots",
+                "logic_modules": ["mylogic"],
+                "dry_run": True,
+            },
+        )
+        assert started.status_code == 202, started.text
+        assert admin.requests == [
+            {
+                "start_ms": ms("2020-03-14T08:00:00+05:30"),
+                "end_ms": ms("2020-03-15T00:00:00+05:30"),
+                "sites": ["shop.example"],
+                "logic": "no-bots",
+                "modules": ["mylogic"],
+                "dry_run": True,
+            }
+        ]
+        job = (await client.get(f"/v1/admin/jobs/{started.json()['job']}")).json()
+        assert job["state"] == "done" and job["kind"] == "reprocess"
+        assert (await client.get("/v1/admin/jobs/nope")).status_code == 404
+        for body in (
+            {"start": "2020-03-14", "end": "2020-03-15", "tz": "Mars/Base"},
+            {"start": "2020-03-14", "end": "2020-03-15", "sites": ["not a site!"]},
+            {"start": "yesterday", "end": "2020-03-15"},
+            {"start": "2020-03-14", "end": "2020-03-15", "surprise": 1},
+        ):
+            bad = await client.post("/v1/admin/reprocess", json=body)
+            assert bad.status_code == 422, body
+        assert (await client.post("/v1/admin/rollback")).status_code == 202
+        bad = await client.post("/v1/admin/rollback", params={"to": 5})
+        assert bad.status_code == 422 and bad.json() == {"error": "no warehouse version 5"}
+        versions = await client.get("/v1/admin/versions")
+        assert versions.json() == [{"version": 1, "logic": "default", "current": True}]
 
 
 # --------------------------------------------------------------------------- single flight

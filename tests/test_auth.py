@@ -40,6 +40,7 @@ from flowray.serve.auth import (
 from flowray.serve.cache import MemoryCache
 from flowray.storage.warehouse import Warehouse
 from flowray.tasks.mapreduce import map_block_slices, reduce_partials, write_units
+from tests.fakes import FakeAdmin
 
 NOW_S = 1_700_000_000.0  # 2023-11-14T22:13:20Z, the server clock of ingest
 NOW_MS = int(NOW_S * 1000)
@@ -75,18 +76,6 @@ class RecordingIngest:
             for piece in pieces
             for row in from_ipc(piece.payload).to_pylist()
         ]
-
-
-class FakeAdmin:
-    def __init__(self) -> None:
-        self.modes: list[str] = []
-
-    async def status(self) -> dict[str, Any]:
-        return {"groups": []}
-
-    async def process(self, mode: str) -> dict[str, Any]:
-        self.modes.append(mode)
-        return {"mode": mode}
 
 
 class FakeClock:
@@ -460,7 +449,7 @@ async def test_admin_tokens_may_do_everything(
         assert (await count(c, OTHER, token)).json()["points"][0]["count"] == 5
         assert (await c.get("/v1/admin/status", headers=auth)).status_code == 200
         answer = await c.post("/v1/admin/process?mode=all", headers=auth)
-        assert answer.json() == {"mode": "all"}
+        assert answer.json() == {"mode": "all", "units": 0}
     assert admin.modes == ["all"]
 
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from flowray.storage.catalog import Catalog, Unit
+from flowray.storage.catalog import Catalog, CatalogError, Unit
 
 HOUR = 438_000
 
@@ -136,3 +137,73 @@ def test_a_second_catalog_sees_the_first_ones_writes(tmp_path: Path) -> None:
         assert reopened.summary()["units"] == 2
     finally:
         reopened.close()
+
+
+def test_a_reprocessed_version_copies_its_parent_and_replaces_some_units(
+    catalog: Catalog,
+) -> None:
+    catalog.publish([unit(0, HOUR), unit(1, HOUR), unit(0, HOUR + 1)], {0: 3})
+    version, generation = catalog.create_version(
+        1, "no-bots", ("my.logic",), [unit(0, HOUR, "v2", events=6)], "fix"
+    )
+    assert (version, generation) == (2, 2)
+    assert catalog.current_version() == 2
+    assert catalog.units(2) == [unit(0, HOUR, "v2", events=6), unit(1, HOUR), unit(0, HOUR + 1)]
+    assert catalog.units(1) == [unit(0, HOUR), unit(1, HOUR), unit(0, HOUR + 1)]  # kept
+    v2 = catalog.version()
+    assert (v2.version, v2.logic, v2.modules, v2.parent, v2.note) == (
+        2,
+        "no-bots",
+        ("my.logic",),
+        1,
+        "fix",
+    )
+    assert (v2.units, v2.events, v2.current) == (3, 26, True)
+    # Regular processing now publishes into version 2 only.
+    catalog.publish([unit(0, HOUR + 2)], {0: 4}, version=2)
+    assert len(catalog.units(2)) == 4 and len(catalog.units(1)) == 3
+
+
+def test_a_version_switch_is_refused_when_the_parent_is_no_longer_current(
+    catalog: Catalog,
+) -> None:
+    catalog.create_version(1, "no-bots", (), [], "a")
+    with pytest.raises(CatalogError, match="no longer current"):
+        catalog.create_version(1, "other", (), [], "b")
+    with pytest.raises(CatalogError, match="no longer current"):
+        catalog.publish([unit(0, HOUR)], {}, version=1)
+    with pytest.raises(CatalogError, match="no warehouse version 7"):
+        catalog.switch(2, 7, [])
+    assert [v.version for v in catalog.versions()] == [1, 2]
+    assert catalog.units(2) == []
+
+
+def test_switching_back_brings_units_up_to_date_atomically(catalog: Catalog) -> None:
+    catalog.publish([unit(0, HOUR)], {})
+    catalog.create_version(1, "no-bots", (), [unit(0, HOUR, "v2")], "x")
+    catalog.publish([unit(0, HOUR + 1, "v2")], {}, version=2)
+    generation = catalog.generation()
+    assert catalog.switch(2, 1, [unit(0, HOUR + 1, "v1again")]) == generation + 1
+    assert catalog.current_version() == 1
+    assert catalog.units(1) == [unit(0, HOUR), unit(0, HOUR + 1, "v1again")]
+    assert [v.current for v in catalog.versions()] == [True, False]
+
+
+def test_an_older_catalog_gains_the_version_columns(tmp_path: Path) -> None:
+    path = tmp_path / "catalog.sqlite"
+    db = sqlite3.connect(path)
+    db.executescript(
+        "CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);"
+        "CREATE TABLE versions (version INTEGER PRIMARY KEY, logic TEXT NOT NULL,"
+        " created_ms INTEGER NOT NULL);"
+        "INSERT INTO versions VALUES (1, 'default', 5);"
+        "INSERT INTO meta VALUES ('current_version', 1), ('generation', 4), ('identity', 9);"
+    )
+    db.commit()
+    db.close()
+    catalog = Catalog(path)
+    (v1,) = catalog.versions()
+    assert (v1.version, v1.logic, v1.parent, v1.modules) == (1, "default", None, ())
+    assert v1.created_ms == 5
+    assert catalog.generation() == 4
+    catalog.close()

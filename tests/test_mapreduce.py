@@ -26,6 +26,7 @@ from flowray.tasks.mapreduce import (
     PARTIAL_SCHEMA,
     map_block_slices,
     reduce_partials,
+    rewrite_units,
     write_units,
 )
 
@@ -235,3 +236,97 @@ def test_unknown_logic_is_refused() -> None:
     raw = pa.Table.from_pylist([{"ts": T0, "site": "taobao.com"}], schema=EVENT_SCHEMA)
     with pytest.raises(ValueError, match="unknown processing logic"):
         map_block_slices([(0, HOUR)], [[to_ipc(raw)]], "no-such-logic", 1)
+
+
+def _reduced_of(raw: pa.Table, logic: str = "default", sites: list[str] | None = None) -> pa.Table:
+    shard = shard_for_site("taobao.com", SHARDS)
+    return reduce_partials(
+        map_block_slices([(shard, HOUR)], [[to_ipc(raw)]], logic, 1, ("tests.logic_bots",), sites)
+    )
+
+
+def _file_rows(path: str) -> list[tuple[str, int]]:
+    table = pq.read_table(path)
+    return [(r["site"], r["count"]) for r in table.to_pylist()]
+
+
+def test_rewrite_reports_the_diff_and_keeps_sites_not_redone(tmp_path: Path) -> None:
+    shard = shard_for_site("taobao.com", SHARDS)
+    other = next(s for s in SITES if shard_for_site(s, SHARDS) == shard and s != "taobao.com")
+    rows = [
+        {"ts": T0, "site": "taobao.com", "ua": "Googlebot"},
+        {"ts": T0 + 1, "site": "taobao.com", "ua": "Mozilla"},
+        {"ts": T0 + 60_000, "site": "taobao.com", "ua": "AhrefsBot"},
+        {"ts": T0, "site": other, "ua": "Googlebot"},
+    ]
+    raw = pa.Table.from_pylist(rows, schema=EVENT_SCHEMA)
+    (old,) = write_units(tmp_path, "default", "j1", [_reduced_of(raw)], [(shard, HOUR, 1)])
+    assert old.events == 4
+
+    # Every site redone with no-bots: both sites change.
+    units, diff = rewrite_units(
+        tmp_path,
+        "no-bots",
+        "j2",
+        [_reduced_of(raw, "no-bots")],
+        [(shard, HOUR, 1)],
+        {(shard, HOUR): old.path},
+        None,
+        False,
+    )
+    got = {r["site"]: (r["buckets_changed"], r["before"], r["after"]) for r in diff.to_pylist()}
+    assert got == {"taobao.com": (2, 3, 1), other: (1, 1, 0)}
+    assert units[0].events == 1 and _file_rows(units[0].path) == [("taobao.com", 1)]
+
+    # Only taobao.com redone: the other site keeps its old row.
+    units, diff = rewrite_units(
+        tmp_path,
+        "no-bots",
+        "j3",
+        [_reduced_of(raw, "no-bots", ["taobao.com"])],
+        [(shard, HOUR, 1)],
+        {(shard, HOUR): old.path},
+        ["taobao.com"],
+        False,
+    )
+    assert [r["site"] for r in diff.to_pylist()] == ["taobao.com"]
+    assert sorted(_file_rows(units[0].path)) == sorted([("taobao.com", 1), (other, 1)])
+
+    # A dry run writes nothing.
+    before = sorted(p.name for p in tmp_path.rglob("*.parquet"))
+    units, diff = rewrite_units(
+        tmp_path,
+        "no-bots",
+        "j4",
+        [_reduced_of(raw, "no-bots")],
+        [(shard, HOUR, 1)],
+        {(shard, HOUR): old.path},
+        None,
+        True,
+    )
+    assert units[0].path == "" and diff.num_rows == 2
+    assert sorted(p.name for p in tmp_path.rglob("*.parquet")) == before
+
+
+def test_a_logic_that_adds_rows_or_drops_columns_is_refused() -> None:
+    from flowray import logic
+
+    @logic.register("test-adds-rows")
+    def adds(events: pa.Table) -> pa.Table:
+        return pa.concat_tables([events, events])
+
+    @logic.register("test-drops-id")
+    def drops(events: pa.Table) -> pa.Table:
+        return events.drop_columns(["id"])
+
+    raw = pa.Table.from_pylist([{"ts": T0, "site": "taobao.com"}], schema=EVENT_SCHEMA)
+    with pytest.raises(ValueError, match="added rows"):
+        logic.apply("test-adds-rows", raw)
+    with pytest.raises(ValueError, match="dropped a needed column"):
+        logic.apply("test-drops-id", raw)
+    with pytest.raises(ValueError, match="already registered"):
+        logic.register("test-adds-rows")(drops)
+    with pytest.raises(ValueError, match="cannot import logic module"):
+        logic.get("default", ["no_such_module_here"])
+    with pytest.raises(ValueError, match="a logic name"):
+        logic.register("bad name!")

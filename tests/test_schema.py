@@ -37,6 +37,7 @@ from flowray.serve.app import create_app
 from flowray.serve.cache import MemoryCache
 from flowray.storage.warehouse import Warehouse
 from flowray.tasks.mapreduce import map_block_slices, reduce_partials, write_units
+from tests.fakes import FakeAdmin
 
 NOW_S = 1_700_000_000.0  # 2023-11-14T22:13:20Z, the injected server clock
 NOW_MS = int(NOW_S * 1000)
@@ -59,14 +60,6 @@ class RecordingIngest:
 
     async def commit(self, pieces: dict[int, list[Piece]]) -> None:
         self.commits.append(pieces)
-
-
-class FakeAdmin:
-    async def status(self) -> dict[str, Any]:
-        return {"groups": [{"group": 0, "master": 0}]}
-
-    async def process(self, mode: str) -> dict[str, Any]:
-        return {"mode": mode, "units": 0}
 
 
 def publish(warehouse: Warehouse, times: list[datetime]) -> None:

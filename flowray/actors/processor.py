@@ -5,6 +5,12 @@ committed seals past the group's cursor in the catalog, re-processes every (shar
 hour) unit they touch from all of its sealed parts, and publishes the new unit files
 and the moved cursors in one catalog transaction. A crash anywhere before that
 transaction leaves the catalog as it was, and the next cycle redoes the work.
+
+It also runs re-processing and rollback as jobs (see ``reprocess`` and ``rollback``):
+a job re-reads the retained raw log up to the published cursors, hour by hour so that
+its memory is bounded, writes new unit files beside the current ones, and switches
+the catalog's current version in one transaction at the end. Jobs and regular cycles
+take turns on one lock, so a job sees a version nobody publishes into meanwhile.
 """
 
 from __future__ import annotations
@@ -12,19 +18,34 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any
 
+import pyarrow as pa
 import ray
 
+from flowray import logic as logics
 from flowray.actors.directory import Directory
 from flowray.config import Settings
-from flowray.storage.catalog import Catalog, Unit
-from flowray.tasks.mapreduce import map_task, reduce_task, write_task
+from flowray.router import ShardMap, normalize_site, shard_for_site
+from flowray.storage.catalog import Catalog, CatalogError, Unit
+from flowray.tasks.mapreduce import (
+    DIFF_SCHEMA,
+    map_task,
+    reduce_task,
+    rewrite_task,
+    write_task,
+)
 
 HOUR_MS = 3_600_000
 READER_TRIES = 5
+JOBS_KEPT = 20  # finished jobs remembered for their results
+DIFF_SITES_MAX = 10_000  # per-site diff rows a job reports (largest changes first)
+SITES_MAX = 10_000  # sites one re-processing run may name
+Target = tuple[int, int]  # (shard, hour)
 log = logging.getLogger("flowray.processor")
 
 
@@ -44,6 +65,9 @@ class Processor:
         self.republished_units = 0  # units published again because late events came
         self.last_job: dict[str, Any] = {}
         self.last_error = ""
+        self.shard_map = ShardMap.round_robin(self.settings.shards, self.settings.groups)
+        self._jobs: dict[str, dict[str, Any]] = {}
+        self._job_tasks: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         """Start the processing loop (also done by run and status, after a restart)."""
@@ -100,7 +124,9 @@ class Processor:
         if summary["blocks"]:
             units = await self._process(work, masters)
             cursors = {g: max(b["seal_index"] for b in w) for g, w in work.items() if w}
-            summary["generation"] = await asyncio.to_thread(self.catalog.publish, units, cursors)
+            summary["generation"] = await asyncio.to_thread(
+                self.catalog.publish, units, cursors, self.catalog.current_version()
+            )
             for group, cursor in cursors.items():  # now in the warehouse: not live any more
                 masters[group].published.remote(cursor)
             summary["units"] = len(units)
@@ -116,40 +142,69 @@ class Processor:
     async def _process(
         self, work: dict[int, list[dict[str, int]]], masters: dict[int, Any]
     ) -> list[Unit]:
-        """Map-reduce every (shard, hour) touched by ``work`` from all its sealed parts."""
-        s = self.settings
-        slices: list[tuple[tuple[int, int], Any, int]] = []  # (unit, payload ref, bytes)
-        units: list[tuple[int, int, int]] = []
-        timeout = s.rpc_timeout_s
+        """Map-reduce every (shard, hour) touched by ``work`` from all its sealed parts,
+        with the current version's logic."""
+        current = self.catalog.version()
+        readers, upto = {}, {}
         for group, blocks in work.items():
-            upto = max(b["seal_index"] for b in blocks)
-            reader = await self._reader(group, upto, masters[group])
-            for shard, hour in sorted({(b["shard"], b["hour"]) for b in blocks}):
-                parts = await asyncio.wait_for(
-                    reader.block_parts.remote(shard, hour, upto), timeout
-                )
-                units.append((shard, hour, len(parts)))
-                for part, nbytes in parts:
-                    n = max(1, -(-nbytes // s.map_slice_bytes))
-                    for i in range(n):
-                        ref = reader.read_block.remote((shard, hour, part), i, n)
-                        slices.append(((shard, hour), ref, nbytes // n))
+            upto[group] = max(b["seal_index"] for b in blocks)
+            readers[group] = await self._reader(group, upto[group], masters[group])
+        targets = sorted({(b["shard"], b["hour"]) for blocks in work.values() for b in blocks})
+        units, reduced = await self._map_reduce(
+            targets, readers, upto, current.logic, current.modules, None
+        )
+        job = uuid.uuid4().hex[:12]
+        written: list[Unit] = await asyncio.wait_for(
+            write_task.remote(
+                str(self.settings.warehouse_dir), current.logic, job, units, *reduced
+            ),
+            self.settings.process_timeout_s,
+        )
+        return written
+
+    async def _map_reduce(
+        self,
+        targets: list[Target],
+        readers: dict[int, Any],
+        upto: dict[int, int],
+        logic: str,
+        modules: tuple[str, ...],
+        sites: list[str] | None,
+    ) -> tuple[list[tuple[int, int, int]], list[Any]]:
+        """Map and reduce the sealed parts of ``targets`` (read from ``readers`` up to
+        the seal index ``upto``, per group): the units with their part counts, and
+        refs to the reduced tables."""
+        s = self.settings
+        slices: list[tuple[Target, Any, int]] = []  # (unit, payload ref, bytes)
+        units: list[tuple[int, int, int]] = []
+        for shard, hour in targets:
+            group = self.shard_map.group_of_shard(shard)
+            reader = readers[group]
+            parts = await asyncio.wait_for(
+                reader.block_parts.remote(shard, hour, upto[group]), s.rpc_timeout_s
+            )
+            units.append((shard, hour, len(parts)))
+            for part, nbytes in parts:
+                n = max(1, -(-nbytes // s.map_slice_bytes))
+                for i in range(n):
+                    ref = reader.read_block.remote((shard, hour, part), i, n)
+                    slices.append(((shard, hour), ref, nbytes // n))
         keys = s.reduce_keys
         map_outputs = [
             map_task.options(num_returns=keys).remote(
-                [unit for unit, _r, _b in pack], "default", keys, *[r for _u, r, _b in pack]
+                [unit for unit, _r, _b in pack],
+                logic,
+                keys,
+                modules,
+                sites,
+                *[r for _u, r, _b in pack],
             )
             for pack in _pack(slices, s.map_slice_bytes)
         ]
         if keys == 1:
             map_outputs = [[m] for m in map_outputs]
         reduced = [reduce_task.remote(*[out[k] for out in map_outputs]) for k in range(keys)]
-        job = uuid.uuid4().hex[:12]
-        written: list[Unit] = await asyncio.wait_for(
-            write_task.remote(str(s.warehouse_dir), "default", job, units, *reduced),
-            s.process_timeout_s,
-        )
-        return written
+        return units, reduced
 
     async def _reader(self, group: int, upto: int, master: Any) -> Any:
         """A follower that has committed everything up to ``upto``, to spare the master
@@ -181,15 +236,240 @@ class Processor:
         watermark = min([h * HOUR_MS for h in oldest] + [now_minute])
         await asyncio.to_thread(self.catalog.set_watermark, watermark)
 
+    # ---- re-processing and rollback jobs -----------------------------------------------
+    async def reprocess(
+        self,
+        start_ms: int,
+        end_ms: int,
+        sites: list[str] | None = None,
+        logic: str | None = None,
+        modules: list[str] | None = None,
+        dry_run: bool = False,
+    ) -> dict[str, Any]:
+        """Start re-processing the published hours overlapping [start_ms, end_ms).
+
+        Checks the request at once (a bad one raises ValueError) and returns the job;
+        progress and the result come from ``job``.
+        """
+        await self.start()
+        if end_ms <= start_ms:
+            raise ValueError("end must be after start")
+        if sites is not None:
+            if not sites:
+                raise ValueError("name at least one site, or none to re-process every site")
+            if len(sites) > SITES_MAX:
+                raise ValueError(f"at most {SITES_MAX} sites per run, got {len(sites)}")
+            sites = sorted({normalize_site(x) for x in sites})
+        current = self.catalog.version()
+        logic = logic or current.logic
+        mods = tuple(dict.fromkeys([*self.settings.logic_module_names, *(modules or [])]))
+        logics.get(logic, mods)  # unknown logic or unimportable module: refused now
+        params = {
+            "start_ms": start_ms,
+            "end_ms": end_ms,
+            "sites": sites,
+            "logic": logic,
+            "modules": list(mods),
+            "dry_run": dry_run,
+        }
+        return self._start_job(
+            "reprocess",
+            params,
+            lambda st: self._reprocess(st, start_ms, end_ms, sites, logic, mods, dry_run),
+        )
+
+    async def rollback(self, to_version: int | None = None) -> dict[str, Any]:
+        """Start returning to ``to_version`` (default: the current version's parent)."""
+        await self.start()
+        current = self.catalog.version()
+        target = current.parent if to_version is None else to_version
+        if target is None:
+            raise ValueError(f"version {current.version} has no previous version to return to")
+        if target == current.version:
+            raise ValueError(f"version {target} is already current")
+        try:
+            self.catalog.version(target)
+        except CatalogError as exc:
+            raise ValueError(str(exc)) from None
+        return self._start_job("rollback", {"to": target}, lambda st: self._rollback(st, target))
+
+    async def job(self, job_id: str) -> dict[str, Any] | None:
+        state = self._jobs.get(job_id)
+        return None if state is None else dict(state)
+
+    async def versions(self) -> list[dict[str, Any]]:
+        return [v.to_json() for v in await asyncio.to_thread(self.catalog.versions)]
+
+    def _start_job(
+        self,
+        kind: str,
+        params: dict[str, Any],
+        work: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]],
+    ) -> dict[str, Any]:
+        job_id = uuid.uuid4().hex[:12]
+        state: dict[str, Any] = {
+            "job": job_id,
+            "kind": kind,
+            "params": params,
+            "state": "running",
+            "done": 0,
+            "total": None,
+            "started_ms": _now_ms(),
+            "result": None,
+            "error": None,
+        }
+        finished = [j for j, st in self._jobs.items() if st["state"] != "running"]
+        for old in finished[: max(0, len(finished) - JOBS_KEPT + 1)]:
+            del self._jobs[old]
+        self._jobs[job_id] = state
+        task = asyncio.create_task(self._run_job(state, work))
+        self._job_tasks.add(task)  # the loop keeps only weak references to tasks
+        task.add_done_callback(self._job_tasks.discard)
+        return dict(state)
+
+    async def _run_job(
+        self,
+        state: dict[str, Any],
+        work: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]],
+    ) -> None:
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        try:
+            async with self._lock:
+                state["result"] = await work(state)
+            state["state"] = "done"
+        except Exception as exc:  # reported to whoever polls the job
+            state["error"] = f"{type(exc).__name__}: {exc}"
+            state["state"] = "failed"
+            log.warning("%s job %s failed: %s", state["kind"], state["job"], state["error"])
+            for group in range(self.settings.groups):
+                self.directory.forget(group)
+        finally:
+            state["seconds"] = round((_now_ms() - state["started_ms"]) / 1000, 3)
+
+    async def _published_readers(self) -> tuple[dict[int, Any], dict[int, int]]:
+        """A reader per group, caught up to the group's published cursor."""
+        masters = await self._masters()
+        upto = {g: self.catalog.cursor(g) for g in range(self.settings.groups)}
+        readers = {g: await self._reader(g, upto[g], masters[g]) for g in masters}
+        return readers, upto
+
+    async def _rewrite_hours(
+        self,
+        state_targets: list[Target],
+        logic: str,
+        modules: tuple[str, ...],
+        sites: list[str] | None,
+        dry_run: bool,
+        old: dict[Target, Unit],
+        progress: dict[str, Any],
+    ) -> tuple[list[Unit], pa.Table]:
+        """Re-make ``state_targets`` hour by hour; new units and the diff per site."""
+        readers, upto = await self._published_readers()
+        job = uuid.uuid4().hex[:12]
+        by_hour: dict[int, list[Target]] = {}
+        for shard, hour in state_targets:
+            by_hour.setdefault(hour, []).append((shard, hour))
+        progress["total"] = len(state_targets)
+        new_units: list[Unit] = []
+        diffs: list[pa.Table] = []
+        for hour in sorted(by_hour):
+            targets = sorted(by_hour[hour])
+            units, reduced = await self._map_reduce(targets, readers, upto, logic, modules, sites)
+            old_paths = {t: old[t].path for t in targets if t in old}
+            written, diff = await asyncio.wait_for(
+                rewrite_task.remote(
+                    str(self.settings.warehouse_dir),
+                    logic,
+                    job,
+                    units,
+                    old_paths,
+                    sites,
+                    dry_run,
+                    *reduced,
+                ),
+                self.settings.process_timeout_s,
+            )
+            new_units += written
+            diffs.append(diff)
+            progress["done"] += len(targets)
+        return new_units, _sum_diffs(diffs)
+
+    async def _reprocess(
+        self,
+        state: dict[str, Any],
+        start_ms: int,
+        end_ms: int,
+        sites: list[str] | None,
+        logic: str,
+        modules: tuple[str, ...],
+        dry_run: bool,
+    ) -> dict[str, Any]:
+        current = self.catalog.version()
+        old = self.catalog.unit_map(current.version)
+        hour_lo, hour_hi = start_ms // HOUR_MS, -(-end_ms // HOUR_MS)
+        shards = None if sites is None else {shard_for_site(x, self.settings.shards) for x in sites}
+        targets = sorted(
+            t for t in old if hour_lo <= t[1] < hour_hi and (shards is None or t[0] in shards)
+        )
+        new_units, diff = await self._rewrite_hours(
+            targets, logic, modules, sites, dry_run, old, state
+        )
+        result: dict[str, Any] = {
+            "from_version": current.version,
+            "logic": logic,
+            "hours": [hour_lo * HOUR_MS, hour_hi * HOUR_MS],
+            "units": len(new_units),
+            "dry_run": dry_run,
+            **_diff_report(diff),
+        }
+        if dry_run:
+            result["version"] = None
+            return result
+        note = f"reprocess {logic} hours {hour_lo}..{hour_hi}" + (
+            f" sites {len(sites)}" if sites else ""
+        )
+        version, generation = await asyncio.to_thread(
+            self.catalog.create_version, current.version, logic, modules, new_units, note
+        )
+        result["version"] = version
+        result["generation"] = generation
+        return result
+
+    async def _rollback(self, state: dict[str, Any], target: int) -> dict[str, Any]:
+        """Make ``target`` current again, first re-making with its logic every unit the
+        current version published after leaving it (new hours, late parts)."""
+        current = self.catalog.version()
+        goal = self.catalog.version(target)
+        mine = self.catalog.unit_map(current.version)
+        theirs = self.catalog.unit_map(target)
+        stale = sorted(t for t, u in mine.items() if t not in theirs or theirs[t].parts < u.parts)
+        new_units, _diff = await self._rewrite_hours(
+            stale, goal.logic, goal.modules, None, False, theirs, state
+        )
+        generation = await asyncio.to_thread(
+            self.catalog.switch, current.version, target, new_units
+        )
+        return {
+            "from_version": current.version,
+            "version": target,
+            "logic": goal.logic,
+            "units_brought_up_to_date": len(new_units),
+            "generation": generation,
+        }
+
     async def status(self) -> dict[str, Any]:
         await self.start()
         return {
+            "pid": os.getpid(),
             "jobs": self.jobs,
             "republished_units": self.republished_units,
             "last_job": self.last_job,
             "last_error": self.last_error,
             "catalog": self.catalog.summary(),
             "cursors": {g: self.catalog.cursor(g) for g in range(self.settings.groups)},
+            "versions": [v.to_json() for v in self.catalog.versions()],
+            "jobs_running": [dict(st) for st in self._jobs.values() if st["state"] == "running"],
         }
 
     async def stop(self) -> None:
@@ -215,3 +495,31 @@ def _pack(
     if current:
         packs.append(current)
     return packs
+
+
+def _sum_diffs(diffs: list[pa.Table]) -> pa.Table:
+    """Per-site totals of several units' diffs."""
+    table = pa.concat_tables(diffs) if diffs else DIFF_SCHEMA.empty_table()
+    if table.num_rows == 0:
+        return table
+    return (
+        table.group_by("site")
+        .aggregate([("buckets_changed", "sum"), ("before", "sum"), ("after", "sum")])
+        .rename_columns(["site", "buckets_changed", "before", "after"])
+    )
+
+
+def _diff_report(diff: pa.Table) -> dict[str, Any]:
+    """The sites that changed, largest change first (at most DIFF_SITES_MAX), and totals."""
+    every = diff.to_pylist()
+    rows = [r for r in every if r["buckets_changed"] or r["before"] != r["after"]]
+    rows.sort(key=lambda r: (-abs(r["after"] - r["before"]), -r["buckets_changed"], r["site"]))
+    return {
+        "sites_examined": diff.num_rows,
+        "sites_changed": len(rows),
+        "buckets_changed": sum(r["buckets_changed"] for r in rows),
+        "events_before": sum(r["before"] for r in every),
+        "events_after": sum(r["after"] for r in every),
+        "changes": rows[:DIFF_SITES_MAX],
+        "changes_truncated": len(rows) > DIFF_SITES_MAX,
+    }

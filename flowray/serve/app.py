@@ -23,6 +23,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from pydantic import BaseModel, ConfigDict, Field
 
 from flowray import events as ev
 from flowray import series
@@ -83,6 +84,33 @@ class Admin(Protocol):
     async def status(self) -> dict[str, Any]: ...
 
     async def process(self, mode: str) -> dict[str, Any]: ...
+
+    async def reprocess(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Start a re-processing job (raises ValueError for a bad request)."""
+
+    async def rollback(self, to_version: int | None) -> dict[str, Any]:
+        """Start a rollback job (raises ValueError when there is nothing to return to)."""
+
+    async def job(self, job_id: str) -> dict[str, Any] | None: ...
+
+    async def versions(self) -> list[dict[str, Any]]: ...
+
+
+class ReprocessRequest(BaseModel):
+    """What to re-process: the published hours overlapping [start, end)."""
+
+    model_config = ConfigDict(extra="forbid")
+    start: str = Field(description="Inclusive start (ISO-8601, date, or epoch ms)")
+    end: str = Field(description="Exclusive end (ISO-8601, date, or epoch ms)")
+    tz: str = Field("UTC", description="Time zone of start and end when they carry none")
+    sites: list[str] | None = Field(
+        None, description="Only these sites (default: every site)", max_length=10_000
+    )
+    logic: str | None = Field(None, description="Processing logic (default: the current one)")
+    logic_modules: list[str] = Field(
+        default_factory=list, description="Modules to import that register the logic"
+    )
+    dry_run: bool = Field(False, description="Report what would change; publish nothing")
 
 
 class _Metrics:
@@ -505,13 +533,93 @@ def create_app(
         try:
             return JSONResponse(await admin.process(mode))
         except Unavailable as exc:
-            return JSONResponse(
-                {"error": str(exc)},
-                status_code=503,
-                headers={"Retry-After": str(exc.retry_after_s)},
-            )
+            return _unavailable(exc)
+
+    @app.post(
+        "/v1/admin/reprocess",
+        summary="Start re-processing a time range (optionally some sites, another logic)",
+        status_code=202,
+        responses={
+            **AUTH_RESPONSES,
+            400: {"description": "A body that is not JSON"},
+            422: {"description": "A bad range, site, logic or module"},
+        },
+        dependencies=[Depends(needs["admin"])],
+    )
+    async def reprocess(body: ReprocessRequest) -> Response:
+        try:
+            zone = series.parse_zone(body.tz)
+            start_ms = series.parse_time(body.start, zone)
+            end_ms = series.parse_time(body.end, zone)
+            sites = None if body.sites is None else [normalize_site(x) for x in body.sites]
+            request = {
+                "start_ms": start_ms,
+                "end_ms": end_ms,
+                "sites": sites,
+                "logic": body.logic,
+                "modules": body.logic_modules,
+                "dry_run": body.dry_run,
+            }
+            return await _job_started(admin.reprocess(request))
+        except (ValueError, SiteError) as exc:
+            return _error(422, str(exc))
+
+    @app.post(
+        "/v1/admin/rollback",
+        summary="Start returning to the previous warehouse version (or a given one)",
+        status_code=202,
+        responses={**AUTH_RESPONSES, 422: {"description": "Nothing to return to"}},
+        dependencies=[Depends(needs["admin"])],
+    )
+    async def rollback(
+        to: int | None = Query(None, description="Version to return to (default: the previous)"),
+    ) -> Response:
+        try:
+            return await _job_started(admin.rollback(to))
+        except ValueError as exc:
+            return _error(422, str(exc))
+
+    @app.get(
+        "/v1/admin/jobs/{job_id}",
+        summary="Progress and result of a re-processing or rollback job",
+        responses={**AUTH_RESPONSES, 404: {"description": "No such job"}},
+        dependencies=[Depends(needs["admin"])],
+    )
+    async def job(job_id: str = Path(max_length=64)) -> Response:
+        try:
+            state = await admin.job(job_id)
+        except Unavailable as exc:
+            return _unavailable(exc)
+        if state is None:
+            return _error(404, f"no job {job_id} (jobs are forgotten when the processor restarts)")
+        return JSONResponse(state)
+
+    @app.get(
+        "/v1/admin/versions",
+        summary="Warehouse versions: logic, parent, units, events, which is current",
+        responses=AUTH_RESPONSES,
+        dependencies=[Depends(needs["admin"])],
+    )
+    async def versions() -> Response:
+        try:
+            return JSONResponse(await admin.versions())
+        except Unavailable as exc:
+            return _unavailable(exc)
 
     return app
+
+
+async def _job_started(call: Awaitable[dict[str, Any]]) -> Response:
+    try:
+        return JSONResponse(await call, status_code=202)
+    except Unavailable as exc:
+        return _unavailable(exc)
+
+
+def _unavailable(exc: Unavailable) -> JSONResponse:
+    return JSONResponse(
+        {"error": str(exc)}, status_code=503, headers={"Retry-After": str(exc.retry_after_s)}
+    )
 
 
 def _render(

@@ -241,6 +241,31 @@ class RayAdmin:
         except _UNAVAILABLE as exc:
             raise Unavailable(f"processing did not finish: {type(exc).__name__}: {exc}") from exc
 
+    async def _call(self, call: Any) -> Any:
+        """A quick processor call: ValueError passes through, the rest is Unavailable."""
+        try:
+            return await asyncio.wait_for(call, self.settings.rpc_timeout_s)
+        except ValueError as exc:  # from the actor: a RayTaskError that is a ValueError
+            raise ValueError(str(getattr(exc, "cause", None) or exc)) from None
+        except _UNAVAILABLE as exc:
+            raise Unavailable(f"the processor did not answer: {type(exc).__name__}") from exc
+
+    async def reprocess(self, request: dict[str, Any]) -> dict[str, Any]:
+        result: dict[str, Any] = await self._call(self.processor.reprocess.remote(**request))
+        return result
+
+    async def rollback(self, to_version: int | None) -> dict[str, Any]:
+        result: dict[str, Any] = await self._call(self.processor.rollback.remote(to_version))
+        return result
+
+    async def job(self, job_id: str) -> dict[str, Any] | None:
+        result: dict[str, Any] | None = await self._call(self.processor.job.remote(job_id))
+        return result
+
+    async def versions(self) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = await self._call(self.processor.versions.remote())
+        return result
+
 
 def build_app() -> FastAPI:
     settings = Settings.from_json(json.loads(os.environ[SETTINGS_ENV]))

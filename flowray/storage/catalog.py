@@ -5,6 +5,12 @@ replaces unit rows and bumps ``generation`` in one SQLite transaction, so a read
 sees all of a job or none of it, and caches keyed by the generation never serve data
 from before a publish. SQLite (WAL mode) lets the Serve replicas read while the
 processor writes, from any process on the machine.
+
+A version is a complete set of units made by one processing logic. Version 1 is made
+by ``default``; a re-processing run creates a child version (its parent's units, with
+the re-processed ones replaced) and makes it current in the same transaction that
+publishes it; a rollback makes the parent current again. Regular processing always
+publishes into the current version.
 """
 
 from __future__ import annotations
@@ -29,6 +35,12 @@ CREATE TABLE IF NOT EXISTS units (
 );
 CREATE TABLE IF NOT EXISTS cursors (grp INTEGER PRIMARY KEY, seal_index INTEGER NOT NULL);
 """
+# Columns added to ``versions`` after the first release, added to older catalogs on open.
+VERSION_COLUMNS = {
+    "parent": "INTEGER",
+    "modules": "TEXT NOT NULL DEFAULT ''",
+    "note": "TEXT NOT NULL DEFAULT ''",
+}
 BUSY_TIMEOUT_S = 10.0
 
 
@@ -40,6 +52,28 @@ class Unit:
     parts: int
     rows: int
     events: int
+
+
+@dataclass(frozen=True)
+class Version:
+    version: int
+    logic: str
+    modules: tuple[str, ...]
+    parent: int | None
+    created_ms: int
+    note: str
+    current: bool
+    units: int
+    events: int
+
+    def to_json(self) -> dict[str, object]:
+        out = dict(self.__dict__)
+        out["modules"] = list(self.modules)
+        return out
+
+
+class CatalogError(ValueError):
+    """A catalog operation that cannot be done (unknown version, nothing to roll back to)."""
 
 
 class Catalog:
@@ -54,10 +88,16 @@ class Catalog:
         for stmt in SCHEMA.strip().split(";"):
             if stmt.strip():
                 self._db.execute(stmt)
+        have = {r[1] for r in self._db.execute("PRAGMA table_info(versions)").fetchall()}
+        for column, decl in VERSION_COLUMNS.items():
+            if column not in have:
+                self._db.execute(f"ALTER TABLE versions ADD COLUMN {column} {decl}")
         with self._tx():
             if self._meta("current_version") is None:
                 self._db.execute(
-                    "INSERT INTO versions VALUES (1, 'default', ?)", (int(time.time() * 1000),)
+                    "INSERT INTO versions (version, logic, created_ms, note)"
+                    " VALUES (1, 'default', ?, 'first version')",
+                    (_now_ms(),),
                 )
                 self._set_meta("current_version", 1)
                 self._set_meta("generation", 0)
@@ -123,6 +163,40 @@ class Catalog:
         ).fetchall()
         return [Unit(*r) for r in rows]
 
+    def unit_map(self, version: int) -> dict[tuple[int, int], Unit]:
+        return {(u.shard, u.hour): u for u in self.units(version)}
+
+    def versions(self) -> list[Version]:
+        current = self.current_version()
+        rows = self._db.execute(
+            "SELECT v.version, v.logic, v.modules, v.parent, v.created_ms, v.note,"
+            " count(u.hour), coalesce(sum(u.events), 0)"
+            " FROM versions v LEFT JOIN units u ON u.version = v.version"
+            " GROUP BY v.version ORDER BY v.version"
+        ).fetchall()
+        return [
+            Version(
+                version=int(r[0]),
+                logic=r[1],
+                modules=tuple(m for m in r[2].split(",") if m),
+                parent=None if r[3] is None else int(r[3]),
+                created_ms=int(r[4]),
+                note=r[5],
+                current=int(r[0]) == current,
+                units=int(r[6]),
+                events=int(r[7]),
+            )
+            for r in rows
+        ]
+
+    def version(self, version: int | None = None) -> Version:
+        """One version (the current one by default)."""
+        wanted = self.current_version() if version is None else version
+        for v in self.versions():
+            if v.version == wanted:
+                return v
+        raise CatalogError(f"no warehouse version {wanted}")
+
     def cursor(self, group: int) -> int:
         row = self._db.execute("SELECT seal_index FROM cursors WHERE grp = ?", (group,)).fetchone()
         return 0 if row is None else int(row[0])
@@ -141,14 +215,20 @@ class Catalog:
         }
 
     # ---- writes ----------------------------------------------------------------------
-    def publish(self, units: Iterable[Unit], cursors: dict[int, int]) -> int:
-        """Make ``units`` current and move the group cursors, atomically; new generation."""
+    def publish(
+        self, units: Iterable[Unit], cursors: dict[int, int], version: int | None = None
+    ) -> int:
+        """Make ``units`` current and move the group cursors, atomically; new generation.
+
+        With ``version``, refused unless that is still the current version (the units
+        were made with its logic).
+        """
         with self._tx():
-            version = self.current_version()
-            self._db.executemany(
-                "INSERT OR REPLACE INTO units VALUES (?, ?, ?, ?, ?, ?, ?)",
-                [(version, u.shard, u.hour, u.path, u.parts, u.rows, u.events) for u in units],
-            )
+            if version is not None and self.current_version() != version:
+                raise CatalogError(
+                    f"version {version} is no longer current ({self.current_version()} is)"
+                )
+            self._put_units(self.current_version(), units)
             for group, seal_index in cursors.items():
                 self._db.execute(
                     "INSERT INTO cursors VALUES (?, ?) ON CONFLICT(grp) DO UPDATE SET"
@@ -159,11 +239,81 @@ class Catalog:
             self._set_meta("generation", generation)
         return generation
 
+    def create_version(
+        self,
+        parent: int,
+        logic: str,
+        modules: tuple[str, ...],
+        units: Iterable[Unit],
+        note: str,
+    ) -> tuple[int, int]:
+        """A child of ``parent`` with ``units`` replaced, made current atomically.
+
+        Returns (new version, new generation). Refused if ``parent`` is no longer the
+        current version: the re-processing run read a version that has been replaced.
+        """
+        with self._tx():
+            if self.current_version() != parent:
+                raise CatalogError(
+                    f"version {parent} is no longer current ({self.current_version()} is)"
+                )
+            version = int(
+                self._db.execute("SELECT coalesce(max(version), 0) + 1 FROM versions").fetchone()[0]
+            )
+            self._db.execute(
+                "INSERT INTO versions (version, logic, created_ms, parent, modules, note)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (version, logic, _now_ms(), parent, ",".join(modules), note),
+            )
+            self._db.execute(
+                "INSERT INTO units SELECT ?, shard, hour, path, parts, rows, events"
+                " FROM units WHERE version = ?",
+                (version, parent),
+            )
+            self._put_units(version, units)
+            self._set_meta("current_version", version)
+            generation = (self._meta("generation") or 0) + 1
+            self._set_meta("generation", generation)
+        return version, generation
+
+    def switch(self, expected_current: int, target: int, units: Iterable[Unit]) -> int:
+        """Make ``target`` current with ``units`` brought up to date in it; new generation.
+
+        Used by rollback: ``units`` are those the current version published after
+        ``target`` stopped being current, re-made with ``target``'s logic.
+        """
+        with self._tx():
+            if self.current_version() != expected_current:
+                raise CatalogError(
+                    f"version {expected_current} is no longer current ({self.current_version()} is)"
+                )
+            known = self._db.execute("SELECT 1 FROM versions WHERE version = ?", (target,))
+            if known.fetchone() is None:
+                raise CatalogError(f"no warehouse version {target}")
+            self._put_units(target, units)
+            self._set_meta("current_version", target)
+            generation = (self._meta("generation") or 0) + 1
+            self._set_meta("generation", generation)
+        return generation
+
+    def _put_units(self, version: int, units: Iterable[Unit]) -> None:
+        self._db.executemany(
+            "INSERT OR REPLACE INTO units VALUES (?, ?, ?, ?, ?, ?, ?)",
+            [(version, u.shard, u.hour, u.path, u.parts, u.rows, u.events) for u in units],
+        )
+
     def set_watermark(self, watermark_ms: int) -> None:
         with self._tx():
             if self._meta("watermark_ms") != watermark_ms:
                 self._set_meta("watermark_ms", watermark_ms)
                 self._set_meta("generation", (self._meta("generation") or 0) + 1)
 
+    def referenced_paths(self) -> set[str]:
+        return {r[0] for r in self._db.execute("SELECT DISTINCT path FROM units").fetchall()}
+
     def close(self) -> None:
         self._db.close()
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)

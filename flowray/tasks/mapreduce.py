@@ -5,6 +5,11 @@ per (site, minute) — events carrying an id are kept per id so that duplicates 
 dropped later — and rehash every site into one of R reduce keys. Reduce: merge every
 map output for one key, count each (site, id) once, sum per (shard, hour, site,
 minute), and sort. Write: one Parquet file per (shard, hour) unit.
+
+Re-processing uses the same map and reduce (with the run's logic, and optionally only
+some sites) and then *rewrites* each unit: the sites re-processed take their new
+rows, the others keep the rows of the unit being replaced, and a per-site diff
+(buckets changed, totals before and after) is reported.
 """
 
 from __future__ import annotations
@@ -15,13 +20,14 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import ray
 
 from flowray import logic as logics
 from flowray.ingest import from_ipc
 from flowray.router import reduce_key_for_site
 from flowray.storage.catalog import Unit
-from flowray.storage.warehouse import unit_path, write_unit
+from flowray.storage.warehouse import UNIT_SCHEMA, unit_path, write_unit
 
 PARTIAL_SCHEMA = pa.schema(
     [
@@ -39,18 +45,39 @@ def _duck() -> duckdb.DuckDBPyConnection:
     return duckdb.connect(config={"threads": 1})
 
 
+DIFF_SCHEMA = pa.schema(
+    [
+        ("site", pa.string()),
+        ("buckets_changed", pa.int64()),
+        ("before", pa.int64()),
+        ("after", pa.int64()),
+    ]
+)
+
+
 def map_block_slices(
-    blocks: list[tuple[int, int]], payloads: list[list[bytes]], logic_name: str, keys: int
+    blocks: list[tuple[int, int]],
+    payloads: list[list[bytes]],
+    logic_name: str,
+    keys: int,
+    modules: tuple[str, ...] = (),
+    sites: list[str] | None = None,
 ) -> list[pa.Table]:
-    """Partial counts of several block slices, split into ``keys`` reduce partitions."""
-    logic = logics.get(logic_name)
+    """Partial counts of several block slices, split into ``keys`` reduce partitions.
+
+    With ``sites``, only those sites' events are counted (re-processing some sites).
+    """
+    logics.get(logic_name, modules)  # an unknown logic fails before any work
+    only = None if sites is None else pa.array(sites, type=pa.string())
     partials = []
     con = _duck()
     for (shard, hour), slice_payloads in zip(blocks, payloads, strict=True):
         if not slice_payloads:
             continue
         events = pa.concat_tables([from_ipc(p) for p in slice_payloads])
-        events = logic(events)
+        if only is not None:
+            events = events.filter(pc.is_in(events.column("site"), value_set=only))
+        events = logics.apply(logic_name, events, modules)
         con.register("ev", events)
         partial = con.sql(
             f"SELECT {int(shard)}::INTEGER AS shard, {int(hour)}::BIGINT AS hour, site,"
@@ -107,11 +134,87 @@ def write_units(
     return out
 
 
+def rewrite_units(
+    root: Path,
+    logic_name: str,
+    job: str,
+    reduced: list[pa.Table],
+    units: list[tuple[int, int, int]],
+    old_paths: dict[tuple[int, int], str],
+    sites: list[str] | None,
+    dry_run: bool,
+) -> tuple[list[Unit], pa.Table]:
+    """Re-processed units, merged with the units they replace, and the per-site diff.
+
+    ``old_paths`` maps (shard, hour) to the replaced unit's file. Without ``sites``
+    every site takes its new rows; with it, only those sites do. In a dry run nothing
+    is written and the units returned have no path.
+    """
+    con = _duck()
+    con.register("r", pa.concat_tables(reduced) if reduced else _EMPTY_REDUCED)
+    con.register("sel", pa.table({"site": pa.array(sites or [], type=pa.string())}))
+    redone = "TRUE" if sites is None else "site IN (SELECT site FROM sel)"
+    out: list[Unit] = []
+    diffs: list[pa.Table] = []
+    for shard, hour, parts in units:
+        old_path = old_paths.get((shard, hour))
+        con.register("old_file", pq.read_table(old_path) if old_path else _EMPTY_UNIT)
+        con.execute(
+            "CREATE OR REPLACE TEMP VIEW old AS"
+            " SELECT site, epoch_ms(minute) AS minute, count FROM old_file"
+        )
+        con.execute(
+            "CREATE OR REPLACE TEMP VIEW new AS SELECT site, minute, count FROM r"
+            f" WHERE shard = {int(shard)} AND hour = {int(hour)}"
+        )
+        diffs.append(
+            con.sql(
+                "SELECT site, count(*) FILTER (WHERE coalesce(o.count, 0) <> coalesce(n.count, 0))"
+                " AS buckets_changed, coalesce(sum(o.count), 0) AS before,"
+                " coalesce(sum(n.count), 0) AS after"
+                f" FROM (SELECT * FROM old WHERE {redone}) o"
+                " FULL OUTER JOIN new n USING (site, minute) GROUP BY site"
+            )
+            .to_arrow_table()
+            .cast(DIFF_SCHEMA)
+        )
+        rows = con.sql(
+            "SELECT site, make_timestamptz(minute * 1000) AS minute, count FROM ("
+            f" SELECT site, minute, count FROM old WHERE NOT ({redone})"
+            " UNION ALL SELECT site, minute, count FROM new"
+            ") ORDER BY site, minute"
+        ).to_arrow_table()
+        events = int(pc.sum(rows.column("count")).as_py() or 0)
+        path = "" if dry_run else str(unit_path(root, logic_name, shard, hour, job))
+        if not dry_run:
+            write_unit(Path(path), rows)
+        out.append(Unit(shard, hour, path, parts, rows.num_rows, events))
+    diff = pa.concat_tables(diffs) if diffs else DIFF_SCHEMA.empty_table()
+    return out, diff
+
+
+_EMPTY_UNIT = UNIT_SCHEMA.empty_table()
+_EMPTY_REDUCED = pa.schema(
+    [
+        ("shard", pa.int32()),
+        ("hour", pa.int64()),
+        ("site", pa.string()),
+        ("minute", pa.int64()),
+        ("count", pa.int64()),
+    ]
+).empty_table()
+
+
 @ray.remote(num_cpus=1, max_retries=3)
 def map_task(
-    blocks: list[tuple[int, int]], logic_name: str, keys: int, *payloads: list[bytes]
+    blocks: list[tuple[int, int]],
+    logic_name: str,
+    keys: int,
+    modules: tuple[str, ...],
+    sites: list[str] | None,
+    *payloads: list[bytes],
 ) -> tuple[pa.Table, ...] | pa.Table:
-    out = map_block_slices(blocks, list(payloads), logic_name, keys)
+    out = map_block_slices(blocks, list(payloads), logic_name, keys, modules, sites)
     return out[0] if keys == 1 else tuple(out)
 
 
@@ -125,3 +228,19 @@ def write_task(
     root: str, logic_name: str, job: str, units: list[tuple[int, int, int]], *reduced: pa.Table
 ) -> list[Unit]:
     return write_units(Path(root), logic_name, job, list(reduced), units)
+
+
+@ray.remote(num_cpus=1, max_retries=3)
+def rewrite_task(
+    root: str,
+    logic_name: str,
+    job: str,
+    units: list[tuple[int, int, int]],
+    old_paths: dict[tuple[int, int], str],
+    sites: list[str] | None,
+    dry_run: bool,
+    *reduced: pa.Table,
+) -> tuple[list[Unit], pa.Table]:
+    return rewrite_units(
+        Path(root), logic_name, job, list(reduced), units, old_paths, sites, dry_run
+    )

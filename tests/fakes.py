@@ -1,0 +1,46 @@
+"""An in-process stand-in for the cluster's admin calls, for the app's fast tests."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class FakeAdmin:
+    """Records what the app asks; jobs finish at once with an empty result."""
+
+    def __init__(self) -> None:
+        self.modes: list[str] = []
+        self.requests: list[dict[str, Any]] = []
+        self.error: Exception | None = None
+        self.jobs: dict[str, dict[str, Any]] = {}
+
+    async def status(self) -> dict[str, Any]:
+        return {"groups": [{"group": 0, "master": 0}]}
+
+    async def process(self, mode: str) -> dict[str, Any]:
+        if self.error is not None:
+            raise self.error
+        self.modes.append(mode)
+        return {"mode": mode, "units": 0}
+
+    def _job(self, kind: str, params: dict[str, Any]) -> dict[str, Any]:
+        job = {"job": f"j{len(self.jobs)}", "kind": kind, "params": params, "state": "done"}
+        self.jobs[job["job"]] = job
+        return job
+
+    async def reprocess(self, request: dict[str, Any]) -> dict[str, Any]:
+        if request["end_ms"] <= request["start_ms"]:
+            raise ValueError("end must be after start")
+        self.requests.append(request)
+        return self._job("reprocess", request)
+
+    async def rollback(self, to_version: int | None) -> dict[str, Any]:
+        if to_version is not None and to_version != 1:
+            raise ValueError(f"no warehouse version {to_version}")
+        return self._job("rollback", {"to": to_version})
+
+    async def job(self, job_id: str) -> dict[str, Any] | None:
+        return self.jobs.get(job_id)
+
+    async def versions(self) -> list[dict[str, Any]]:
+        return [{"version": 1, "logic": "default", "current": True}]
