@@ -121,8 +121,10 @@ class Processor:
             "events": 0,
             "generation": self.catalog.generation(),
         }
+        summary["seal_s"] = round(time.monotonic() - started, 3)
         if summary["blocks"]:
             units = await self._process(work, masters)
+            summary["map_reduce_write_s"] = round(time.monotonic() - started - summary["seal_s"], 3)
             cursors = {g: max(b["seal_index"] for b in w) for g, w in work.items() if w}
             summary["generation"] = await asyncio.to_thread(
                 self.catalog.publish, units, cursors, self.catalog.current_version()
@@ -177,12 +179,19 @@ class Processor:
         s = self.settings
         slices: list[tuple[Target, Any, int]] = []  # (unit, payload ref, bytes)
         units: list[tuple[int, int, int]] = []
-        for shard, hour in targets:
-            group = self.shard_map.group_of_shard(shard)
+        # Every unit's parts first: once reads start, the readers are busy serving them.
+        groups = [self.shard_map.group_of_shard(shard) for shard, _hour in targets]
+        all_parts = await asyncio.wait_for(
+            asyncio.gather(
+                *(
+                    readers[g].block_parts.remote(shard, hour, upto[g])
+                    for g, (shard, hour) in zip(groups, targets, strict=True)
+                )
+            ),
+            s.rpc_timeout_s,
+        )
+        for group, (shard, hour), parts in zip(groups, targets, all_parts, strict=True):
             reader = readers[group]
-            parts = await asyncio.wait_for(
-                reader.block_parts.remote(shard, hour, upto[group]), s.rpc_timeout_s
-            )
             units.append((shard, hour, len(parts)))
             for part, nbytes in parts:
                 n = max(1, -(-nbytes // s.map_slice_bytes))

@@ -1,0 +1,355 @@
+#!/usr/bin/env python3
+"""Processing benchmark: one hour at the fleet rate, beside DuckDB on the same raw data.
+
+    .venv/bin/python scripts/bench_process.py [--events 41700000] [--scales 1,2,4]
+        [--sites 100000] [--markdown FILE]
+
+For each scale k (k x --events events in one hour), in one run on this machine:
+1. the events are generated (sites skewed: a few big, a long tail), written as the
+   seed's raw line form (``2020.03.14 07:20:39.595 taobao.com``) and committed into a
+   local flowray cluster (2 groups x 3 replicas, 8 shards) through the same ingest
+   path the API uses (RayIngest: majority fsync, every byte replicated), so the hour
+   sits in the replicated raw log as sealed blocks, as in production;
+2. **flowray** processes the hour: seal, map tasks reading block slices from a caught-up
+   follower, reduce, sorted Parquet units, atomic publish. Timed end to end, with the
+   peak memory (PSS, so shared pages count once) of every process of the Ray session;
+3. **DuckDB** aggregates the same raw lines directly (read the text, count per (site,
+   minute), sorted Parquet out), using every core, in a child process whose peak RSS is
+   measured; and, as a second baseline, from the events already in Parquet (ts, site);
+4. the two outputs are compared: every (site, minute) count must be equal.
+Ingest is not part of the processing time; it is reported for scale.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+import duckdb  # noqa: E402
+import numpy as np  # noqa: E402
+import pyarrow as pa  # noqa: E402
+import pyarrow.compute as pc  # noqa: E402
+import pyarrow.csv as pacsv  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+import ray  # noqa: E402
+
+from flowray import cluster  # noqa: E402
+from flowray.actors.directory import Directory  # noqa: E402
+from flowray.config import Settings  # noqa: E402
+from flowray.events import EVENT_SCHEMA  # noqa: E402
+from flowray.ingest import split_batch  # noqa: E402
+from flowray.router import ShardMap  # noqa: E402
+from flowray.serve.deployment import RayIngest  # noqa: E402
+from flowray.storage.catalog import Catalog  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+HOUR_MS = 3_600_000
+FLEET_HOUR_EVENTS = 41_700_000
+CHUNK_EVENTS = 500_000  # events per generated chunk (and per ingest call)
+INFLIGHT_CHUNKS = 4
+PROCESS_TIMEOUT_S = 3600.0
+
+DUCKDB_SCRIPT = r"""
+import resource, sys, time, duckdb
+src, kind, out = sys.argv[1], sys.argv[2], sys.argv[3]
+con = duckdb.connect(config={"threads": int(sys.argv[4])})
+con.execute("SET enable_progress_bar = false")
+if kind == "text":
+    source = (
+        "SELECT d || ' ' || t AS stamp, site FROM read_csv(?, delim=' ', header=false,"
+        " columns={'d': 'VARCHAR', 't': 'VARCHAR', 'site': 'VARCHAR'}, quote='', escape='')"
+    )
+    minute = "strptime(left(stamp, 16), '%Y.%m.%d %H:%M')"
+else:
+    source = "SELECT ts, site FROM read_parquet(?)"
+    minute = "make_timestamp((ts // 60000) * 60000 * 1000)"
+started = time.perf_counter()
+con.execute(
+    f"COPY (SELECT site, {minute} AS minute, count(*)::BIGINT AS count FROM ({source})"
+    f" GROUP BY ALL ORDER BY site, minute) TO '{out}' (FORMAT parquet, COMPRESSION zstd)",
+    [src],
+)
+seconds = time.perf_counter() - started
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(f"{seconds} {peak}")
+"""
+
+
+def pss_mib(root_pid: int) -> float:
+    """Proportional set size of ``root_pid`` and all its descendants (shared pages split)."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            parents[int(stat.parent.name)] = int(fields[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    family, frontier = {root_pid}, [root_pid]
+    while frontier:
+        pid = frontier.pop()
+        for child, parent in parents.items():
+            if parent == pid and child not in family:
+                family.add(child)
+                frontier.append(child)
+    total = 0
+    for pid in family:
+        try:
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1])
+                    break
+        except OSError:
+            continue
+    return total / 1024
+
+
+class PeakSampler:
+    """Samples pss_mib of this process tree every ``interval_s`` in a thread."""
+
+    def __init__(self, interval_s: float = 0.5) -> None:
+        self.interval_s = interval_s
+        self.peak = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, pss_mib(os.getpid()))
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self) -> PeakSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def site_names(count: int) -> pa.Array:
+    return pa.array([f"site{i}.example" for i in range(count)], type=pa.string())
+
+
+def make_chunk(rng: np.random.Generator, n: int, hour_ms: int, names: pa.Array) -> pa.Table:
+    """``n`` events in the hour: site i drawn with weight ~ 1/(i+10) (a long tail)."""
+    u = rng.random(n)
+    count = len(names)
+    # Inverse CDF of a truncated 1/(x+10) density over [0, count).
+    idx = (10 * ((count + 10) / 10) ** u - 10).astype(np.int64).clip(0, count - 1)
+    ts = hour_ms + rng.integers(0, HOUR_MS, n, dtype=np.int64)
+    columns = {"ts": pa.array(ts), "site": names.take(pa.array(idx))}
+    for field in EVENT_SCHEMA:
+        if field.name not in columns:
+            columns[field.name] = pa.nulls(n, type=field.type)
+    return pa.table(columns, schema=EVENT_SCHEMA)
+
+
+def seed_lines(table: pa.Table) -> pa.Table:
+    """The seed's raw line form of a chunk: ``YYYY.MM.DD HH:MM:SS.mmm site``."""
+    stamps = pc.strftime(
+        table.column("ts").cast(pa.timestamp("ms", tz="UTC")), format="%Y.%m.%d %H:%M:%S"
+    )
+    return pa.table({"line": pc.binary_join_element_wise(stamps, table.column("site"), " ")})
+
+
+async def ingest_hour(
+    settings: Settings, hour_ms: int, events: int, names: pa.Array, text: Path, raw: Path
+) -> float:
+    """Commit ``events`` generated events into the cluster; write them as seed lines and
+    as Parquet too. Returns the seconds spent committing."""
+    shard_map = ShardMap.round_robin(settings.shards, settings.groups)
+    ingest = RayIngest(settings, Directory(settings))
+    rng = np.random.default_rng(hour_ms // HOUR_MS)
+    committing = 0.0
+    pending: set[asyncio.Task[None]] = set()
+    text_options = pacsv.WriteOptions(include_header=False, quoting_style="none")
+    with (
+        pacsv.CSVWriter(
+            text, pa.schema([("line", pa.string())]), write_options=text_options
+        ) as text_out,
+        pq.ParquetWriter(
+            raw, EVENT_SCHEMA.remove(6).remove(5).remove(4).remove(3).remove(2)
+        ) as raw_out,
+    ):
+        sent = 0
+        started = time.perf_counter()
+        while sent < events:
+            n = min(CHUNK_EVENTS, events - sent)
+            chunk = make_chunk(rng, n, hour_ms, names)
+            text_out.write_table(seed_lines(chunk))
+            raw_out.write_table(chunk.select(["ts", "site"]))
+            pieces = split_batch(chunk, shard_map)
+            pending.add(asyncio.create_task(ingest.commit(pieces)))
+            if len(pending) >= INFLIGHT_CHUNKS:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    task.result()
+            sent += n
+            print(f"\r  ingest: {sent:,}/{events:,}", end="", file=sys.stderr, flush=True)
+        for task in pending:
+            await task
+        committing = time.perf_counter() - started
+    print(file=sys.stderr)
+    return committing
+
+
+def duckdb_baseline(src: Path, kind: str, out: Path, threads: int) -> tuple[float, float]:
+    result = subprocess.run(
+        [sys.executable, "-c", DUCKDB_SCRIPT, str(src), kind, str(out), str(threads)],
+        capture_output=True,
+        text=True,
+        timeout=PROCESS_TIMEOUT_S,
+        check=True,
+    )
+    seconds, peak = result.stdout.strip().splitlines()[-1].split()
+    return float(seconds), float(peak)
+
+
+def compare(units: list[str], baseline: Path) -> tuple[int, int]:
+    """(rows that differ, rows compared) between flowray's units and DuckDB's output."""
+    con = duckdb.connect()
+    diff = con.execute(
+        "SELECT site, m FROM (SELECT site, epoch_ms(minute) AS m, count FROM read_parquet(?)"
+        " UNION ALL SELECT site, epoch_ms(minute), -count FROM read_parquet(?))"
+        " GROUP BY site, m HAVING sum(count) <> 0",
+        [units, str(baseline)],
+    ).fetchall()
+    rows = con.execute("SELECT count(*) FROM read_parquet(?)", [str(baseline)]).fetchone()
+    differing = len(diff)
+    return differing, int(rows[0]) if rows else 0
+
+
+def run_scale(
+    settings: Settings, running: cluster.Cluster, scale: int, hour_ms: int, args: Any, work: Path
+) -> dict[str, Any]:
+    events = args.events * scale
+    names = site_names(args.sites)
+    text, raw = work / f"hour{scale}.log", work / f"hour{scale}.parquet"
+    print(f"scale {scale}x: {events:,} events", file=sys.stderr)
+    ingest_s = asyncio.run(ingest_hour(settings, hour_ms, events, names, text, raw))
+    base_pss = pss_mib(os.getpid())
+    with PeakSampler() as sampler:
+        started = time.perf_counter()
+        summary = ray.get(running.processor.run.remote("closed"), timeout=PROCESS_TIMEOUT_S)
+        process_s = time.perf_counter() - started
+    catalog = Catalog(settings.warehouse_dir / "catalog.sqlite")
+    version = catalog.current_version()
+    paths = [u.path for u in catalog.units(version) if u.hour == hour_ms // HOUR_MS]
+    catalog.close()
+    threads = os.cpu_count() or 2
+    duck_text_s, duck_text_peak = duckdb_baseline(text, "text", work / "duck_text.parquet", threads)
+    duck_pq_s, duck_pq_peak = duckdb_baseline(raw, "parquet", work / "duck_pq.parquet", threads)
+    differing, rows = compare(paths, work / "duck_text.parquet")
+    out = {
+        "scale": scale,
+        "events": events,
+        "published_events": summary["events"],
+        "units": summary["units"],
+        "seal_s": summary.get("seal_s"),
+        "map_reduce_write_s": summary.get("map_reduce_write_s"),
+        "ingest_s": round(ingest_s, 1),
+        "process_s": round(process_s, 2),
+        "events_per_s": round(events / process_s),
+        "peak_pss_mib": round(sampler.peak),
+        "pss_before_mib": round(base_pss),
+        "duckdb_text_s": round(duck_text_s, 2),
+        "duckdb_text_peak_mib": round(duck_text_peak),
+        "duckdb_parquet_s": round(duck_pq_s, 2),
+        "duckdb_parquet_peak_mib": round(duck_pq_peak),
+        "ratio_text": round(process_s / duck_text_s, 2),
+        "ratio_parquet": round(process_s / duck_pq_s, 2),
+        "rows": rows,
+        "rows_differing": differing,
+        "raw_text_mib": round(text.stat().st_size / 2**20),
+    }
+    print(json.dumps(out), file=sys.stderr)
+    text.unlink()
+    raw.unlink()
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--events", type=int, default=FLEET_HOUR_EVENTS)
+    parser.add_argument("--scales", default="1,2,4")
+    parser.add_argument("--sites", type=int, default=100_000)
+    parser.add_argument("--reduce-keys", type=int, default=4)
+    parser.add_argument("--markdown", type=Path)
+    args = parser.parse_args()
+    scales = [int(s) for s in args.scales.split(",")]
+    work = Path(tempfile.mkdtemp(prefix="bench-process-", dir=ROOT))
+    settings = Settings(
+        data_dir=work / "data",
+        namespace="flowray-bench-process",
+        groups=2,
+        replicas=3,
+        shards=8,
+        redis_url="",
+        seal_grace_s=0,
+        process_interval_s=10**6,
+        reduce_keys=args.reduce_keys,
+        process_timeout_s=PROCESS_TIMEOUT_S,
+        # The generator and the text writer share the two cores with the replicas; at
+        # the default 0.5 s election timeout a starved follower would call elections
+        # mid-load, and a retried write without ids could count twice. Ingest is not
+        # what this measures, so the groups wait 3 s of silence before an election.
+        election_ticks=60,
+        num_cpus=os.cpu_count() or 2,
+    )
+    results = []
+    try:
+        running = cluster.start(settings, serve_app=False)
+        settings = running.settings
+        first_hour = (int(time.time() * 1000) // HOUR_MS - 48) * HOUR_MS
+        for i, scale in enumerate(scales):
+            results.append(
+                run_scale(settings, running, scale, first_hour + i * HOUR_MS, args, work)
+            )
+        cluster.stop(running, serve_app=False)
+    finally:
+        ray.shutdown()
+        shutil.rmtree(work, ignore_errors=True)
+    report = render(results, args)
+    print(report)
+    if args.markdown:
+        args.markdown.write_text(report)
+
+
+def render(results: list[dict[str, Any]], args: Any) -> str:
+    lines = [
+        f"Measured {datetime.now(UTC):%Y-%m-%d %H:%M} UTC on {platform.node()}: "
+        f"{os.cpu_count()} cores, {platform.machine()}, Python {platform.python_version()}, "
+        f"{args.sites:,} sites, reduce keys {args.reduce_keys}.",
+        "",
+        "| scale | events | flowray processing | events/s | peak memory (PSS, whole Ray"
+        " session) | DuckDB from raw lines | flowray / DuckDB (lines) | DuckDB from Parquet"
+        " | flowray / DuckDB (Parquet) | (site, minute) rows, differing |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r['scale']}x | {r['events']:,} | {r['process_s']} s | {r['events_per_s']:,}"
+            f" | {r['peak_pss_mib']:,} MiB (before: {r['pss_before_mib']:,}) |"
+            f" {r['duckdb_text_s']} s ({r['duckdb_text_peak_mib']:,} MiB) | {r['ratio_text']}"
+            f" | {r['duckdb_parquet_s']} s | {r['ratio_parquet']} |"
+            f" {r['rows']:,}, {r['rows_differing']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
