@@ -24,7 +24,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 from rich.table import Table
 
 from flowray.client import ApiError, Client, ClusterNotFound, find_url
-from flowray.config import DEFAULT_DATA_DIR, Settings
+from flowray.config import DEFAULT_DATA_DIR, NODES_TIMEOUT_S, Settings
 from flowray.storage.durable import write_json_atomic
 
 app = typer.Typer(
@@ -118,6 +118,13 @@ def up(
     replicas: Annotated[int, typer.Option(help="Replicas per group (odd).")] = 3,
     shards: Annotated[int, typer.Option(help="Shards (fixed once data exists).")] = 8,
     detach: Annotated[bool, typer.Option(help="Return once the API answers.")] = False,
+    wait_nodes: Annotated[
+        int,
+        typer.Option(
+            help="Wait (up to 10 min) for this many Ray nodes before placing replicas, so "
+            "a group's replicas land on distinct nodes (a joined cluster)."
+        ),
+    ] = 0,
 ) -> None:
     """Start a local Ray cluster (or join RAY_ADDRESS), the shard groups and the API."""
     data_dir = data_dir.resolve()
@@ -135,6 +142,7 @@ def up(
             groups=groups,
             replicas=replicas,
             shards=shards,
+            wait_nodes=wait_nodes or None,
         ).validate()
     except ValueError as exc:
         _fail(str(exc))
@@ -175,7 +183,8 @@ def _up_detached(settings: Settings) -> None:
             stdin=subprocess.DEVNULL,
             start_new_session=True,
         )
-    deadline = time.monotonic() + UP_TIMEOUT_S
+    waiting = NODES_TIMEOUT_S if settings.wait_nodes else 0.0
+    deadline = time.monotonic() + UP_TIMEOUT_S + waiting
     url = f"http://{settings.host}:{settings.port}"
     with Client(url) as client:
         while time.monotonic() < deadline:
@@ -187,7 +196,7 @@ def _up_detached(settings: Settings) -> None:
                 console.print(f"flowray is up at {url} (pid {child.pid}, log {log_path})")
                 return
             time.sleep(0.5)
-    _fail(f"the API did not answer within {UP_TIMEOUT_S:.0f} s; see {log_path}")
+    _fail(f"the API did not answer within {UP_TIMEOUT_S + waiting:.0f} s; see {log_path}")
 
 
 def _up_foreground(settings: Settings) -> None:
@@ -553,6 +562,54 @@ def rollback(
         f"replacing version {result['from_version']}; "
         f"{result['units_brought_up_to_date']} units brought up to date"
     )
+
+
+@app.command()
+def restart(
+    rolling: Annotated[
+        bool,
+        typer.Option(
+            "--rolling/--no-rolling",
+            help="Replace processes one at a time, never all at once (the only mode).",
+        ),
+    ] = True,
+    data_dir: DataDir = Path(DEFAULT_DATA_DIR),
+    url: Url = None,
+) -> None:
+    """Restart every process of the running cluster one at a time: each group's
+    followers, then its master after handing mastership over, then the processor, the
+    ingest gateway and the Serve replicas. New processes load the code installed now,
+    so this is how flowray is upgraded without downtime."""
+    if not rolling:
+        _fail("only --rolling is supported: for a full restart use 'flowray down' and 'up'")
+    with _client(data_dir, url, admin=True) as client:
+        try:
+            started = client.restart()
+            with Progress(
+                TextColumn("rolling restart"),
+                BarColumn(),
+                TextColumn("{task.completed}/{task.total} steps {task.description}"),
+                console=err,
+                transient=True,
+            ) as bar:
+                task = bar.add_task("", total=started.get("total"))
+
+                def show(state: dict[str, Any]) -> None:
+                    steps = state.get("steps") or [""]
+                    bar.update(
+                        task,
+                        total=state.get("total"),
+                        completed=state.get("done", 0),
+                        description=steps[-1],
+                    )
+
+                state = client.wait_job(started, JOB_TIMEOUT_S, show)
+        except (ApiError, OSError, TimeoutError) as exc:
+            _fail(str(exc))
+            return
+    for step in state["steps"]:
+        console.print(f"- {step}")
+    console.print(f"rolling restart done in {state.get('seconds')} s")
 
 
 @app.command()

@@ -123,6 +123,10 @@ class Client:
     def job(self, job_id: str) -> Any:
         return self._json(self.http.get(f"/v1/admin/jobs/{job_id}"))
 
+    def restart(self) -> Any:
+        """Start a rolling restart; see ``POST /v1/admin/restart``."""
+        return self._json(self.http.post("/v1/admin/restart"))
+
     def versions(self) -> Any:
         return self._json(self.http.get("/v1/admin/versions"))
 
@@ -136,7 +140,16 @@ class Client:
         """Poll a job until it is done or failed (a failed job raises ApiError)."""
         deadline = time.monotonic() + timeout_s
         while True:
-            state: dict[str, Any] = self.job(job["job"])
+            try:
+                state: dict[str, Any] = self.job(job["job"])
+            except (ApiError, httpx.HTTPError) as exc:
+                # The API process itself may be replaced meanwhile (a rolling restart).
+                if isinstance(exc, ApiError) and exc.status < 500:
+                    raise
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(poll_s)
+                continue
             if on_progress is not None:
                 on_progress(state)
             if state["state"] == "done":

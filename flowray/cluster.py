@@ -12,23 +12,58 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import ray
 from ray import serve
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from flowray.actors.processor import Processor
 from flowray.actors.replica import Replica, actor_name
-from flowray.config import Settings
+from flowray.actors.restarter import RESTARTER_NAME
+from flowray.config import NODES_TIMEOUT_S, Settings
 from flowray.serve.deployment import LOCAL_MODE_ENV, PROCESSOR_NAME, SETTINGS_ENV, Api
 from flowray.serve.gateway import GATEWAY_NAME, Gateway
 from flowray.storage.durable import write_json_atomic
 
+log = logging.getLogger("flowray.cluster")
 APP_NAME = "flowray"
+DEPLOY_GENERATION_ENV = "FLOWRAY_DEPLOY_GENERATION"
 START_TIMEOUT_S = 120.0
 LAYOUT_KEYS = ("groups", "replicas", "shards")
+
+
+# A replica needs next to no CPU of its own reservation (it is I/O and the event loop);
+# a bundle must hold some resource, so each takes this sliver of a CPU.
+REPLICA_BUNDLE = {"CPU": 0.01}
+
+
+def placement_strategy(replicas: int, nodes: int) -> str | None:
+    """How a group's replicas are placed on ``nodes`` alive nodes.
+
+    One node (local mode): no placement group, they pack. As many nodes as replicas or
+    more: STRICT_SPREAD, one replica per node, so losing a node loses one copy of a
+    group's log at most; Ray re-places a lost node's bundle on a node that holds none of
+    the group's others (when there is one). Fewer: SPREAD, as distinct as they can be.
+    """
+    if nodes <= 1 or replicas <= 1:
+        return None
+    return "STRICT_SPREAD" if nodes >= replicas else "SPREAD"
+
+
+def wait_for_nodes(wanted: int, timeout_s: float = NODES_TIMEOUT_S) -> int:
+    """The number of live Ray nodes, once there are ``wanted`` (or the timeout passed)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        alive = sum(1 for n in ray.nodes() if n.get("Alive"))
+        if alive >= wanted or time.monotonic() > deadline:
+            if alive < wanted:
+                log.warning("only %d of %d nodes joined; placing replicas anyway", alive, wanted)
+            return alive
+        time.sleep(1.0)
 
 
 class LayoutError(ValueError):
@@ -83,6 +118,7 @@ class Cluster:
     replicas: dict[tuple[int, int], Any]
     processor: Any
     gateway: Any = None
+    placement_groups: list[Any] = field(default_factory=list)
 
     def masters(self, timeout_s: float = START_TIMEOUT_S) -> dict[int, int]:
         """The master replica of every group, waiting for elections to finish."""
@@ -116,15 +152,32 @@ def start(settings: Settings, serve_app: bool = True) -> Cluster:
     init_ray(settings)
     blob = settings.to_json()
     ns = settings.namespace
-    replicas = {
-        (g, r): Replica.options(  # type: ignore[attr-defined]
-            name=actor_name(g, r), namespace=ns
-        ).remote(blob, g, r)
-        for g in range(settings.groups)
-        for r in range(settings.replicas)
-    }
+    nodes = wait_for_nodes(settings.wait_nodes)
+    strategy = placement_strategy(settings.replicas, nodes)
+    replicas = {}
+    groups_placed = []
+    for g in range(settings.groups):
+        group_pg = None
+        if strategy is not None:
+            group_pg = placement_group(
+                [dict(REPLICA_BUNDLE) for _ in range(settings.replicas)],
+                strategy=strategy,
+                name=f"{ns}-group-{g}",
+            )
+            ray.get(group_pg.ready(), timeout=START_TIMEOUT_S)
+            groups_placed.append(group_pg)
+        for r in range(settings.replicas):
+            options: dict[str, Any] = {"name": actor_name(g, r), "namespace": ns}
+            if group_pg is not None:
+                options["num_cpus"] = REPLICA_BUNDLE["CPU"]
+                options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+                    placement_group=group_pg, placement_group_bundle_index=r
+                )
+            replicas[(g, r)] = Replica.options(**options).remote(  # type: ignore[attr-defined]
+                blob, g, r
+            )
     ray.get([h.start.remote() for h in replicas.values()], timeout=START_TIMEOUT_S)
-    running = Cluster(settings, replicas, None)
+    running = Cluster(settings, replicas, None, placement_groups=groups_placed)
     running.masters()
     running.processor = Processor.options(  # type: ignore[attr-defined]
         name=PROCESSOR_NAME, namespace=ns
@@ -132,13 +185,7 @@ def start(settings: Settings, serve_app: bool = True) -> Cluster:
     ray.get(running.processor.start.remote(), timeout=START_TIMEOUT_S)
     if serve_app:
         serve.start(http_options={"host": settings.host, "port": settings.port})
-        app = Api.options(  # type: ignore[attr-defined]
-            ray_actor_options={
-                "num_cpus": 0,
-                "runtime_env": {"env_vars": {SETTINGS_ENV: json.dumps(blob)}},
-            }
-        ).bind()
-        serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
+        deploy_api(settings)
     if serve_app and settings.ingest_port:
         running.gateway = Gateway.options(  # type: ignore[attr-defined]
             name=GATEWAY_NAME,
@@ -154,6 +201,18 @@ def start(settings: Settings, serve_app: bool = True) -> Cluster:
     return running
 
 
+def deploy_api(settings: Settings, generation: str = "") -> None:
+    """Deploy (or redeploy) the Serve app. A new ``generation`` changes the replicas'
+    environment, so Serve replaces them one by one (a rolling update)."""
+    env = {SETTINGS_ENV: json.dumps(settings.to_json())}
+    if generation:
+        env[DEPLOY_GENERATION_ENV] = generation
+    app = Api.options(  # type: ignore[attr-defined]
+        ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": env}}
+    ).bind()
+    serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
+
+
 def stop(cluster: Cluster, serve_app: bool = True) -> None:
     """Stop the API, the processor and the replicas this cluster started."""
     if serve_app:
@@ -167,3 +226,8 @@ def stop(cluster: Cluster, serve_app: bool = True) -> None:
     extra = [cluster.gateway] if cluster.gateway is not None else []
     for handle in [cluster.processor, *cluster.replicas.values(), *extra]:
         ray.kill(handle, no_restart=True)
+    with contextlib.suppress(ValueError):  # no rolling restart was ever asked for
+        ray.kill(ray.get_actor(RESTARTER_NAME, namespace=cluster.settings.namespace))
+    for group_pg in cluster.placement_groups:
+        with contextlib.suppress(Exception):  # gone with its actors already
+            remove_placement_group(group_pg)

@@ -16,6 +16,8 @@ DEFAULT_DATA_DIR = "./flowray-data"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 # auto: tokens are required once FLOWRAY_ADMIN_TOKEN is set or a token exists.
 AUTH_MODES = ("auto", "on", "off")
+# How long ``flowray up --wait-nodes N`` waits for the nodes to join.
+NODES_TIMEOUT_S = 600.0
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,9 @@ class Settings:
     # Where the Parquet warehouse and its catalog live; empty: DATA_DIR/warehouse. On a
     # multi-node cluster it must be storage every node mounts at the same path.
     warehouse: str = ""
+    # Wait for this many Ray nodes before placing the groups' replicas (a cluster's
+    # workers join after the head starts flowray); 0: place on what is there.
+    wait_nodes: int = 0
 
     def validate(self) -> Settings:
         if self.replicas < 1 or self.replicas % 2 == 0:

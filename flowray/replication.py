@@ -20,6 +20,13 @@ divergent uncommitted tail is cut; the master commits an index once a majority,
 itself included, has it on disk, counting only entries of its own term; a new master
 appends a no-op so earlier entries commit through it; a master that has not heard
 from a majority for an election timeout steps down (check quorum).
+
+Mastership can be handed over (:meth:`Node.transfer`, as in Raft's leadership
+transfer): the master stops taking proposals, brings the chosen follower up to date,
+and tells it to stand for election at once; its vote requests carry ``transfer`` so
+that voters do not wait out their lease. Votes still go only to a complete log, once
+per term, so a handover can fail (then the master takes proposals again after an
+election timeout) but never breaks the rules above.
 """
 
 from __future__ import annotations
@@ -46,8 +53,8 @@ class Role(StrEnum):
 class NotLeader(RuntimeError):
     """A proposal reached a replica that is not the master."""
 
-    def __init__(self, leader: int | None) -> None:
-        super().__init__(f"not the master (master is {leader})")
+    def __init__(self, leader: int | None, message: str | None = None) -> None:
+        super().__init__(message or f"not the master (master is {leader})")
         self.leader = leader
 
 
@@ -55,7 +62,7 @@ class NotLeader(RuntimeError):
 class Msg:
     """A message between replicas. Which fields matter depends on ``kind``."""
 
-    kind: str  # "vote", "vote_resp", "append", "append_resp"
+    kind: str  # "vote", "vote_resp", "append", "append_resp", "timeout_now"
     src: int
     dst: int
     term: int
@@ -64,6 +71,7 @@ class Msg:
     entries: tuple[Entry, ...] = ()
     commit: int = 0
     ok: bool = False
+    transfer: bool = False  # vote: asked for by the master handing over mastership
 
 
 class LogView(Protocol):
@@ -143,6 +151,8 @@ class Node:
         self.heartbeat_elapsed = 0
         self.timeout = self._random_timeout()
         self._pending = _Pending()
+        self.transferee: int | None = None  # master: handing over to this peer
+        self.transfer_elapsed = 0
 
     # ---- the log: persisted part plus unstable tail ----------------------------------
     @property
@@ -199,6 +209,10 @@ class Node:
     def tick(self) -> None:
         """One unit of time. Elections and heartbeats are counted in ticks."""
         if self.role == Role.LEADER:
+            if self.transferee is not None:
+                self.transfer_elapsed += 1
+                if self.transfer_elapsed >= self.timing.election_ticks:
+                    self.transferee = None  # the handover failed: take proposals again
             self.heartbeat_elapsed += 1
             self.elapsed += 1
             if self.heartbeat_elapsed >= self.timing.heartbeat_ticks:
@@ -212,20 +226,45 @@ class Node:
         if self.elapsed >= self.timeout:
             self.campaign()
 
-    def campaign(self) -> None:
-        """Stand for election under a new term (also used to hand over mastership)."""
+    def campaign(self, transfer: bool = False) -> None:
+        """Stand for election under a new term (``transfer``: asked to by the master)."""
         if len(self.peers) == 1:
             self._become_candidate()
             self._become_leader()
             return
         self._become_candidate()
         for peer in self._others():
-            self._send(Msg("vote", self.id, peer, self.term, self.last_index, self.last_term))
+            self._send(
+                Msg(
+                    "vote",
+                    self.id,
+                    peer,
+                    self.term,
+                    self.last_index,
+                    self.last_term,
+                    transfer=transfer,
+                )
+            )
+
+    def transfer(self, to: int) -> None:
+        """Hand mastership over to follower ``to``: refuse proposals from now on, bring
+        ``to`` up to date, then tell it to stand for election at once."""
+        if self.role != Role.LEADER:
+            raise NotLeader(self.leader)
+        require(to in self.peers and to != self.id, f"cannot hand over to {to}")
+        self.transferee = to
+        self.transfer_elapsed = 0
+        if self.progress[to].match == self.last_index:
+            self._send(Msg("timeout_now", self.id, to, self.term))
+        else:
+            self._send_append(to)
 
     def propose(self, items: Sequence[tuple[int, int, int, int, bytes]]) -> tuple[int, int]:
         """Append (kind, shard, hour, part, payload) items; returns (first, last) index."""
         if self.role != Role.LEADER:
             raise NotLeader(self.leader)
+        if self.transferee is not None:
+            raise NotLeader(self.transferee, f"handing mastership over to {self.transferee}")
         require(bool(items), "an empty proposal")
         first = self.last_index + 1
         entries = [
@@ -242,7 +281,7 @@ class Node:
         """Take one message from a peer."""
         if msg.dst != self.id or msg.src not in self.peers or msg.src == self.id:
             return  # misrouted: ignore, never crash on the network's mistakes
-        if msg.kind == "vote" and msg.term > self.term and self._in_lease():
+        if msg.kind == "vote" and msg.term > self.term and self._in_lease() and not msg.transfer:
             return  # a live master is known: do not let a stray candidate depose it
         if msg.term > self.term:
             leader = msg.src if msg.kind == "append" else None
@@ -255,6 +294,8 @@ class Node:
             self._on_append(msg)
         elif msg.kind == "append_resp":
             self._on_append_resp(msg)
+        elif msg.kind == "timeout_now":
+            self._on_timeout_now(msg)
 
     # ---- output ----------------------------------------------------------------------
     def has_ready(self) -> bool:
@@ -309,6 +350,7 @@ class Node:
 
     def _become_follower(self, term: int, leader: int | None) -> None:
         self._set_hard_state(term, self.voted_for if term == self.term else None)
+        self.transferee = None
         self.role = Role.FOLLOWER
         self.leader = leader
         self.elapsed = 0
@@ -329,6 +371,7 @@ class Node:
         self.elapsed = 0
         self.heartbeat_elapsed = 0
         self.progress = {p: Progress(next=self.last_index + 1) for p in self._others()}
+        self.transferee = None
         self.propose([(KIND_NOOP, CONTROL_SHARD, 0, 0, b"")])
 
     def _in_lease(self) -> bool:
@@ -388,6 +431,11 @@ class Node:
                 return list(entries[i:])
         return []
 
+    def _on_timeout_now(self, msg: Msg) -> None:
+        """Our master hands mastership over to us: stand for election now."""
+        if msg.term == self.term and self.role == Role.FOLLOWER and self.leader == msg.src:
+            self.campaign(transfer=True)
+
     def _on_append_resp(self, msg: Msg) -> None:
         if self.role != Role.LEADER or msg.term != self.term:
             return
@@ -397,6 +445,8 @@ class Node:
             if msg.index > pr.match:
                 pr.match = msg.index
                 self._maybe_commit()
+            if msg.src == self.transferee and pr.match == self.last_index:
+                self._send(Msg("timeout_now", self.id, msg.src, self.term))
             pr.next = max(pr.next, pr.match + 1)
             if pr.next <= self.last_index:
                 self._send_append(msg.src)

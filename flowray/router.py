@@ -66,7 +66,6 @@ def stable_hash64(value: str, salt: bytes = b"") -> int:
 
 
 SHARD_SALT = b"flowray-shard"
-REDUCE_SALT = b"flowray-reduce"
 
 
 @functools.lru_cache(maxsize=SITES_CACHED_MAX)
@@ -77,10 +76,11 @@ def shard_for_site(site: str, shard_count: int) -> int:
     return stable_hash64(site, SHARD_SALT) % shard_count
 
 
-@functools.lru_cache(maxsize=SITES_CACHED_MAX)
-def reduce_key_for_site(site: str, key_count: int) -> int:
-    """The reduce key of a site: independent of its shard, so keys spread evenly."""
-    return stable_hash64(site, REDUCE_SALT) % key_count
+def reduce_key_for_shard(shard: int, key_count: int) -> int:
+    """The reduce key of a shard's sites (so a site has exactly one key): a reduce task
+    then owns whole (shard, hour) units and writes their files itself. Shards are
+    hash-balanced, so keys are too when the shard count is a multiple of the keys."""
+    return shard % key_count
 
 
 @dataclass(frozen=True)

@@ -82,6 +82,7 @@ class Faults:
     heal: float = 0.05
     corrupt: float = 0.002
     propose: float = 0.3
+    transfer: float = 0.01  # the master is asked to hand mastership over
 
 
 @dataclass
@@ -117,6 +118,7 @@ class Simulation:
         self.pending: list[tuple[int, int, int, bytes]] = []  # (node, index, term, payload)
         self.acked: dict[int, tuple[int, bytes]] = {}
         self.proposals = 0
+        self.transfers = 0
 
     def _boot(self, i: int) -> Node:
         disk = self.disks[i]
@@ -166,6 +168,16 @@ class Simulation:
             }
         elif self.blocked and self.rng.random() < f.heal:
             self.blocked = set()
+        masters = [
+            i for i in self.ids if (n := self.nodes[i]) is not None and n.role == Role.LEADER
+        ]
+        if masters and self.replicas > 1 and self.rng.random() < f.transfer:
+            i = self.rng.choice(masters)
+            node = self.nodes[i]
+            require(node is not None, "master vanished")
+            node.transfer(self.rng.choice([p for p in self.ids if p != i]))  # type: ignore[union-attr]
+            self.transfers += 1
+            self._ready(i)
 
     def _crash(self, i: int) -> None:
         self.nodes[i] = None

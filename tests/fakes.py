@@ -44,3 +44,10 @@ class FakeAdmin:
 
     async def versions(self) -> list[dict[str, Any]]:
         return [{"version": 1, "logic": "default", "current": True}]
+
+    async def restart(self) -> dict[str, Any]:
+        if any(j["kind"] == "restart" and j["state"] == "running" for j in self.jobs.values()):
+            raise ValueError("a rolling restart is already running")
+        job = self._job("restart", {})
+        job["state"] = "running"
+        return job

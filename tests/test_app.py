@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import csv
 import io
+import os
 import re
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -53,6 +54,7 @@ ROUTES = {
     "/v1/admin/rollback",
     "/v1/admin/jobs/{job_id}",
     "/v1/admin/versions",
+    "/v1/admin/restart",
 }
 
 
@@ -1046,7 +1048,7 @@ async def test_query_key_is_the_normalized_site(loaded: Warehouse) -> None:
 async def test_healthz(client: httpx.AsyncClient) -> None:
     answer = await client.get("/healthz")
     assert answer.status_code == 200
-    assert answer.json() == {"status": "ok", "cache": "memory"}
+    assert answer.json() == {"status": "ok", "cache": "memory", "pid": os.getpid()}
 
 
 @pytest.mark.anyio
@@ -1175,6 +1177,10 @@ async def test_reprocess_rollback_and_job_routes() -> None:
         assert bad.status_code == 422 and bad.json() == {"error": "no warehouse version 5"}
         versions = await client.get("/v1/admin/versions")
         assert versions.json() == [{"version": 1, "logic": "default", "current": True}]
+        restart = await client.post("/v1/admin/restart")
+        assert restart.status_code == 202 and restart.json()["kind"] == "restart"
+        again = await client.post("/v1/admin/restart")
+        assert again.status_code == 409 and "already running" in again.json()["error"]
 
 
 # --------------------------------------------------------------------------- single flight

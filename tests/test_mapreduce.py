@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from flowray.events import EVENT_SCHEMA
 from flowray.ingest import HOUR_MS, to_ipc
-from flowray.router import reduce_key_for_site, shard_for_site
+from flowray.router import reduce_key_for_shard, shard_for_site
 from flowray.storage.catalog import Unit
 from flowray.tasks.mapreduce import (
     PARTIAL_SCHEMA,
@@ -159,7 +159,7 @@ def test_pipeline_matches_duckdb(keys: int, seed: int, n: int) -> None:
             assert unit.events == sum(r[4] for r in rows)
             got.extend(rows)
         assert sorted(got) == expected_counts(raw)
-        # Every site goes to exactly one reduce key: its own.
+        # Every site goes to exactly one reduce key: its shard's.
         owners: dict[str, set[int]] = defaultdict(set)
         for k, partials in enumerate(by_key):
             for partial in partials:
@@ -167,7 +167,10 @@ def test_pipeline_matches_duckdb(keys: int, seed: int, n: int) -> None:
                 for site in set(partial.column("site").to_pylist()):
                     owners[site].add(k)
         assert owners
-        assert all(ks == {reduce_key_for_site(s, keys)} for s, ks in owners.items())
+        assert all(
+            ks == {reduce_key_for_shard(shard_for_site(s, SHARDS), keys)}
+            for s, ks in owners.items()
+        )
 
 
 def test_duplicates_in_different_slices_count_once(tmp_path: Path) -> None:

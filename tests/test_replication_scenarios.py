@@ -94,6 +94,9 @@ class Harness:
         elif cmd == "campaign":
             self.node(int(args[0])).campaign()
             self.flush(int(args[0]))
+        elif cmd == "transfer":  # transfer FROM TO
+            self.node(int(args[0])).transfer(int(args[1]))
+            self.flush(int(args[0]))
         elif cmd == "propose":
             self._propose(int(args[0]), args[1], fails=args[2:] == ["fails"], where=where)
         elif cmd in ("deliver", "drop"):

@@ -26,18 +26,18 @@ from typing import Any
 
 import pyarrow as pa
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from flowray import logic as logics
 from flowray.actors.directory import Directory
 from flowray.config import Settings
-from flowray.router import ShardMap, normalize_site, shard_for_site
+from flowray.router import ShardMap, normalize_site, reduce_key_for_shard, shard_for_site
 from flowray.storage.catalog import Catalog, CatalogError, Unit
 from flowray.tasks.mapreduce import (
     DIFF_SCHEMA,
     map_task,
-    reduce_task,
-    rewrite_task,
-    write_task,
+    reduce_rewrite_task,
+    reduce_write_task,
 )
 
 HOUR_MS = 3_600_000
@@ -67,6 +67,7 @@ class Processor:
         self.last_error = ""
         self.shard_map = ShardMap.round_robin(self.settings.shards, self.settings.groups)
         self._jobs: dict[str, dict[str, Any]] = {}
+        self.last_phases: dict[str, float] = {}  # seconds per phase of the last job
         self._job_tasks: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
@@ -124,7 +125,7 @@ class Processor:
         summary["seal_s"] = round(time.monotonic() - started, 3)
         if summary["blocks"]:
             units = await self._process(work, masters)
-            summary["map_reduce_write_s"] = round(time.monotonic() - started - summary["seal_s"], 3)
+            summary.update(self.last_phases)
             cursors = {g: max(b["seal_index"] for b in w) for g, w in work.items() if w}
             summary["generation"] = await asyncio.to_thread(
                 self.catalog.publish, units, cursors, self.catalog.current_version()
@@ -152,19 +153,36 @@ class Processor:
             upto[group] = max(b["seal_index"] for b in blocks)
             readers[group] = await self._reader(group, upto[group], masters[group])
         targets = sorted({(b["shard"], b["hour"]) for blocks in work.values() for b in blocks})
-        units, reduced = await self._map_reduce(
+        started = time.monotonic()
+        units, map_outputs = await self._map(
             targets, readers, upto, current.logic, current.modules, None
         )
+        self.last_phases = {"map_s": round(time.monotonic() - started, 3)}
         job = uuid.uuid4().hex[:12]
-        written: list[Unit] = await asyncio.wait_for(
-            write_task.remote(
-                str(self.settings.warehouse_dir), current.logic, job, units, *reduced
-            ),
-            self.settings.process_timeout_s,
+        root = str(self.settings.warehouse_dir)
+        writes = [
+            reduce_write_task.remote(root, current.logic, job, mine, *partials)
+            for mine, partials in self._by_key(units, map_outputs)
+        ]
+        written = await asyncio.wait_for(asyncio.gather(*writes), self.settings.process_timeout_s)
+        self.last_phases["reduce_write_s"] = round(
+            time.monotonic() - started - self.last_phases["map_s"], 3
         )
-        return written
+        return sorted((u for w in written for u in w), key=lambda u: (u.hour, u.shard))
 
-    async def _map_reduce(
+    def _by_key(
+        self, units: list[tuple[int, int, int]], map_outputs: list[list[Any]]
+    ) -> list[tuple[list[tuple[int, int, int]], list[Any]]]:
+        """(units owned, partial refs) of every reduce key that owns some unit."""
+        keys = self.settings.reduce_keys
+        out = []
+        for k in range(keys):
+            mine = [u for u in units if reduce_key_for_shard(u[0], keys) == k]
+            if mine:
+                out.append((mine, [m[k] for m in map_outputs]))
+        return out
+
+    async def _map(
         self,
         targets: list[Target],
         readers: dict[int, Any],
@@ -172,12 +190,16 @@ class Processor:
         logic: str,
         modules: tuple[str, ...],
         sites: list[str] | None,
-    ) -> tuple[list[tuple[int, int, int]], list[Any]]:
-        """Map and reduce the sealed parts of ``targets`` (read from ``readers`` up to
-        the seal index ``upto``, per group): the units with their part counts, and
-        refs to the reduced tables."""
+    ) -> tuple[list[tuple[int, int, int]], list[list[Any]]]:
+        """Map the sealed parts of ``targets`` (read from ``readers`` up to the seal
+        index ``upto``, per group): the units with their part counts, and per map task
+        the refs of its R partial tables, once every map task has finished.
+
+        At most MAP_INFLIGHT map tasks (and their reads) are in flight, so the raw
+        payloads in the object store stay bounded however big the hour is.
+        """
         s = self.settings
-        slices: list[tuple[Target, Any, int]] = []  # (unit, payload ref, bytes)
+        slices: list[Slice] = []
         units: list[tuple[int, int, int]] = []
         # Every unit's parts first: once reads start, the readers are busy serving them.
         groups = [self.shard_map.group_of_shard(shard) for shard, _hour in targets]
@@ -191,29 +213,38 @@ class Processor:
             s.rpc_timeout_s,
         )
         for group, (shard, hour), parts in zip(groups, targets, all_parts, strict=True):
-            reader = readers[group]
             units.append((shard, hour, len(parts)))
             for part, nbytes in parts:
                 n = max(1, -(-nbytes // s.map_slice_bytes))
-                for i in range(n):
-                    ref = reader.read_block.remote((shard, hour, part), i, n)
-                    slices.append(((shard, hour), ref, nbytes // n))
+                block = (shard, hour, part)
+                slices += [((shard, hour), group, block, i, n, nbytes // n) for i in range(n)]
+        # Where each block's slices lie: asked of the readers, a few bytes per record.
+        blocks = sorted({(g, block, n) for _u, g, block, _i, n, _b in slices})
+        plans = await asyncio.wait_for(
+            asyncio.gather(*(readers[g].block_slices.remote(block, n) for g, block, n in blocks)),
+            s.rpc_timeout_s,
+        )
+        plan = {(g, block): p for (g, block, _n), p in zip(blocks, plans, strict=True)}
         keys = s.reduce_keys
-        map_outputs = [
-            map_task.options(num_returns=keys).remote(
-                [unit for unit, _r, _b in pack],
-                logic,
-                keys,
-                modules,
-                sites,
-                *[r for _u, r, _b in pack],
-            )
-            for pack in _pack(slices, s.map_slice_bytes)
-        ]
-        if keys == 1:
-            map_outputs = [[m] for m in map_outputs]
-        reduced = [reduce_task.remote(*[out[k] for out in map_outputs]) for k in range(keys)]
-        return units, reduced
+        inflight = max(2, 2 * s.num_cpus)
+        map_outputs: list[list[Any]] = []
+        running: list[Any] = []
+        for pack in _pack(sorted(slices, key=lambda x: x[1]), s.map_slice_bytes):
+            node = plan[(pack[0][1], pack[0][2])][0]
+            reads = [
+                (plan[(g, block)][1], plan[(g, block)][2][i]) for _u, g, block, i, _n, _b in pack
+            ]
+            out: Any = map_task.options(
+                num_returns=keys,
+                scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
+            ).remote([unit for unit, *_rest in pack], logic, keys, modules, sites, reads)
+            outs = [out] if keys == 1 else list(out)
+            map_outputs.append(outs)
+            running.append(outs[0])
+            if len(running) >= inflight:
+                await asyncio.wait_for(running.pop(0), s.process_timeout_s)
+        await asyncio.wait_for(asyncio.gather(*running), s.process_timeout_s)
+        return units, map_outputs
 
     async def _reader(self, group: int, upto: int, master: Any) -> Any:
         """A follower that has committed everything up to ``upto``, to spare the master
@@ -384,23 +415,21 @@ class Processor:
         diffs: list[pa.Table] = []
         for hour in sorted(by_hour):
             targets = sorted(by_hour[hour])
-            units, reduced = await self._map_reduce(targets, readers, upto, logic, modules, sites)
+            units, map_outputs = await self._map(targets, readers, upto, logic, modules, sites)
             old_paths = {t: old[t].path for t in targets if t in old}
-            written, diff = await asyncio.wait_for(
-                rewrite_task.remote(
-                    str(self.settings.warehouse_dir),
-                    logic,
-                    job,
-                    units,
-                    old_paths,
-                    sites,
-                    dry_run,
-                    *reduced,
-                ),
-                self.settings.process_timeout_s,
+            root = str(self.settings.warehouse_dir)
+            rewrites = [
+                reduce_rewrite_task.remote(
+                    root, logic, job, mine, old_paths, sites, dry_run, *partials
+                )
+                for mine, partials in self._by_key(units, map_outputs)
+            ]
+            results = await asyncio.wait_for(
+                asyncio.gather(*rewrites), self.settings.process_timeout_s
             )
+            written = [u for made, _d in results for u in made]
+            diffs += [d for _m, d in results]
             new_units += written
-            diffs.append(diff)
             progress["done"] += len(targets)
         return new_units, _sum_diffs(diffs)
 
@@ -488,19 +517,22 @@ class Processor:
                 await self._loop_task
 
 
-def _pack(
-    slices: list[tuple[tuple[int, int], Any, int]], bytes_max: int
-) -> list[list[tuple[tuple[int, int], Any, int]]]:
+Slice = tuple[Target, int, tuple[int, int, int], int, int, int]  # unit, group, block,
+# slice number, slices, bytes
+
+
+def _pack(slices: list[Slice], bytes_max: int) -> list[list[Slice]]:
     """Group small slices into map tasks of about ``bytes_max`` input bytes each."""
-    packs: list[list[tuple[tuple[int, int], Any, int]]] = []
-    current: list[tuple[tuple[int, int], Any, int]] = []
+    packs: list[list[Slice]] = []
+    current: list[Slice] = []
     size = 0
     for item in slices:
-        if current and size + item[2] > bytes_max:
+        # A pack reads one group's files: its map task runs on that reader's node.
+        if current and (size + item[-1] > bytes_max or item[1] != current[0][1]):
             packs.append(current)
             current, size = [], 0
         current.append(item)
-        size += item[2]
+        size += item[-1]
     if current:
         packs.append(current)
     return packs

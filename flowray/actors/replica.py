@@ -35,7 +35,7 @@ from flowray.replication import Msg, Node, NotLeader, Ready, Role, Timing
 from flowray.storage.catalog import Catalog
 from flowray.storage.durable import write_json_atomic
 from flowray.storage.replica_log import BlockKey, ReplicaLog
-from flowray.storage.segment import CONTROL_SHARD, KIND_DATA, KIND_SEAL
+from flowray.storage.segment import CONTROL_SHARD, KIND_DATA, KIND_SEAL, RecordRef
 
 log = logging.getLogger("flowray.replica")
 PENDING_PROPOSALS_MAX = 10_000
@@ -407,6 +407,26 @@ class Replica:
         await self._propose([(KIND_SEAL, s, h, p, b"") for s, h, p in keys])
         return keys
 
+    async def hand_over(self) -> int | None:
+        """Hand mastership to the most up-to-date follower (for a rolling restart).
+
+        Proposals are refused from now on (NotMaster, refused: safe to resend); returns
+        the new master once this replica has stepped down, or None if the handover did
+        not happen within an election timeout (then this master goes on).
+        """
+        self._ensure_started()
+        self._require_master()
+        node = self.node
+        target = max(node.progress, key=lambda p: (node.progress[p].match, -p))
+        node.transfer(target)
+        self._kick()
+        ticks = 2 * self.settings.election_ticks
+        for _ in range(ticks):
+            await asyncio.sleep(self.settings.tick_s)
+            if node.role != Role.LEADER:
+                return node.leader
+        return None
+
     # ---- reads and status ------------------------------------------------------------
     def sealed_blocks(self, after_index: int) -> list[dict[str, int]]:
         """Committed seals after ``after_index``, oldest first, with each block's size."""
@@ -434,15 +454,18 @@ class Replica:
             if key[0] == shard and key[1] == hour and 0 < info.seal_index <= upto_index
         )
 
-    async def read_block(self, key: BlockKey, slice_no: int, slices: int) -> list[bytes]:
-        """One slice of a sealed block's committed payloads (see ReplicaLog.block_payloads)."""
+    def block_slices(self, key: BlockKey, slices: int) -> tuple[str, str, list[list[RecordRef]]]:
+        """(node id, file, record refs per slice) of a sealed block's committed data:
+        map tasks placed on this replica's node read the slices from the file
+        themselves, so the bytes never pass through this actor."""
         block: BlockKey = (int(key[0]), int(key[1]), int(key[2]))
         info = self.log.blocks.get(block)
         require(info is not None and info.sealed, f"block {key} is not sealed here")
         upto = info.seal_index if info is not None else 0
         require(upto <= self.node.commit_index, f"the seal of {key} is not committed here")
-        self.reads_served += 1
-        return await asyncio.to_thread(self.log.block_payloads, block, upto, slice_no, slices)
+        self.reads_served += slices
+        path, refs = self.log.block_slices(block, upto, slices)
+        return ray.get_runtime_context().get_node_id(), path, refs
 
     def leader(self) -> tuple[int | None, int, str]:
         """(the master this replica knows of, its term, its own role)."""

@@ -9,6 +9,7 @@ passes handles to the cluster's actors.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
@@ -94,6 +95,9 @@ class Admin(Protocol):
     async def job(self, job_id: str) -> dict[str, Any] | None: ...
 
     async def versions(self) -> list[dict[str, Any]]: ...
+
+    async def restart(self) -> dict[str, Any]:
+        """Start a rolling restart (raises ValueError when one is already running)."""
 
 
 class ReprocessRequest(BaseModel):
@@ -492,8 +496,8 @@ def create_app(
         )
 
     @app.get("/healthz", summary="Liveness")
-    async def healthz() -> dict[str, str]:
-        return {"status": "ok", "cache": cache.name}
+    async def healthz() -> dict[str, Any]:
+        return {"status": "ok", "cache": cache.name, "pid": os.getpid()}
 
     @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
     async def prometheus() -> Response:
@@ -578,6 +582,19 @@ def create_app(
             return await _job_started(admin.rollback(to))
         except ValueError as exc:
             return _error(422, str(exc))
+
+    @app.post(
+        "/v1/admin/restart",
+        summary="Start a rolling restart of every process of the cluster",
+        status_code=202,
+        responses={**AUTH_RESPONSES, 409: {"description": "A rolling restart is running"}},
+        dependencies=[Depends(needs["admin"])],
+    )
+    async def restart() -> Response:
+        try:
+            return await _job_started(admin.restart())
+        except ValueError as exc:
+            return _error(409, str(exc))
 
     @app.get(
         "/v1/admin/jobs/{job_id}",

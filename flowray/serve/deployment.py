@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import uuid
 from typing import Any
 
 import numpy as np
@@ -20,6 +21,7 @@ from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
 
 from flowray.actors.directory import Directory, NoMaster
 from flowray.actors.replica import NoQuorum, NotMaster, Overloaded
+from flowray.actors.restarter import RESTARTER_NAME, Restarter
 from flowray.config import Settings
 from flowray.ingest import Piece, merge_pieces
 from flowray.router import ShardMap
@@ -69,6 +71,7 @@ _UNAVAILABLE = (
     TimeoutError,
 )
 RETRY_AFTER_ELECTION_S = 1
+RESTART_JOB_PREFIX = "restart-"
 # A query waits this long for live counts before answering from the warehouse alone.
 LIVE_TIMEOUT_S = 1.0
 # Proposals in flight per group from one ingress process; more requests wait and
@@ -259,7 +262,35 @@ class RayAdmin:
         return result
 
     async def job(self, job_id: str) -> dict[str, Any] | None:
+        if job_id.startswith(RESTART_JOB_PREFIX):
+            restarter = self._restarter()
+            if restarter is None:
+                return None
+            state: dict[str, Any] = await self._call(restarter.status.remote())
+            return state if state["job"] == job_id else None
         result: dict[str, Any] | None = await self._call(self.processor.job.remote(job_id))
+        return result
+
+    def _restarter(self) -> Any:
+        try:
+            return ray.get_actor(RESTARTER_NAME, namespace=self.settings.namespace)
+        except ValueError:
+            return None
+
+    async def restart(self) -> dict[str, Any]:
+        """Start a rolling restart in a detached actor of its own (see restarter.py)."""
+        old = self._restarter()
+        if old is not None:
+            state = await self._call(old.status.remote())
+            if state["state"] == "running":
+                raise ValueError(f"a rolling restart is already running ({state['job']})")
+            ray.kill(old, no_restart=True)
+            await asyncio.sleep(0.5)  # the name is free once the old one is gone
+        job_id = f"{RESTART_JOB_PREFIX}{uuid.uuid4().hex[:12]}"
+        restarter = Restarter.options(  # type: ignore[attr-defined]
+            name=RESTARTER_NAME, namespace=self.settings.namespace, lifetime="detached"
+        ).remote(self.settings.to_json(), job_id)
+        result: dict[str, Any] = await self._call(restarter.start.remote())
         return result
 
     async def versions(self) -> list[dict[str, Any]]:

@@ -260,22 +260,6 @@ class ReplicaLog:
                 os.close(fd)
         return out
 
-    def _block_payloads_unlocked(
-        self, key: BlockKey, upto_index: int, slice_no: int = 0, slices: int = 1
-    ) -> list[bytes]:
-        """Data payloads of a block up to ``upto_index`` (committed), one slice of them.
-
-        Slice ``k`` of ``n`` holds the block's data entries ``k, k+n, k+2n, ...``, so
-        map tasks can split a block without reading what they do not process.
-        """
-        require(0 <= slice_no < slices, f"slice {slice_no} of {slices}")
-        info = self.blocks.get(key)
-        if info is None:
-            return []
-        refs = [r for r in info.refs if r.kind == KIND_DATA and r.index <= upto_index]
-        path = block_path(self.root, key)
-        return [e.payload for e in segment.read_entries(path, refs[slice_no::slices])]
-
     def append(self, entries: Iterable[Entry]) -> int:
         """Append entries that extend the log and fsync every touched file.
 
@@ -302,8 +286,31 @@ class ReplicaLog:
         Slice ``k`` of ``n`` holds the block's data entries ``k, k+n, k+2n, ...``, so
         map tasks can split a block without reading what they do not process.
         """
+        require(0 <= slice_no < slices, f"slice {slice_no} of {slices}")
         with self._lock:
-            return self._block_payloads_unlocked(key, upto_index, slice_no, slices)
+            info = self.blocks.get(key)
+            if info is None:
+                return []
+            refs = [r for r in info.refs if r.kind == KIND_DATA and r.index <= upto_index]
+        # Read outside the lock, so appends go on meanwhile: committed records are
+        # never rewritten, and only an uncommitted tail is ever cut.
+        return segment.read_payloads(block_path(self.root, key), refs[slice_no::slices])
+
+    def block_slices(
+        self, key: BlockKey, upto_index: int, slices: int
+    ) -> tuple[str, list[list[segment.RecordRef]]]:
+        """Where a block's committed data records lie, split into ``slices`` slices
+        (slice ``k`` holds records ``k, k+n, ...``): for readers on this machine that
+        read the file themselves (see segment.read_payloads)."""
+        require(slices >= 1, f"{slices} slices")
+        with self._lock:
+            info = self.blocks.get(key)
+            refs = (
+                []
+                if info is None
+                else [r for r in info.refs if r.kind == KIND_DATA and r.index <= upto_index]
+            )
+        return str(block_path(self.root, key)), [refs[k::slices] for k in range(slices)]
 
     def close(self) -> None:
         for key in list(self._fds):

@@ -198,6 +198,23 @@ def read_entries(path: Path, refs: list[RecordRef] | None = None) -> Iterator[En
         )
 
 
+def read_payloads(path: Path, refs: list[RecordRef]) -> list[bytes]:
+    """The payloads of ``refs`` (records of one segment), each read where it lies with
+    ``pread`` and verified: a slice of a big block costs its own bytes, not the file's."""
+    out = []
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for ref in refs:
+            buf = os.pread(fd, HEADER_BYTES + ref.length, ref.offset)
+            problem = _check_record(buf, 0)
+            if problem is not None:
+                raise CorruptSegment(f"{path} at byte {ref.offset}: {problem}")
+            out.append(buf[HEADER_BYTES:])
+    finally:
+        os.close(fd)
+    return out
+
+
 def read_one(fd: int, ref: RecordRef) -> Entry:
     """Read one record at a known place with ``pread``, verifying its checksum."""
     buf = os.pread(fd, HEADER_BYTES + ref.length, ref.offset)

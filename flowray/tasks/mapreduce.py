@@ -2,9 +2,10 @@
 
 Map: decode a slice of raw event payloads, apply the processing logic, count events
 per (site, minute) — events carrying an id are kept per id so that duplicates can be
-dropped later — and rehash every site into one of R reduce keys. Reduce: merge every
-map output for one key, count each (site, id) once, sum per (shard, hour, site,
-minute), and sort. Write: one Parquet file per (shard, hour) unit.
+dropped later — and rehash every site into one of R reduce keys (the key of its
+shard, see ``router.reduce_key_for_shard``). Reduce: merge every map output for one
+key, count each (site, id) once, sum per (shard, hour, site, minute), sort, and write
+one Parquet file per (shard, hour) unit the key owns — R tasks write in parallel.
 
 Re-processing uses the same map and reduce (with the run's logic, and optionally only
 some sites) and then *rewrites* each unit: the sites re-processed take their new
@@ -25,8 +26,9 @@ import ray
 
 from flowray import logic as logics
 from flowray.ingest import from_ipc
-from flowray.router import reduce_key_for_site
+from flowray.router import reduce_key_for_shard
 from flowray.storage.catalog import Unit
+from flowray.storage.segment import RecordRef, read_payloads
 from flowray.storage.warehouse import UNIT_SCHEMA, unit_path, write_unit
 
 PARTIAL_SCHEMA = pa.schema(
@@ -89,11 +91,9 @@ def map_block_slices(
     if not partials:
         return [PARTIAL_SCHEMA.empty_table() for _ in range(keys)]
     table = pa.concat_tables(partials)
-    encoded = table.column("site").combine_chunks().dictionary_encode()
-    key_of_value = np.array(
-        [reduce_key_for_site(s, keys) for s in encoded.dictionary.to_pylist()], dtype=np.int64
-    )
-    row_keys = key_of_value[encoded.indices.to_numpy(zero_copy_only=False)]
+    shards = table.column("shard").to_numpy()
+    row_keys = np.array([reduce_key_for_shard(int(x), keys) for x in range(int(shards.max()) + 1)])
+    row_keys = row_keys[shards]
     return [table.filter(pa.array(row_keys == k)) for k in range(keys)]
 
 
@@ -212,26 +212,30 @@ def map_task(
     keys: int,
     modules: tuple[str, ...],
     sites: list[str] | None,
-    *payloads: list[bytes],
+    reads: list[tuple[str, list[RecordRef]]],
 ) -> tuple[pa.Table, ...] | pa.Table:
-    out = map_block_slices(blocks, list(payloads), logic_name, keys, modules, sites)
+    """Map slices read straight from a replica's block files (the task runs on that
+    replica's node): ``reads`` holds each slice's file and record refs."""
+    payloads = [read_payloads(Path(path), refs) for path, refs in reads]
+    out = map_block_slices(blocks, payloads, logic_name, keys, modules, sites)
     return out[0] if keys == 1 else tuple(out)
 
 
 @ray.remote(num_cpus=1, max_retries=3)
-def reduce_task(*partials: pa.Table) -> pa.Table:
-    return reduce_partials(list(partials))
-
-
-@ray.remote(num_cpus=1, max_retries=3)
-def write_task(
-    root: str, logic_name: str, job: str, units: list[tuple[int, int, int]], *reduced: pa.Table
+def reduce_write_task(
+    root: str,
+    logic_name: str,
+    job: str,
+    units: list[tuple[int, int, int]],
+    *partials: pa.Table,
 ) -> list[Unit]:
-    return write_units(Path(root), logic_name, job, list(reduced), units)
+    """Reduce one key's partials and write the units it owns."""
+    reduced = reduce_partials(list(partials))
+    return write_units(Path(root), logic_name, job, [reduced], units)
 
 
 @ray.remote(num_cpus=1, max_retries=3)
-def rewrite_task(
+def reduce_rewrite_task(
     root: str,
     logic_name: str,
     job: str,
@@ -239,8 +243,8 @@ def rewrite_task(
     old_paths: dict[tuple[int, int], str],
     sites: list[str] | None,
     dry_run: bool,
-    *reduced: pa.Table,
+    *partials: pa.Table,
 ) -> tuple[list[Unit], pa.Table]:
-    return rewrite_units(
-        Path(root), logic_name, job, list(reduced), units, old_paths, sites, dry_run
-    )
+    """Reduce one key's partials and rewrite the units it owns (re-processing)."""
+    reduced = reduce_partials(list(partials))
+    return rewrite_units(Path(root), logic_name, job, [reduced], units, old_paths, sites, dry_run)

@@ -1,0 +1,181 @@
+"""Rolling restart: replace every process of a running cluster, one at a time.
+
+For each group, the followers are restarted first, each waited for until it has
+recovered from its disk and caught up with the master; then the master hands
+mastership over to its most up-to-date follower (writes are refused for that moment,
+503 with Retry-After, resent by clients with the same ids) and is restarted in turn.
+Then the processor, the ingest gateway and the Serve replicas (a Serve rolling update).
+New processes load the code installed now, so this is also how flowray is upgraded.
+
+The restarter is a detached actor of its own, so that restarting the API process
+that asked for it does not stop it; it remembers its progress for whoever polls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from typing import Any
+
+import ray
+from ray.exceptions import ActorUnavailableError, RayActorError
+
+from flowray.config import Settings
+
+RESTARTER_NAME = "flowray-restarter"
+CATCH_UP_TIMEOUT_S = 180.0
+POLL_S = 0.2
+log = logging.getLogger("flowray.restarter")
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@ray.remote(num_cpus=0, max_restarts=0)
+class Restarter:
+    def __init__(self, settings_json: dict[str, Any], job_id: str) -> None:
+        self.settings = Settings.from_json(settings_json)
+        self.progress: dict[str, Any] = {
+            "job": job_id,
+            "kind": "restart",
+            "state": "running",
+            "done": 0,
+            "total": None,
+            "steps": [],
+            "result": None,
+            "error": None,
+            "started_ms": _now_ms(),
+        }
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> dict[str, Any]:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run())
+        return dict(self.progress)
+
+    async def status(self) -> dict[str, Any]:
+        return dict(self.progress)
+
+    def _step(self, text: str) -> None:
+        self.progress["steps"].append(text)
+        self.progress["done"] += 1
+        log.info("rolling restart: %s", text)
+
+    async def _run(self) -> None:
+        try:
+            await self._restart_all()
+            self.progress["state"] = "done"
+            self.progress["result"] = {"steps": list(self.progress["steps"])}
+        except Exception as exc:  # reported to whoever polls
+            self.progress["state"] = "failed"
+            self.progress["error"] = f"{type(exc).__name__}: {exc}"
+            log.warning("rolling restart failed: %s", self.progress["error"])
+        finally:
+            self.progress["seconds"] = round((_now_ms() - self.progress["started_ms"]) / 1000, 3)
+
+    async def _restart_all(self) -> None:
+        from flowray import cluster
+        from flowray.actors.replica import actor_name
+        from flowray.serve.deployment import PROCESSOR_NAME
+        from flowray.serve.gateway import GATEWAY_NAME
+
+        s, ns = self.settings, self.settings.namespace
+        replicas = {
+            (g, r): ray.get_actor(actor_name(g, r), namespace=ns)
+            for g in range(s.groups)
+            for r in range(s.replicas)
+        }
+        processor = ray.get_actor(PROCESSOR_NAME, namespace=ns)
+        try:
+            gateway = ray.get_actor(GATEWAY_NAME, namespace=ns)
+        except ValueError:
+            gateway = None
+        handovers = s.groups if s.replicas > 1 else 0
+        self.progress["total"] = len(replicas) + handovers + 2 + (gateway is not None)
+        for g in range(s.groups):
+            group = {r: replicas[(g, r)] for r in range(s.replicas)}
+            master = await self._master_of(g, group)
+            for r, handle in group.items():
+                if r != master:
+                    await self._restart_replica(g, r, handle, group)
+                    self._step(f"group {g}: follower {r} restarted and caught up")
+            if len(group) > 1:
+                new: int | None = await asyncio.wait_for(
+                    group[master].hand_over.remote(), s.rpc_timeout_s
+                )
+                self._step(f"group {g}: mastership handed over from {master} to {new}")
+            await self._restart_replica(g, master, group[master], group)
+            self._step(f"group {g}: replica {master} (was master) restarted and caught up")
+        await self._restart_actor(processor)
+        await self._when_up(processor.start.remote)
+        self._step("processor restarted")
+        if gateway is not None:
+            await self._restart_actor(gateway)
+            await self._when_up(gateway.start.remote)
+            self._step("ingest gateway restarted")
+        await asyncio.to_thread(cluster.deploy_api, s, uuid.uuid4().hex)
+        self._step("Serve replicas replaced (rolling update)")
+
+    async def _master_of(self, group: int, handles: dict[int, Any]) -> int:
+        deadline = time.monotonic() + CATCH_UP_TIMEOUT_S
+        while time.monotonic() < deadline:
+            for r, handle in handles.items():
+                try:
+                    _leader, _term, role = await asyncio.wait_for(
+                        handle.leader.remote(), self.settings.rpc_timeout_s
+                    )
+                except Exception:  # that replica is down: ask the others
+                    continue
+                if role == "master":
+                    return r
+            await asyncio.sleep(POLL_S)
+        raise TimeoutError(f"group {group} has no master")
+
+    async def _when_up(self, call: Any) -> Any:
+        """``call()`` once the (restarting) actor answers it."""
+        deadline = time.monotonic() + CATCH_UP_TIMEOUT_S
+        while True:
+            try:
+                return await asyncio.wait_for(call(), CATCH_UP_TIMEOUT_S)
+            except (ActorUnavailableError, RayActorError):
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(POLL_S)
+
+    async def _restart_actor(self, handle: Any) -> None:
+        """Kill the actor's process; Ray starts a new one (the actor restarts)."""
+        ray.kill(handle, no_restart=False)
+        await asyncio.sleep(POLL_S)
+
+    async def _restart_replica(
+        self, group: int, replica: int, handle: Any, handles: dict[int, Any]
+    ) -> None:
+        """Restart one replica and wait until it has caught up with the group's commit."""
+        timeout = self.settings.rpc_timeout_s
+        before = await asyncio.wait_for(handle.status.remote(), timeout)
+        target = max(
+            [before["commit_index"]]
+            + [
+                st["commit_index"]
+                for st in await asyncio.gather(
+                    *(asyncio.wait_for(h.status.remote(), timeout) for h in handles.values()),
+                    return_exceptions=True,
+                )
+                if isinstance(st, dict)
+            ]
+        )
+        await self._restart_actor(handle)
+        deadline = time.monotonic() + CATCH_UP_TIMEOUT_S
+        while True:
+            try:
+                st = await asyncio.wait_for(handle.status.remote(), timeout)
+                if st["pid"] != before["pid"] and st["commit_index"] >= target:
+                    return
+            except Exception:  # not up yet
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"group {group} replica {replica} did not catch up")
+            await asyncio.sleep(POLL_S)
