@@ -264,9 +264,22 @@ def _ray_child_pids() -> list[int]:
 
 
 @app.command()
-def down(data_dir: DataDir = Path(DEFAULT_DATA_DIR)) -> None:
+def down(
+    data_dir: DataDir = Path(DEFAULT_DATA_DIR),
+    named: Annotated[
+        bool,
+        typer.Option(
+            "--named",
+            help="End the named actors of a cluster deployed with 'serve deploy' "
+            "(deploy/serve.yaml), joining the Ray cluster in RAY_ADDRESS.",
+        ),
+    ] = False,
+) -> None:
     """Stop the cluster that 'flowray up' started for this data directory."""
     data_dir = data_dir.resolve()
+    if named:
+        _down_named(data_dir)
+        return
     record = _record(data_dir)
     if record is None:
         _fail(f"no running cluster recorded in {data_dir}")
@@ -290,6 +303,23 @@ def down(data_dir: DataDir = Path(DEFAULT_DATA_DIR)) -> None:
     with contextlib.suppress(FileNotFoundError):
         (data_dir / "cluster.json").unlink()
     console.print("flowray is down")
+
+
+def _down_named(data_dir: Path) -> None:
+    import ray
+
+    from flowray import cluster
+
+    layout = data_dir / "layout.json"
+    if not layout.exists():
+        _fail(f"no flowray data in {data_dir} (no layout.json): which cluster to stop?")
+    settings = Settings.from_env(data_dir=data_dir, **json.loads(layout.read_text()))
+    ray.init(address=os.environ.get("RAY_ADDRESS", "auto"), namespace=settings.namespace)
+    try:
+        ended = cluster.stop_named(settings)
+    finally:
+        ray.shutdown()
+    console.print(f"ended: {', '.join(ended) or 'nothing (none was running)'}")
 
 
 @app.command()
@@ -355,6 +385,9 @@ def status(
         f"warehouse: {proc.get('catalog')}  jobs: {proc.get('jobs')}  "
         f"last job: {proc.get('last_job')}  cache: {body.get('cache')}"
     )
+    if proc.get("shard_owners"):
+        owners = ", ".join(f"{s}->g{g}" for s, g in enumerate(proc["shard_owners"]))
+        console.print(f"shards (shard->group): {owners}")
     if proc.get("versions"):
         console.print(_versions_table(proc["versions"]))
     for job in proc.get("jobs_running") or []:
@@ -612,6 +645,29 @@ def restart(
     console.print(f"rolling restart done in {state.get('seconds')} s")
 
 
+@app.command("move-shard")
+def move_shard(
+    shard: Annotated[int, typer.Argument(help="The shard to move (see 'flowray status').")],
+    to: Annotated[int, typer.Option("--to", help="The group that takes its new writes.")],
+    data_dir: DataDir = Path(DEFAULT_DATA_DIR),
+    url: Url = None,
+) -> None:
+    """Send a shard's new writes to another group (to spread load over new groups).
+
+    Its older blocks stay where they are; processing reads every group that ever
+    owned the shard, so nothing is moved on disk and nothing is lost."""
+    with _client(data_dir, url, admin=True) as client:
+        try:
+            result = client.move_shard(shard, to)
+        except (ApiError, OSError) as exc:
+            _fail(str(exc))
+            return
+    console.print(
+        f"shard {result['shard']}: group {result['from_group']} -> {result['to_group']}; "
+        f"owners now {result['owners']}"
+    )
+
+
 @app.command()
 def versions(
     as_json: Annotated[bool, typer.Option("--json", help="As JSON.")] = False,
@@ -839,12 +895,12 @@ def token_revoke(
     console.print(f"token {record.id} ({record.scope}, {record.name or 'no name'}) is revoked")
 
 
-BENCHMARKS = ("ingest", "query", "freshness")
+BENCHMARKS = ("ingest", "query", "freshness", "process")
 
 
 @app.command()
 def bench(
-    which: Annotated[str, typer.Argument(help="ingest, query or freshness.")],
+    which: Annotated[str, typer.Argument(help="ingest, query, freshness or process.")],
     args: Annotated[
         list[str] | None, typer.Argument(help="Passed to the script, after --.")
     ] = None,

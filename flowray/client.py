@@ -127,6 +127,9 @@ class Client:
         """Start a rolling restart; see ``POST /v1/admin/restart``."""
         return self._json(self.http.post("/v1/admin/restart"))
 
+    def move_shard(self, shard: int, to_group: int) -> Any:
+        return self._json(self.http.post(f"/v1/admin/shards/{shard}/move", params={"to": to_group}))
+
     def versions(self) -> Any:
         return self._json(self.http.get("/v1/admin/versions"))
 

@@ -18,7 +18,11 @@ from typing import Any
 
 import ray
 from ray import serve
-from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.placement_group import (
+    get_placement_group,
+    placement_group,
+    remove_placement_group,
+)
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from flowray.actors.processor import Processor
@@ -33,7 +37,6 @@ log = logging.getLogger("flowray.cluster")
 APP_NAME = "flowray"
 DEPLOY_GENERATION_ENV = "FLOWRAY_DEPLOY_GENERATION"
 START_TIMEOUT_S = 120.0
-LAYOUT_KEYS = ("groups", "replicas", "shards")
 
 
 # A replica needs next to no CPU of its own reservation (it is I/O and the event loop);
@@ -95,21 +98,30 @@ def settle_layout(settings: Settings) -> Settings:
     """The shard layout is fixed by the first ``up`` over a data directory.
 
     A site's shard depends on the shard count, so a different count over old data
-    would route sites to shards that do not hold their history.
+    would route sites to shards that do not hold their history; the replica count is
+    fixed too. Groups may be added (never removed): the new groups start without
+    shards, which ``flowray move-shard`` then gives them. Returns ``settings`` with
+    ``base_groups``, the group count the shards were first spread over.
     """
     settings.validate()
     path = settings.layout_file
-    wanted = {k: getattr(settings, k) for k in LAYOUT_KEYS}
-    if path.exists():
-        stored = json.loads(path.read_text())
-        if stored != wanted:
-            raise LayoutError(
-                f"{settings.data_dir} holds data made with {stored}; "
-                f"start with those values or use another --data-dir"
-            )
-    else:
-        write_json_atomic(path, wanted)
-    return settings
+    if not path.exists():
+        layout = {"groups": settings.groups, "replicas": settings.replicas}
+        layout |= {"shards": settings.shards, "base_groups": settings.groups}
+        write_json_atomic(path, layout)
+        return replace(settings, base_groups=settings.groups)
+    stored = json.loads(path.read_text())
+    base = int(stored.get("base_groups", stored["groups"]))
+    same = stored["replicas"] == settings.replicas and stored["shards"] == settings.shards
+    if not same or settings.groups < stored["groups"]:
+        raise LayoutError(
+            f"{settings.data_dir} holds data made with groups={stored['groups']}, "
+            f"replicas={stored['replicas']}, shards={stored['shards']}; start with those "
+            f"values (more groups are allowed) or use another --data-dir"
+        )
+    if settings.groups > stored["groups"] or "base_groups" not in stored:
+        write_json_atomic(path, {**stored, "groups": settings.groups, "base_groups": base})
+    return replace(settings, base_groups=base)
 
 
 @dataclass
@@ -141,17 +153,36 @@ class Cluster:
         raise TimeoutError(f"no master elected within {timeout_s} s: {found}")
 
 
-def start(settings: Settings, serve_app: bool = True) -> Cluster:
-    """Create the groups, wait for their masters, start the processor and the API."""
-    settle_layout(settings)
-    settings = replace(
+def resolved(settings: Settings) -> Settings:
+    """``settings`` with its directories absolute (the actors run elsewhere)."""
+    return replace(
         settings,
         data_dir=settings.data_dir.resolve(),
         warehouse=str(Path(settings.warehouse).resolve()) if settings.warehouse else "",
     )
+
+
+def start(settings: Settings, serve_app: bool = True) -> Cluster:
+    """Create the groups, wait for their masters, start the processor and the API."""
+    settings = resolved(settle_layout(settings))
     init_ray(settings)
+    running = start_backend(settings, gateway=serve_app)
+    if serve_app:
+        serve.start(http_options={"host": settings.host, "port": settings.port})
+        deploy_api(settings)
+    return running
+
+
+def start_backend(settings: Settings, gateway: bool = True, detached: bool = False) -> Cluster:
+    """The shard groups (placed, masters elected), the processor and the ingest gateway.
+
+    ``detached``: the actors and placement groups outlive the process that starts them
+    and are found by name if they exist (``serve deploy``'s application builder, which
+    runs in a short-lived task, starts them so; ``stop_named`` ends them).
+    """
     blob = settings.to_json()
     ns = settings.namespace
+    extra: dict[str, Any] = {"lifetime": "detached", "get_if_exists": True} if detached else {}
     nodes = wait_for_nodes(settings.wait_nodes)
     strategy = placement_strategy(settings.replicas, nodes)
     replicas = {}
@@ -159,15 +190,10 @@ def start(settings: Settings, serve_app: bool = True) -> Cluster:
     for g in range(settings.groups):
         group_pg = None
         if strategy is not None:
-            group_pg = placement_group(
-                [dict(REPLICA_BUNDLE) for _ in range(settings.replicas)],
-                strategy=strategy,
-                name=f"{ns}-group-{g}",
-            )
-            ray.get(group_pg.ready(), timeout=START_TIMEOUT_S)
+            group_pg = _group_placement(settings, g, strategy, detached)
             groups_placed.append(group_pg)
         for r in range(settings.replicas):
-            options: dict[str, Any] = {"name": actor_name(g, r), "namespace": ns}
+            options: dict[str, Any] = {"name": actor_name(g, r), "namespace": ns, **extra}
             if group_pg is not None:
                 options["num_cpus"] = REPLICA_BUNDLE["CPU"]
                 options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
@@ -180,13 +206,10 @@ def start(settings: Settings, serve_app: bool = True) -> Cluster:
     running = Cluster(settings, replicas, None, placement_groups=groups_placed)
     running.masters()
     running.processor = Processor.options(  # type: ignore[attr-defined]
-        name=PROCESSOR_NAME, namespace=ns
+        name=PROCESSOR_NAME, namespace=ns, **extra
     ).remote(blob)
     ray.get(running.processor.start.remote(), timeout=START_TIMEOUT_S)
-    if serve_app:
-        serve.start(http_options={"host": settings.host, "port": settings.port})
-        deploy_api(settings)
-    if serve_app and settings.ingest_port:
+    if gateway and settings.ingest_port:
         running.gateway = Gateway.options(  # type: ignore[attr-defined]
             name=GATEWAY_NAME,
             namespace=ns,
@@ -196,9 +219,45 @@ def start(settings: Settings, serve_app: bool = True) -> Cluster:
                     LOCAL_MODE_ENV: os.environ.get(LOCAL_MODE_ENV, "1"),
                 }
             },
+            **extra,
         ).remote(settings.host, settings.ingest_port)
         ray.get(running.gateway.start.remote(), timeout=START_TIMEOUT_S)
     return running
+
+
+def _group_placement(settings: Settings, group: int, strategy: str, detached: bool) -> Any:
+    name = f"{settings.namespace}-group-{group}"
+    if detached:
+        with contextlib.suppress(ValueError):  # none by that name yet
+            found = get_placement_group(name)
+            ray.get(found.ready(), timeout=START_TIMEOUT_S)
+            return found
+    made = placement_group(
+        [dict(REPLICA_BUNDLE) for _ in range(settings.replicas)],
+        strategy=strategy,
+        name=name,
+        lifetime="detached" if detached else None,
+    )
+    ray.get(made.ready(), timeout=START_TIMEOUT_S)
+    return made
+
+
+def stop_named(settings: Settings) -> list[str]:
+    """End, by name, every actor and placement group of the cluster in ``settings``'s
+    namespace (those ``start_backend(detached=True)`` made); returns what it ended."""
+    ns = settings.namespace
+    names = [actor_name(g, r) for g in range(settings.groups) for r in range(settings.replicas)]
+    names += [PROCESSOR_NAME, GATEWAY_NAME, RESTARTER_NAME]
+    ended = []
+    for name in names:
+        with contextlib.suppress(ValueError):  # not running
+            ray.kill(ray.get_actor(name, namespace=ns), no_restart=True)
+            ended.append(name)
+    for g in range(settings.groups):
+        with contextlib.suppress(ValueError):
+            remove_placement_group(get_placement_group(f"{ns}-group-{g}"))
+            ended.append(f"placement group {ns}-group-{g}")
+    return ended
 
 
 def deploy_api(settings: Settings, generation: str = "") -> None:

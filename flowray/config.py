@@ -12,6 +12,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from flowray.router import ShardMap
+
 DEFAULT_DATA_DIR = "./flowray-data"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 # auto: tokens are required once FLOWRAY_ADMIN_TOKEN is set or a token exists.
@@ -82,6 +84,9 @@ class Settings:
     # Wait for this many Ray nodes before placing the groups' replicas (a cluster's
     # workers join after the head starts flowray); 0: place on what is there.
     wait_nodes: int = 0
+    # The group count the shards were first spread over (set from the data directory's
+    # layout; groups added later start without shards). 0: the same as ``groups``.
+    base_groups: int = 0
 
     def validate(self) -> Settings:
         if self.replicas < 1 or self.replicas % 2 == 0:
@@ -114,6 +119,10 @@ class Settings:
     @property
     def warehouse_dir(self) -> Path:
         return Path(self.warehouse) if self.warehouse else self.data_dir / "warehouse"
+
+    def base_map(self) -> ShardMap:
+        """The shard map before any move: shard s in group s mod base_groups."""
+        return ShardMap.round_robin(self.shards, self.base_groups or self.groups)
 
     @property
     def logic_module_names(self) -> tuple[str, ...]:

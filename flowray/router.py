@@ -13,6 +13,8 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from flowray.invariant import require
+
 SITE_BYTES_MAX = 253
 _LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
 
@@ -117,6 +119,21 @@ class ShardMap:
 
     def group_of_site(self, site: str) -> int:
         return self.owners[shard_for_site(site, self.shard_count)]
+
+    def with_moves(self, moves: Iterable[tuple[int, int, int]]) -> ShardMap:
+        """This map after (shard, from group, to group) moves, in order."""
+        owners = list(self.owners)
+        for shard, from_group, to_group in moves:
+            require(0 <= shard < len(owners), f"no shard {shard}")
+            require(owners[shard] == from_group, f"shard {shard} moved from a group not its own")
+            owners[shard] = to_group
+        return ShardMap(tuple(owners))
+
+    @staticmethod
+    def groups_ever(shard: int, base: ShardMap, moves: Iterable[tuple[int, int, int]]) -> list[int]:
+        """Every group that has owned ``shard`` (and so may hold some of its blocks)."""
+        groups = {base.owners[shard]} | {to for s, _f, to in moves if s == shard}
+        return sorted(groups)
 
     def to_json(self) -> list[int]:
         return list(self.owners)

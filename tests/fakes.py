@@ -51,3 +51,8 @@ class FakeAdmin:
         job = self._job("restart", {})
         job["state"] = "running"
         return job
+
+    async def move_shard(self, shard: int, to_group: int) -> dict[str, Any]:
+        if shard > 7 or to_group > 1:
+            raise ValueError(f"no shard {shard} or group {to_group}")
+        return {"shard": shard, "from_group": 1 - to_group, "to_group": to_group}

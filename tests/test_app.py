@@ -55,6 +55,7 @@ ROUTES = {
     "/v1/admin/jobs/{job_id}",
     "/v1/admin/versions",
     "/v1/admin/restart",
+    "/v1/admin/shards/{shard}/move",
 }
 
 
@@ -1179,6 +1180,10 @@ async def test_reprocess_rollback_and_job_routes() -> None:
         assert versions.json() == [{"version": 1, "logic": "default", "current": True}]
         restart = await client.post("/v1/admin/restart")
         assert restart.status_code == 202 and restart.json()["kind"] == "restart"
+        moved = await client.post("/v1/admin/shards/3/move", params={"to": 0})
+        assert moved.json() == {"shard": 3, "from_group": 1, "to_group": 0}
+        bad = await client.post("/v1/admin/shards/9/move", params={"to": 0})
+        assert bad.status_code == 422 and "no shard 9" in bad.json()["error"]
         again = await client.post("/v1/admin/restart")
         assert again.status_code == 409 and "already running" in again.json()["error"]
 

@@ -65,7 +65,8 @@ class Processor:
         self.republished_units = 0  # units published again because late events came
         self.last_job: dict[str, Any] = {}
         self.last_error = ""
-        self.shard_map = ShardMap.round_robin(self.settings.shards, self.settings.groups)
+        # The map the layout starts with; moves (in the catalog) apply on top of it.
+        self.base_map = self.settings.base_map()
         self._jobs: dict[str, dict[str, Any]] = {}
         self.last_phases: dict[str, float] = {}  # seconds per phase of the last job
         self._job_tasks: set[asyncio.Task[None]] = set()
@@ -148,11 +149,20 @@ class Processor:
         """Map-reduce every (shard, hour) touched by ``work`` from all its sealed parts,
         with the current version's logic."""
         current = self.catalog.version()
-        readers, upto = {}, {}
-        for group, blocks in work.items():
-            upto[group] = max(b["seal_index"] for b in blocks)
-            readers[group] = await self._reader(group, upto[group], masters[group])
         targets = sorted({(b["shard"], b["hour"]) for blocks in work.values() for b in blocks})
+        # Every group that ever owned a target's shard may hold parts of it: the new
+        # sealed ones (up to this job's seals), or published ones (up to its cursor).
+        moves = self.catalog.shard_moves()
+        needed = {
+            g for shard, _h in targets for g in ShardMap.groups_ever(shard, self.base_map, moves)
+        }
+        readers, upto = {}, {}
+        for group in sorted(needed):
+            blocks = work.get(group) or []
+            upto[group] = (
+                max(b["seal_index"] for b in blocks) if blocks else self.catalog.cursor(group)
+            )
+            readers[group] = await self._reader(group, upto[group], masters[group])
         started = time.monotonic()
         units, map_outputs = await self._map(
             targets, readers, upto, current.logic, current.modules, None
@@ -200,24 +210,28 @@ class Processor:
         """
         s = self.settings
         slices: list[Slice] = []
-        units: list[tuple[int, int, int]] = []
-        # Every unit's parts first: once reads start, the readers are busy serving them.
-        groups = [self.shard_map.group_of_shard(shard) for shard, _hour in targets]
+        # Every unit's parts first (from every group that ever owned its shard): once
+        # reads start, the readers are busy serving them.
+        moves = self.catalog.shard_moves()
+        asks = [
+            (g, (shard, hour))
+            for shard, hour in targets
+            for g in ShardMap.groups_ever(shard, self.base_map, moves)
+        ]
         all_parts = await asyncio.wait_for(
             asyncio.gather(
-                *(
-                    readers[g].block_parts.remote(shard, hour, upto[g])
-                    for g, (shard, hour) in zip(groups, targets, strict=True)
-                )
+                *(readers[g].block_parts.remote(shard, hour, upto[g]) for g, (shard, hour) in asks)
             ),
             s.rpc_timeout_s,
         )
-        for group, (shard, hour), parts in zip(groups, targets, all_parts, strict=True):
-            units.append((shard, hour, len(parts)))
+        parts_of: dict[Target, int] = dict.fromkeys(targets, 0)
+        for (group, (shard, hour)), parts in zip(asks, all_parts, strict=True):
+            parts_of[(shard, hour)] += len(parts)
             for part, nbytes in parts:
                 n = max(1, -(-nbytes // s.map_slice_bytes))
                 block = (shard, hour, part)
                 slices += [((shard, hour), group, block, i, n, nbytes // n) for i in range(n)]
+        units = [(shard, hour, parts_of[(shard, hour)]) for shard, hour in targets]
         # Where each block's slices lie: asked of the readers, a few bytes per record.
         blocks = sorted({(g, block, n) for _u, g, block, _i, n, _b in slices})
         plans = await asyncio.wait_for(
@@ -332,6 +346,28 @@ class Processor:
         except CatalogError as exc:
             raise ValueError(str(exc)) from None
         return self._start_job("rollback", {"to": target}, lambda st: self._rollback(st, target))
+
+    async def move_shard(self, shard: int, to_group: int) -> dict[str, Any]:
+        """Send ``shard``'s new writes to ``to_group`` from now on (see Catalog.move_shard).
+
+        Ingest processes pick the change up within a second; until then, and for late
+        writes, the old group takes them, which processing reads as well.
+        """
+        await self.start()
+        if not 0 <= shard < self.settings.shards:
+            raise ValueError(f"no shard {shard} (shards are 0..{self.settings.shards - 1})")
+        if not 0 <= to_group < self.settings.groups:
+            raise ValueError(f"no group {to_group} (groups are 0..{self.settings.groups - 1})")
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:  # not in the middle of a job that read the old map
+            now = self.base_map.with_moves(self.catalog.shard_moves())
+            from_group = now.group_of_shard(shard)
+            if from_group == to_group:
+                raise ValueError(f"shard {shard} is in group {to_group} already")
+            await asyncio.to_thread(self.catalog.move_shard, shard, from_group, to_group)
+        owners = self.base_map.with_moves(self.catalog.shard_moves()).to_json()
+        return {"shard": shard, "from_group": from_group, "to_group": to_group, "owners": owners}
 
     async def job(self, job_id: str) -> dict[str, Any] | None:
         state = self._jobs.get(job_id)
@@ -507,6 +543,7 @@ class Processor:
             "catalog": self.catalog.summary(),
             "cursors": {g: self.catalog.cursor(g) for g in range(self.settings.groups)},
             "versions": [v.to_json() for v in self.catalog.versions()],
+            "shard_owners": self.base_map.with_moves(self.catalog.shard_moves()).to_json(),
             "jobs_running": [dict(st) for st in self._jobs.values() if st["state"] == "running"],
         }
 

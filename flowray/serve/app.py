@@ -99,6 +99,9 @@ class Admin(Protocol):
     async def restart(self) -> dict[str, Any]:
         """Start a rolling restart (raises ValueError when one is already running)."""
 
+    async def move_shard(self, shard: int, to_group: int) -> dict[str, Any]:
+        """Send a shard's new writes to another group (ValueError for a bad move)."""
+
 
 class ReprocessRequest(BaseModel):
     """What to re-process: the published hours overlapping [start, end)."""
@@ -266,7 +269,7 @@ def _auth_dependencies(authorizer: Authorizer | None) -> dict[str, GrantDependen
 def create_app(
     *,
     settings: Settings,
-    shard_map: ShardMap,
+    shard_map: ShardMap | Callable[[], ShardMap],
     ingest: Ingest,
     warehouse: Minutes,
     admin: Admin,
@@ -276,6 +279,10 @@ def create_app(
     live: Live | None = None,
 ) -> FastAPI:
     """The API; ``authorizer=None`` serves every route without tokens."""
+    # A fixed map, or one that follows shard moves (LiveShardMap).
+    current_map: Callable[[], ShardMap] = (
+        shard_map if callable(shard_map) else (lambda: shard_map)  # type: ignore[return-value]
+    )
     app = FastAPI(
         title="flowray",
         version="0.1.0",
@@ -364,7 +371,7 @@ def create_app(
                 metrics.denied.labels("403").inc()
                 return _denied(decision)
         try:
-            await ingest.commit(split_batch(table, shard_map))
+            await ingest.commit(split_batch(table, current_map()))
         except Unavailable as exc:
             metrics.rejected.labels("503").inc()
             return JSONResponse(
@@ -595,6 +602,23 @@ def create_app(
             return await _job_started(admin.restart())
         except ValueError as exc:
             return _error(409, str(exc))
+
+    @app.post(
+        "/v1/admin/shards/{shard}/move",
+        summary="Send a shard's new writes to another group (scaling out)",
+        responses={**AUTH_RESPONSES, 422: {"description": "No such shard or group"}},
+        dependencies=[Depends(needs["admin"])],
+    )
+    async def move_shard(
+        shard: int = Path(ge=0, le=1_000_000),
+        to: int = Query(ge=0, le=1_000_000, description="The group to move the shard to"),
+    ) -> Response:
+        try:
+            return JSONResponse(await admin.move_shard(shard, to))
+        except ValueError as exc:
+            return _error(422, str(exc))
+        except Unavailable as exc:
+            return _unavailable(exc)
 
     @app.get(
         "/v1/admin/jobs/{job_id}",

@@ -11,6 +11,7 @@ import asyncio
 import json
 import os
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -28,6 +29,7 @@ from flowray.router import ShardMap
 from flowray.serve.app import Unavailable, create_app
 from flowray.serve.auth import ADMIN_TOKEN_ENV, Authorizer, TokenStore
 from flowray.serve.cache import make_cache
+from flowray.storage.catalog import LiveShardMap
 from flowray.storage.warehouse import Warehouse
 
 SETTINGS_ENV = "FLOWRAY_SETTINGS_JSON"
@@ -174,13 +176,17 @@ class RayLive:
     """Live counts of a site from its group's master; none when it cannot answer in time."""
 
     def __init__(
-        self, settings: Settings, directory: Directory, shard_map: ShardMap, warehouse: Warehouse
+        self,
+        settings: Settings,
+        directory: Directory,
+        shard_map: Callable[[], ShardMap],
+        warehouse: Warehouse,
     ) -> None:
         self.settings, self.directory = settings, directory
         self.shard_map, self.warehouse = shard_map, warehouse
 
     async def minutes(self, site: str, start_ms: int, end_ms: int) -> tuple[Any, Any]:
-        group = self.shard_map.group_of_site(site)
+        group = self.shard_map().group_of_site(site)
         published = self.warehouse.catalog.cursor(group)
         try:
             _replica, handle = await self.directory.master(group)
@@ -297,12 +303,16 @@ class RayAdmin:
         result: list[dict[str, Any]] = await self._call(self.processor.versions.remote())
         return result
 
+    async def move_shard(self, shard: int, to_group: int) -> dict[str, Any]:
+        result: dict[str, Any] = await self._call(self.processor.move_shard.remote(shard, to_group))
+        return result
+
 
 def build_app() -> FastAPI:
     settings = Settings.from_json(json.loads(os.environ[SETTINGS_ENV]))
     warehouse = Warehouse(settings.warehouse_dir, settings.shards)
     directory = Directory(settings)
-    shard_map = ShardMap.round_robin(settings.shards, settings.groups)
+    shard_map = LiveShardMap(settings.base_map(), warehouse.catalog)
     prefix = f"flowray:{warehouse.catalog.identity}:"
     return create_app(
         settings=settings,

@@ -18,10 +18,12 @@ from __future__ import annotations
 import secrets
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+from flowray.router import ShardMap
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
@@ -34,6 +36,10 @@ CREATE TABLE IF NOT EXISTS units (
     PRIMARY KEY (version, shard, hour)
 );
 CREATE TABLE IF NOT EXISTS cursors (grp INTEGER PRIMARY KEY, seal_index INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS shard_moves (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, shard INTEGER NOT NULL,
+    from_grp INTEGER NOT NULL, to_grp INTEGER NOT NULL, at_ms INTEGER NOT NULL
+);
 """
 # Columns added to ``versions`` after the first release, added to older catalogs on open.
 VERSION_COLUMNS = {
@@ -197,6 +203,13 @@ class Catalog:
                 return v
         raise CatalogError(f"no warehouse version {wanted}")
 
+    def shard_moves(self) -> list[tuple[int, int, int]]:
+        """(shard, from group, to group) of every move, oldest first."""
+        rows = self._db.execute(
+            "SELECT shard, from_grp, to_grp FROM shard_moves ORDER BY seq"
+        ).fetchall()
+        return [(int(a), int(b), int(c)) for a, b, c in rows]
+
     def cursor(self, group: int) -> int:
         row = self._db.execute("SELECT seal_index FROM cursors WHERE grp = ?", (group,)).fetchone()
         return 0 if row is None else int(row[0])
@@ -302,6 +315,16 @@ class Catalog:
             [(version, u.shard, u.hour, u.path, u.parts, u.rows, u.events) for u in units],
         )
 
+    def move_shard(self, shard: int, from_group: int, to_group: int) -> None:
+        """Record that ``shard``'s new writes go to ``to_group`` from now on. Its older
+        blocks stay in the groups that wrote them; processing reads every group that
+        ever owned the shard (see flowray.router.ShardMap.with_moves)."""
+        with self._tx():
+            self._db.execute(
+                "INSERT INTO shard_moves (shard, from_grp, to_grp, at_ms) VALUES (?, ?, ?, ?)",
+                (shard, from_group, to_group, _now_ms()),
+            )
+
     def set_watermark(self, watermark_ms: int) -> None:
         with self._tx():
             if self._meta("watermark_ms") != watermark_ms:
@@ -317,3 +340,26 @@ class Catalog:
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
+
+
+class LiveShardMap:
+    """The shard map as the catalog says now, re-read at most once per ``ttl_s``: what
+    ingest processes route by, so a shard move reaches them within a second."""
+
+    def __init__(
+        self,
+        base: ShardMap,
+        catalog: Catalog,
+        ttl_s: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.base, self.catalog, self.ttl_s, self.clock = base, catalog, ttl_s, clock
+        self._map = base.with_moves(catalog.shard_moves())
+        self._read_at = clock()
+
+    def __call__(self) -> ShardMap:
+        now = self.clock()
+        if now - self._read_at >= self.ttl_s:
+            self._read_at = now
+            self._map = self.base.with_moves(self.catalog.shard_moves())
+        return self._map
