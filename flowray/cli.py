@@ -379,7 +379,7 @@ def status(
     console.print(
         f"pending: {pending} sealed blocks not yet published; late events (since the "
         f"masters started): {late}; units re-published for late events: "
-        f"{proc.get('republished_units')}"
+        f"{proc.get('republished_units')}; shard-days merged: {proc.get('merged_days')}"
     )
     console.print(
         f"warehouse: {proc.get('catalog')}  jobs: {proc.get('jobs')}  "

@@ -15,6 +15,7 @@ import duckdb
 import httpx
 import pyarrow as pa
 import pytest
+import ray
 from typer.testing import CliRunner
 
 from flowray import cluster
@@ -281,3 +282,19 @@ def test_a_processor_killed_mid_job_publishes_nothing(
         assert served(client, H0, H0 + 3 * HOUR_MS) == expected_counts(
             raw, True, H0, H0 + 3 * HOUR_MS
         )
+
+
+def test_compaction_merges_final_days_and_answers_the_same(
+    rp_cluster: tuple[cluster.Cluster, str, list[dict[str, Any]]],
+) -> None:
+    running, url, _raw = rp_cluster
+    with httpx.Client(base_url=url, timeout=60) as client:
+        client.post("/v1/admin/process", params={"mode": "closed"})  # sets the watermark
+        before = served(client, H0, H0 + 4 * HOUR_MS)
+        merged = ray.get(running.processor.compact.remote(), timeout=120)
+        assert merged == 4  # one day, four shards, each with several hours
+        assert ray.get(running.processor.compact.remote(), timeout=120) == 0  # all done
+        time.sleep(1.2)
+        assert served(client, H0, H0 + 4 * HOUR_MS) == before
+        status = client.get("/v1/admin/status").json()
+        assert status["processor"]["merged_days"] == 4

@@ -36,6 +36,7 @@ from flowray.storage.catalog import Catalog, CatalogError, Unit
 from flowray.tasks.mapreduce import (
     DIFF_SCHEMA,
     map_task,
+    merge_task,
     reduce_rewrite_task,
     reduce_write_task,
 )
@@ -45,6 +46,7 @@ READER_TRIES = 5
 JOBS_KEPT = 20  # finished jobs remembered for their results
 DIFF_SITES_MAX = 10_000  # per-site diff rows a job reports (largest changes first)
 SITES_MAX = 10_000  # sites one re-processing run may name
+COMPACT_PER_CYCLE = 8  # shard-days merged per processing cycle at most
 Target = tuple[int, int]  # (shard, hour)
 log = logging.getLogger("flowray.processor")
 
@@ -63,6 +65,7 @@ class Processor:
         self._loop_task: asyncio.Task[None] | None = None
         self.jobs = 0
         self.republished_units = 0  # units published again because late events came
+        self.merged_days = 0  # shard-days compacted into one file
         self.last_job: dict[str, Any] = {}
         self.last_error = ""
         # The map the layout starts with; moves (in the catalog) apply on top of it.
@@ -81,6 +84,7 @@ class Processor:
             await asyncio.sleep(self.settings.process_interval_s)
             try:
                 await self.run("due")
+                await self.compact()
             except Exception as exc:  # an operating error: report, retry next cycle
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 log.warning("processing cycle failed: %s", self.last_error)
@@ -289,6 +293,50 @@ class Processor:
         oldest = [st["oldest_open_hour"] for st in statuses if st["oldest_open_hour"] is not None]
         watermark = min([h * HOUR_MS for h in oldest] + [now_minute])
         await asyncio.to_thread(self.catalog.set_watermark, watermark)
+
+    async def compact(self, limit: int = COMPACT_PER_CYCLE) -> int:
+        """Merge up to ``limit`` shard-days of the current version that are final (wholly
+        before the watermark) into one file each; returns how many were merged.
+
+        A one-site query over a day then opens one file instead of 24. Publishing into a
+        merged day later (late events) drops the merged file from the catalog in the
+        same transaction, so the hours are read again until the day is merged anew.
+        """
+        await self.start()
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:
+            version = self.catalog.version()
+            watermark = self.catalog.watermark_ms()
+            if watermark is None:
+                return 0
+            days = self.catalog.mergeable_days(version.version, watermark // HOUR_MS, limit)
+            job = uuid.uuid4().hex[:12]
+            root = str(self.settings.warehouse_dir)
+            plans = [
+                (shard, day, self.catalog.day_units(version.version, shard, day))
+                for shard, day in days
+            ]
+            merged = await asyncio.wait_for(
+                asyncio.gather(
+                    *(
+                        merge_task.remote(
+                            root, version.logic, shard, day, job, [u.path for u in units]
+                        )
+                        for shard, day, units in plans
+                    )
+                ),
+                self.settings.process_timeout_s,
+            )
+            done = 0
+            for (shard, day, units), unit in zip(plans, merged, strict=True):
+                made_from = [u.path for u in units]
+                if await asyncio.to_thread(
+                    self.catalog.add_merged, version.version, shard, day, made_from, unit
+                ):
+                    done += 1
+            self.merged_days += done
+            return done
 
     # ---- re-processing and rollback jobs -----------------------------------------------
     async def reprocess(
@@ -538,6 +586,7 @@ class Processor:
             "pid": os.getpid(),
             "jobs": self.jobs,
             "republished_units": self.republished_units,
+            "merged_days": self.merged_days,
             "last_job": self.last_job,
             "last_error": self.last_error,
             "catalog": self.catalog.summary(),

@@ -36,6 +36,11 @@ CREATE TABLE IF NOT EXISTS units (
     PRIMARY KEY (version, shard, hour)
 );
 CREATE TABLE IF NOT EXISTS cursors (grp INTEGER PRIMARY KEY, seal_index INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS merged (
+    version INTEGER NOT NULL, shard INTEGER NOT NULL, day INTEGER NOT NULL,
+    path TEXT NOT NULL, rows INTEGER NOT NULL, events INTEGER NOT NULL,
+    PRIMARY KEY (version, shard, day)
+);
 CREATE TABLE IF NOT EXISTS shard_moves (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, shard INTEGER NOT NULL,
     from_grp INTEGER NOT NULL, to_grp INTEGER NOT NULL, at_ms INTEGER NOT NULL
@@ -48,6 +53,7 @@ VERSION_COLUMNS = {
     "note": "TEXT NOT NULL DEFAULT ''",
 }
 BUSY_TIMEOUT_S = 10.0
+DAY_HOURS = 24
 
 
 @dataclass(frozen=True)
@@ -153,13 +159,44 @@ class Catalog:
         )
 
     def unit_paths(self, version: int, shard: int, hour_lo: int, hour_hi: int) -> list[str]:
-        """Files of one shard for hours in [hour_lo, hour_hi)."""
+        """Files of one shard for hours in [hour_lo, hour_hi): a day's merged file where
+        there is one (it holds all of that day's units), else the hourly files."""
+        day_lo, day_hi = hour_lo // DAY_HOURS, -(-hour_hi // DAY_HOURS)
+        merged = dict(
+            self._db.execute(
+                "SELECT day, path FROM merged WHERE version = ? AND shard = ? AND day >= ?"
+                " AND day < ?",
+                (version, shard, day_lo, day_hi),
+            ).fetchall()
+        )
         rows = self._db.execute(
-            "SELECT path FROM units WHERE version = ? AND shard = ? AND hour >= ? AND hour < ?"
-            " ORDER BY hour",
+            "SELECT hour, path FROM units WHERE version = ? AND shard = ? AND hour >= ?"
+            " AND hour < ? ORDER BY hour",
             (version, shard, hour_lo, hour_hi),
         ).fetchall()
-        return [r[0] for r in rows]
+        hourly = [path for hour, path in rows if hour // DAY_HOURS not in merged]
+        return [merged[d] for d in sorted(merged)] + hourly
+
+    def mergeable_days(self, version: int, before_hour: int, limit: int) -> list[tuple[int, int]]:
+        """(shard, day) of days wholly before ``before_hour`` with two or more units and
+        no merged file yet, oldest first."""
+        rows = self._db.execute(
+            "SELECT u.shard, u.hour / ? AS day FROM units u WHERE u.version = ?"
+            " AND u.hour < ? / ? * ? GROUP BY u.shard, day HAVING count(*) > 1"
+            " AND NOT EXISTS (SELECT 1 FROM merged m WHERE m.version = u.version"
+            "  AND m.shard = u.shard AND m.day = u.hour / ?)"
+            " ORDER BY day, u.shard LIMIT ?",
+            (DAY_HOURS, version, before_hour, DAY_HOURS, DAY_HOURS, DAY_HOURS, limit),
+        ).fetchall()
+        return [(int(a), int(b)) for a, b in rows]
+
+    def day_units(self, version: int, shard: int, day: int) -> list[Unit]:
+        rows = self._db.execute(
+            "SELECT shard, hour, path, parts, rows, events FROM units WHERE version = ?"
+            " AND shard = ? AND hour >= ? AND hour < ? ORDER BY hour",
+            (version, shard, day * DAY_HOURS, (day + 1) * DAY_HOURS),
+        ).fetchall()
+        return [Unit(*r) for r in rows]
 
     def units(self, version: int) -> list[Unit]:
         rows = self._db.execute(
@@ -283,6 +320,11 @@ class Catalog:
                 " FROM units WHERE version = ?",
                 (version, parent),
             )
+            self._db.execute(
+                "INSERT INTO merged SELECT ?, shard, day, path, rows, events"
+                " FROM merged WHERE version = ?",
+                (version, parent),
+            )
             self._put_units(version, units)
             self._set_meta("current_version", version)
             generation = (self._meta("generation") or 0) + 1
@@ -310,10 +352,30 @@ class Catalog:
         return generation
 
     def _put_units(self, version: int, units: Iterable[Unit]) -> None:
+        rows = [(version, u.shard, u.hour, u.path, u.parts, u.rows, u.events) for u in units]
+        self._db.executemany("INSERT OR REPLACE INTO units VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+        # A day's merged file no longer holds what the day's units say: read the hours.
         self._db.executemany(
-            "INSERT OR REPLACE INTO units VALUES (?, ?, ?, ?, ?, ?, ?)",
-            [(version, u.shard, u.hour, u.path, u.parts, u.rows, u.events) for u in units],
+            "DELETE FROM merged WHERE version = ? AND shard = ? AND day = ?",
+            sorted({(version, r[1], r[2] // DAY_HOURS) for r in rows}),
         )
+
+    def add_merged(
+        self, version: int, shard: int, day: int, made_from: list[str], unit: Unit
+    ) -> bool:
+        """Record ``unit`` (a file of the whole day) as the merge of ``made_from``, the
+        day's unit files it was made from; refused (False) if those changed meanwhile."""
+        with self._tx():
+            now = [u.path for u in self.day_units(version, shard, day)]
+            if sorted(now) != sorted(made_from):
+                return False
+            self._db.execute(
+                "INSERT OR REPLACE INTO merged VALUES (?, ?, ?, ?, ?, ?)",
+                (version, shard, day, unit.path, unit.rows, unit.events),
+            )
+        # No new generation: the merged file answers exactly what the hours did, so
+        # cached answers stay right.
+        return True
 
     def move_shard(self, shard: int, from_group: int, to_group: int) -> None:
         """Record that ``shard``'s new writes go to ``to_group`` from now on. Its older
@@ -332,7 +394,8 @@ class Catalog:
                 self._set_meta("generation", (self._meta("generation") or 0) + 1)
 
     def referenced_paths(self) -> set[str]:
-        return {r[0] for r in self._db.execute("SELECT DISTINCT path FROM units").fetchall()}
+        rows = self._db.execute("SELECT path FROM units UNION SELECT path FROM merged")
+        return {r[0] for r in rows.fetchall()}
 
     def close(self) -> None:
         self._db.close()

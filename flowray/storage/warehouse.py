@@ -19,6 +19,7 @@ from pathlib import Path
 import duckdb
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from flowray.router import shard_for_site
@@ -57,6 +58,21 @@ def write_unit(path: Path, table: pa.Table) -> None:
         write_statistics=True,
     )
     replace_durably(tmp, path)
+
+
+def merged_path(root: Path, logic: str, shard: int, day: int, job: str) -> Path:
+    first = day * 24
+    return root / "data" / logic / f"s{shard:04d}" / f"{hour_label(first)}.d{day}.{job}.parquet"
+
+
+def merge_day(paths: list[str], out: Path) -> tuple[int, int]:
+    """One file of a shard's day from its hourly unit files, sorted by (site, minute)
+    like them, so a day's series is one file and a row group or two to read; returns
+    (rows, events)."""
+    hours = [pq.read_table(p, schema=UNIT_SCHEMA) for p in paths]
+    table = pa.concat_tables(hours).sort_by([("site", "ascending"), ("minute", "ascending")])
+    write_unit(out, table)
+    return table.num_rows, int(pc.sum(table.column("count")).as_py() or 0)
 
 
 class Warehouse:

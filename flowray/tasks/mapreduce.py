@@ -27,9 +27,15 @@ import ray
 from flowray import logic as logics
 from flowray.ingest import from_ipc
 from flowray.router import reduce_key_for_shard
-from flowray.storage.catalog import Unit
+from flowray.storage.catalog import DAY_HOURS, Unit
 from flowray.storage.segment import RecordRef, read_payloads
-from flowray.storage.warehouse import UNIT_SCHEMA, unit_path, write_unit
+from flowray.storage.warehouse import (
+    UNIT_SCHEMA,
+    merge_day,
+    merged_path,
+    unit_path,
+    write_unit,
+)
 
 PARTIAL_SCHEMA = pa.schema(
     [
@@ -248,3 +254,13 @@ def reduce_rewrite_task(
     """Reduce one key's partials and rewrite the units it owns (re-processing)."""
     reduced = reduce_partials(list(partials))
     return rewrite_units(Path(root), logic_name, job, [reduced], units, old_paths, sites, dry_run)
+
+
+@ray.remote(num_cpus=1, max_retries=3)
+def merge_task(
+    root: str, logic_name: str, shard: int, day: int, job: str, paths: list[str]
+) -> Unit:
+    """One shard's day in one file (compaction); the Unit's hour is the day's first."""
+    out = merged_path(Path(root), logic_name, shard, day, job)
+    rows, events = merge_day(paths, out)
+    return Unit(shard, day * DAY_HOURS, str(out), 0, rows, events)
