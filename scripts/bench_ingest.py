@@ -56,6 +56,8 @@ def ensure_tool(name: str, package: str) -> str:
     path = shutil.which(name) or shutil.which(name, path="/usr/sbin")
     if path:
         return path
+    for command in (["apt-get", "install", "-y", "-qq", package], ["apt-get", "update", "-qq"]):
+        subprocess.run(command, check=False, capture_output=True, timeout=600)
     subprocess.run(["apt-get", "install", "-y", "-qq", package], check=False, capture_output=True)
     path = shutil.which(name) or shutil.which(name, path="/usr/sbin")
     if not path:
