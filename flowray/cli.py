@@ -895,12 +895,12 @@ def token_revoke(
     console.print(f"token {record.id} ({record.scope}, {record.name or 'no name'}) is revoked")
 
 
-BENCHMARKS = ("ingest", "query", "freshness", "process")
+BENCHMARKS = ("ingest", "query", "freshness", "process", "memory")
 
 
 @app.command()
 def bench(
-    which: Annotated[str, typer.Argument(help="ingest, query, freshness or process.")],
+    which: Annotated[str, typer.Argument(help="ingest, query, freshness, process or memory.")],
     args: Annotated[
         list[str] | None, typer.Argument(help="Passed to the script, after --.")
     ] = None,
