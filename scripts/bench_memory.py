@@ -29,10 +29,15 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 import ray  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_process import HOUR_MS, ingest_hour, pss_mib, site_names  # noqa: E402
+from bench_process import (  # noqa: E402
+    HOUR_MS,
+    bench_settings,
+    ingest_hour,
+    pss_mib,
+    site_names,
+)
 
 from flowray import cluster  # noqa: E402
-from flowray.config import Settings  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -64,18 +69,7 @@ def main() -> None:
     parser.add_argument("--sites", type=int, default=100_000)
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-memory-", dir=ROOT))
-    settings = Settings(
-        data_dir=work / "data",
-        namespace="flowray-bench-memory",
-        groups=2,
-        replicas=3,
-        shards=8,
-        redis_url="",
-        seal_grace_s=0,
-        process_interval_s=10**6,
-        election_ticks=60,  # see bench_process.py: the generator shares the cores
-        num_cpus=os.cpu_count() or 2,
-    )
+    settings = bench_settings(work, "flowray-bench-memory")
     lines = []
     try:
         running = cluster.start(settings, serve_app=False)

@@ -283,6 +283,28 @@ def run_scale(
     return out
 
 
+def bench_settings(work: Path, namespace: str, **extra: Any) -> Settings:
+    """A local cluster for the processing and memory benchmarks: 2 groups x 3 replicas,
+    8 shards, no Redis, processing only when the benchmark asks."""
+    values: dict[str, Any] = {
+        "data_dir": work / "data",
+        "namespace": namespace,
+        "groups": 2,
+        "replicas": 3,
+        "shards": 8,
+        "redis_url": "",
+        "seal_grace_s": 0,
+        "process_interval_s": 10**6,
+        # The generator and the text writer share the two cores with the replicas; at
+        # the default 0.5 s election timeout a starved follower would call elections
+        # mid-load, and a retried write without ids could count twice. Ingest is not
+        # what these measure, so the groups wait 3 s of silence before an election.
+        "election_ticks": 60,
+        "num_cpus": os.cpu_count() or 2,
+    }
+    return Settings(**(values | extra))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--events", type=int, default=FLEET_HOUR_EVENTS)
@@ -293,23 +315,11 @@ def main() -> None:
     args = parser.parse_args()
     scales = [int(s) for s in args.scales.split(",")]
     work = Path(tempfile.mkdtemp(prefix="bench-process-", dir=ROOT))
-    settings = Settings(
-        data_dir=work / "data",
-        namespace="flowray-bench-process",
-        groups=2,
-        replicas=3,
-        shards=8,
-        redis_url="",
-        seal_grace_s=0,
-        process_interval_s=10**6,
+    settings = bench_settings(
+        work,
+        "flowray-bench-process",
         reduce_keys=args.reduce_keys,
         process_timeout_s=PROCESS_TIMEOUT_S,
-        # The generator and the text writer share the two cores with the replicas; at
-        # the default 0.5 s election timeout a starved follower would call elections
-        # mid-load, and a retried write without ids could count twice. Ingest is not
-        # what this measures, so the groups wait 3 s of silence before an election.
-        election_ticks=60,
-        num_cpus=os.cpu_count() or 2,
     )
     results = []
     try:
