@@ -42,11 +42,6 @@ START_TIMEOUT_S = 120.0
 # A replica needs next to no CPU of its own reservation (it is I/O and the event loop);
 # a bundle must hold some resource, so each takes this sliver of a CPU.
 REPLICA_BUNDLE = {"CPU": 0.01}
-# Replicas allocate and free payloads of megabytes all day; by default glibc raises its
-# mmap threshold after the first such free and then keeps freed payloads in the heap.
-# A fixed threshold gives them back at once: masters held about 0.8 GiB instead of
-# 1.1 GiB after 30 M events here (scripts/bench_memory.py).
-REPLICA_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "262144", "MALLOC_TRIM_THRESHOLD_": "1048576"}
 
 
 def placement_strategy(replicas: int, nodes: int) -> str | None:
@@ -198,12 +193,7 @@ def start_backend(settings: Settings, gateway: bool = True, detached: bool = Fal
             group_pg = _group_placement(settings, g, strategy, detached)
             groups_placed.append(group_pg)
         for r in range(settings.replicas):
-            options: dict[str, Any] = {
-                "name": actor_name(g, r),
-                "namespace": ns,
-                "runtime_env": {"env_vars": dict(REPLICA_MALLOC_ENV)},
-                **extra,
-            }
+            options: dict[str, Any] = {"name": actor_name(g, r), "namespace": ns, **extra}
             if group_pg is not None:
                 options["num_cpus"] = REPLICA_BUNDLE["CPU"]
                 options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
