@@ -6,6 +6,7 @@ counted exactly once."""
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -13,13 +14,15 @@ import duckdb
 import httpx
 import orjson
 import pytest
+import ray
+from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
 from typer.testing import CliRunner
 
 from flowray import cluster
 from flowray.cli import app as cli_app
 from flowray.client import Client
 from flowray.storage.catalog import Catalog
-from tests.helpers import cluster_settings, running_cluster, status
+from tests.helpers import cluster_settings, kill9, running_cluster, status
 
 HOUR_MS = 3_600_000
 H0 = 1_584_169_200_000  # 2020-03-14T07:00:00Z
@@ -116,3 +119,29 @@ def test_rolling_restart_under_load_loses_nothing(
     assert load.acked - counted.keys() == set(), "acknowledged events were lost"
     assert all(c == 1 for c in counted.values()), "an event was counted twice"
     assert counted.keys() == load.acked  # nothing unacknowledged (all batches ended acked)
+
+
+def test_a_gateway_killed_comes_back_serving(
+    restart_cluster: tuple[cluster.Cluster, str],
+) -> None:
+    running, _url = restart_cluster
+    gateway = running.gateway
+    before = ray.get(gateway.ping.remote(), timeout=30)
+    assert before["started"]
+    kill9(before["pid"])
+    deadline = time.monotonic() + 60
+    while True:  # Ray restarts the actor, without the server that start() began
+        try:
+            after = ray.get(gateway.ping.remote(), timeout=10)
+            if after["pid"] != before["pid"]:
+                break
+        except (RayActorError, ActorUnavailableError, GetTimeoutError):
+            pass
+        assert time.monotonic() < deadline, "the gateway actor did not come back"
+        time.sleep(0.3)
+    assert not after["started"]
+    # The processor's cycle notices and starts it again.
+    assert ray.get(running.processor.keep_gateway.remote(), timeout=60) is True
+    assert ray.get(running.processor.keep_gateway.remote(), timeout=60) is False
+    port = running.settings.ingest_port
+    assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=10).status_code == 200

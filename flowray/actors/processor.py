@@ -32,6 +32,7 @@ from flowray import logic as logics
 from flowray.actors.directory import Directory
 from flowray.config import Settings
 from flowray.router import ShardMap, normalize_site, reduce_key_for_shard, shard_for_site
+from flowray.serve.gateway import GATEWAY_NAME
 from flowray.storage.catalog import Catalog, CatalogError, Unit
 from flowray.tasks.mapreduce import (
     DIFF_SCHEMA,
@@ -83,6 +84,7 @@ class Processor:
         while True:
             await asyncio.sleep(self.settings.process_interval_s)
             try:
+                await self.keep_gateway()
                 await self.run("due")
                 await self.compact()
             except Exception as exc:  # an operating error: report, retry next cycle
@@ -293,6 +295,21 @@ class Processor:
         oldest = [st["oldest_open_hour"] for st in statuses if st["oldest_open_hour"] is not None]
         watermark = min([h * HOUR_MS for h in oldest] + [now_minute])
         await asyncio.to_thread(self.catalog.set_watermark, watermark)
+
+    async def keep_gateway(self) -> bool:
+        """Start the ingest gateway's server if its actor came back from a crash without
+        it (Ray restarts the actor, not what ``start`` began); True if it had to."""
+        try:
+            gateway = ray.get_actor(GATEWAY_NAME, namespace=self.settings.namespace)
+        except ValueError:
+            return False  # this cluster runs without a gateway
+        timeout = self.settings.rpc_timeout_s
+        state: dict[str, Any] = await asyncio.wait_for(gateway.ping.remote(), timeout)
+        if state["started"]:
+            return False
+        await asyncio.wait_for(gateway.start.remote(), timeout)
+        log.warning("the ingest gateway had restarted without its server: started it again")
+        return True
 
     async def compact(self, limit: int = COMPACT_PER_CYCLE) -> int:
         """Merge up to ``limit`` shard-days of the current version that are final (wholly

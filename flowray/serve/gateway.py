@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -72,4 +73,8 @@ class Gateway:
                 await asyncio.wait_for(self._task, 10)
 
     def ping(self) -> dict[str, Any]:
-        return {"port": self.port, "started": bool(self._server and self._server.started)}
+        return {
+            "port": self.port,
+            "pid": os.getpid(),
+            "started": bool(self._server and self._server.started),
+        }
