@@ -74,6 +74,7 @@ class Processor:
         self._jobs: dict[str, dict[str, Any]] = {}
         self.last_phases: dict[str, float] = {}  # seconds per phase of the last job
         self._job_tasks: set[asyncio.Task[None]] = set()
+        self._logic_modules: dict[str, tuple[str, ...]] = {}  # logic -> modules it needs
 
     async def start(self) -> None:
         """Start the processing loop (also done by run and status, after a restart)."""
@@ -381,8 +382,22 @@ class Processor:
             sites = sorted({normalize_site(x) for x in sites})
         current = self.catalog.version()
         logic = logic or current.logic
-        mods = tuple(dict.fromkeys([*self.settings.logic_module_names, *(modules or [])]))
+        # Map tasks run in other processes, which import these before looking the logic
+        # up: the modules named now, and every module that ever registered this logic
+        # (in an earlier run or in a version made with it), so a run may omit them.
+        recorded = [m for v in self.catalog.versions() if v.logic == logic for m in v.modules]
+        mods = tuple(
+            dict.fromkeys(
+                [
+                    *self.settings.logic_module_names,
+                    *self._logic_modules.get(logic, ()),
+                    *recorded,
+                    *(modules or []),
+                ]
+            )
+        )
         logics.get(logic, mods)  # unknown logic or unimportable module: refused now
+        self._logic_modules[logic] = mods
         params = {
             "start_ms": start_ms,
             "end_ms": end_ms,
