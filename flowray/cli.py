@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -69,6 +70,16 @@ def _client(data_dir: Path, url: str | None, ingest: bool = False, admin: bool =
     except ClusterNotFound as exc:
         _fail(str(exc))
         raise  # unreachable; for the type checker
+
+
+def _ask(data_dir: Path, url: str | None, call: Callable[[Client], Any]) -> Any:
+    """``call`` on an admin client of the running cluster; a failure ends the command."""
+    with _client(data_dir, url, admin=True) as client:
+        try:
+            return call(client)
+        except (ApiError, OSError) as exc:
+            _fail(str(exc))
+            return None
 
 
 def _pid_alive(pid: int) -> bool:
@@ -329,12 +340,7 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Every group's replicas (role, term, last and committed index, pid, node) and more."""
-    with _client(data_dir, url, admin=True) as client:
-        try:
-            body = client.status()
-        except (ApiError, OSError) as exc:
-            _fail(str(exc))
-            return
+    body = _ask(data_dir, url, lambda c: c.status())
     if as_json:
         console.print_json(data=body)
         return
@@ -656,12 +662,7 @@ def move_shard(
 
     Its older blocks stay where they are; processing reads every group that ever
     owned the shard, so nothing is moved on disk and nothing is lost."""
-    with _client(data_dir, url, admin=True) as client:
-        try:
-            result = client.move_shard(shard, to)
-        except (ApiError, OSError) as exc:
-            _fail(str(exc))
-            return
+    result = _ask(data_dir, url, lambda c: c.move_shard(shard, to))
     console.print(
         f"shard {result['shard']}: group {result['from_group']} -> {result['to_group']}; "
         f"owners now {result['owners']}"
@@ -675,12 +676,7 @@ def versions(
     url: Url = None,
 ) -> None:
     """The warehouse versions: logic, parent, units, events, which one is current."""
-    with _client(data_dir, url, admin=True) as client:
-        try:
-            rows = client.versions()
-        except (ApiError, OSError) as exc:
-            _fail(str(exc))
-            return
+    rows = _ask(data_dir, url, lambda c: c.versions())
     if as_json:
         sys.stdout.write(orjson.dumps(rows, option=orjson.OPT_INDENT_2).decode() + "\n")
         return

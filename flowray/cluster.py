@@ -18,6 +18,7 @@ from typing import Any
 
 import ray
 from ray import serve
+from ray.serve import Application
 from ray.util.placement_group import (
     get_placement_group,
     placement_group,
@@ -225,8 +226,12 @@ def start_backend(settings: Settings, gateway: bool = True, detached: bool = Fal
     return running
 
 
+def _placement_name(namespace: str, group: int) -> str:
+    return f"{namespace}-group-{group}"
+
+
 def _group_placement(settings: Settings, group: int, strategy: str, detached: bool) -> Any:
-    name = f"{settings.namespace}-group-{group}"
+    name = _placement_name(settings.namespace, group)
     if detached:
         with contextlib.suppress(ValueError):  # none by that name yet
             found = get_placement_group(name)
@@ -254,22 +259,27 @@ def stop_named(settings: Settings) -> list[str]:
             ray.kill(ray.get_actor(name, namespace=ns), no_restart=True)
             ended.append(name)
     for g in range(settings.groups):
-        with contextlib.suppress(ValueError):
-            remove_placement_group(get_placement_group(f"{ns}-group-{g}"))
-            ended.append(f"placement group {ns}-group-{g}")
+        with contextlib.suppress(ValueError):  # none by that name
+            remove_placement_group(get_placement_group(_placement_name(ns, g)))
+            ended.append(f"placement group {_placement_name(ns, g)}")
     return ended
 
 
-def deploy_api(settings: Settings, generation: str = "") -> None:
-    """Deploy (or redeploy) the Serve app. A new ``generation`` changes the replicas'
-    environment, so Serve replaces them one by one (a rolling update)."""
+def api_application(settings: Settings, generation: str = "") -> Application:
+    """The Serve application of the API, its settings in the replicas' environment. A
+    new ``generation`` changes that environment, so Serve replaces the replicas one by
+    one (a rolling update)."""
     env = {SETTINGS_ENV: json.dumps(settings.to_json())}
     if generation:
         env[DEPLOY_GENERATION_ENV] = generation
-    app = Api.options(  # type: ignore[attr-defined]
+    return Api.options(  # type: ignore[attr-defined,no-any-return]
         ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": env}}
     ).bind()
-    serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
+
+
+def deploy_api(settings: Settings, generation: str = "") -> None:
+    """Deploy (or redeploy) the Serve app; see ``api_application``."""
+    serve.run(api_application(settings, generation), name=APP_NAME, route_prefix="/")
 
 
 def stop(cluster: Cluster, serve_app: bool = True) -> None:

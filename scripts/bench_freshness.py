@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import platform
 import sys
@@ -50,6 +49,7 @@ from bench_ingest import (  # noqa: E402
     RawHttp,
     make_events,
     ndjson,
+    publish,
 )
 
 LOAD_SITES = 200
@@ -446,12 +446,7 @@ def main() -> None:
     }
     with Flowray() as fr:
         results.update(asyncio.run(run(fr, args.probes, args.timeout)))
-    report = render(results)
-    print(report)
-    print(json.dumps(results, indent=2), file=sys.stderr)
-    if args.markdown:
-        with open(args.markdown, "a") as fh:
-            fh.write(report + "\n")
+    publish(render(results), results, args.markdown)
 
 
 if __name__ == "__main__":

@@ -52,6 +52,16 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def publish(report: str, results: dict[str, Any], markdown: Path | None) -> None:
+    """A benchmark's report on stdout (and appended to ``markdown``), its raw figures
+    as JSON on stderr."""
+    print(report)
+    print(json.dumps(results, indent=2), file=sys.stderr)
+    if markdown:
+        with open(markdown, "a") as fh:
+            fh.write(report + "\n")
+
+
 def ensure_tool(name: str, package: str) -> str:
     path = shutil.which(name) or shutil.which(name, path="/usr/sbin")
     if path:
@@ -462,12 +472,7 @@ def main() -> None:
             nt.publish_rate(orjson.dumps(batch1k[0]), s, 256)
         )
 
-    report = render(results)
-    print(report)
-    print(json.dumps(results, indent=2), file=sys.stderr)
-    if args.markdown:
-        with open(args.markdown, "a") as fh:
-            fh.write(report + "\n")
+    publish(render(results), results, args.markdown)
 
 
 def render(r: dict[str, Any]) -> str:

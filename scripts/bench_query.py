@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import platform
 import shutil
@@ -31,7 +30,7 @@ import numpy as np
 import pyarrow as pa
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_ingest import RawHttp, ensure_tool, free_port  # noqa: E402
+from bench_ingest import RawHttp, ensure_tool, free_port, publish  # noqa: E402
 
 from flowray.router import shard_for_site  # noqa: E402
 from flowray.serve.cache import redis_answers  # noqa: E402
@@ -246,12 +245,7 @@ def main() -> None:
     finally:
         subprocess.run([*FLOWRAY, "down"], env=env, capture_output=True, timeout=120)
         shutil.rmtree(tmp, ignore_errors=True)
-    report = render(results)
-    print(report)
-    print(json.dumps(results, indent=2), file=sys.stderr)
-    if args.markdown:
-        with open(args.markdown, "a") as fh:
-            fh.write(report + "\n")
+    publish(render(results), results, args.markdown)
 
 
 def compact_all(root: Path) -> int:

@@ -1126,31 +1126,19 @@ async def test_admin_status_and_process(ingest: RecordingIngest) -> None:
 @pytest.mark.anyio
 async def test_reprocess_rollback_and_job_routes() -> None:
     admin = FakeAdmin()
+    body = {
+        "start": "2020-03-14T08:00",
+        "end": "2020-03-15",
+        "tz": "Asia/Kolkata",
+        "sites": ["Shop.Example."],
+        "logic": "no-bots",
+        "logic_modules": ["mylogic"],
+        "dry_run": True,
+    }
     async with client_for(make_app(admin=admin)) as client:
-        started = await client.post(
-            "/v1/admin/reprocess",
-            json={
-                "start": "2020-03-14T08:00",
-                "end": "2020-03-14",
-                "tz": "Asia/Kolkata",
-                "sites": ["Shop.Example."],
-                "logic": "no-bots",
-                "logic_modules": ["mylogic"],
-            },
-        )
-        assert started.status_code == 422  # end before start, in the zone given
-        started = await client.post(
-            "/v1/admin/reprocess",
-            json={
-                "start": "2020-03-14T08:00",
-                "end": "2020-03-15",
-                "tz": "Asia/Kolkata",
-                "sites": ["Shop.Example."],
-                "logic": "no-bots",
-                "logic_modules": ["mylogic"],
-                "dry_run": True,
-            },
-        )
+        early = await client.post("/v1/admin/reprocess", json={**body, "end": "2020-03-14"})
+        assert early.status_code == 422  # end before start, in the zone given
+        started = await client.post("/v1/admin/reprocess", json=body)
         assert started.status_code == 202, started.text
         assert admin.requests == [
             {

@@ -47,6 +47,7 @@ READER_TRIES = 5
 JOBS_KEPT = 20  # finished jobs remembered for their results
 DIFF_SITES_MAX = 10_000  # per-site diff rows a job reports (largest changes first)
 SITES_MAX = 10_000  # sites one re-processing run may name
+MAP_INFLIGHT_PER_CPU = 2  # map tasks (and their reads) in flight per CPU
 COMPACT_PER_CYCLE = 8  # shard-days merged per processing cycle at most
 Target = tuple[int, int]  # (shard, hour)
 log = logging.getLogger("flowray.processor")
@@ -62,7 +63,8 @@ class Processor:
         self.settings = Settings.from_json(settings_json)
         self.directory = Directory(self.settings)
         self.catalog = Catalog(self.settings.warehouse_dir / "catalog.sqlite")
-        self._lock: asyncio.Lock | None = None
+        # Jobs, cycles, compaction and moves take turns; made on first use, in the loop.
+        self._lock_made: asyncio.Lock | None = None
         self._loop_task: asyncio.Task[None] | None = None
         self.jobs = 0
         self.republished_units = 0  # units published again because late events came
@@ -72,9 +74,14 @@ class Processor:
         # The map the layout starts with; moves (in the catalog) apply on top of it.
         self.base_map = self.settings.base_map()
         self._jobs: dict[str, dict[str, Any]] = {}
-        self.last_phases: dict[str, float] = {}  # seconds per phase of the last job
         self._job_tasks: set[asyncio.Task[None]] = set()
         self._logic_modules: dict[str, tuple[str, ...]] = {}  # logic -> modules it needs
+
+    @property
+    def _lock(self) -> asyncio.Lock:
+        if self._lock_made is None:
+            self._lock_made = asyncio.Lock()
+        return self._lock_made
 
     async def start(self) -> None:
         """Start the processing loop (also done by run and status, after a restart)."""
@@ -102,8 +109,6 @@ class Processor:
     async def run(self, mode: str = "due") -> dict[str, Any]:
         """Seal what ``mode`` says is due, process every sealed block, publish."""
         await self.start()
-        if self._lock is None:
-            self._lock = asyncio.Lock()
         async with self._lock:
             try:
                 return await self._run_locked(mode)
@@ -132,8 +137,8 @@ class Processor:
         }
         summary["seal_s"] = round(time.monotonic() - started, 3)
         if summary["blocks"]:
-            units = await self._process(work, masters)
-            summary.update(self.last_phases)
+            units, phases = await self._process(work, masters)
+            summary.update(phases)
             cursors = {g: max(b["seal_index"] for b in w) for g, w in work.items() if w}
             summary["generation"] = await asyncio.to_thread(
                 self.catalog.publish, units, cursors, self.catalog.current_version()
@@ -152,9 +157,9 @@ class Processor:
 
     async def _process(
         self, work: dict[int, list[dict[str, int]]], masters: dict[int, Any]
-    ) -> list[Unit]:
+    ) -> tuple[list[Unit], dict[str, float]]:
         """Map-reduce every (shard, hour) touched by ``work`` from all its sealed parts,
-        with the current version's logic."""
+        with the current version's logic; the units, and the seconds of each phase."""
         current = self.catalog.version()
         targets = sorted({(b["shard"], b["hour"]) for blocks in work.values() for b in blocks})
         # Every group that ever owned a target's shard may hold parts of it: the new
@@ -174,7 +179,7 @@ class Processor:
         units, map_outputs = await self._map(
             targets, readers, upto, current.logic, current.modules, None
         )
-        self.last_phases = {"map_s": round(time.monotonic() - started, 3)}
+        mapped = time.monotonic()
         job = uuid.uuid4().hex[:12]
         root = str(self.settings.warehouse_dir)
         writes = [
@@ -182,10 +187,12 @@ class Processor:
             for mine, partials in self._by_key(units, map_outputs)
         ]
         written = await asyncio.wait_for(asyncio.gather(*writes), self.settings.process_timeout_s)
-        self.last_phases["reduce_write_s"] = round(
-            time.monotonic() - started - self.last_phases["map_s"], 3
-        )
-        return sorted((u for w in written for u in w), key=lambda u: (u.hour, u.shard))
+        phases = {
+            "map_s": round(mapped - started, 3),
+            "reduce_write_s": round(time.monotonic() - mapped, 3),
+        }
+        made = sorted((u for w in written for u in w), key=lambda u: (u.hour, u.shard))
+        return made, phases
 
     def _by_key(
         self, units: list[tuple[int, int, int]], map_outputs: list[list[Any]]
@@ -212,8 +219,8 @@ class Processor:
         index ``upto``, per group): the units with their part counts, and per map task
         the refs of its R partial tables, once every map task has finished.
 
-        At most MAP_INFLIGHT map tasks (and their reads) are in flight, so the raw
-        payloads in the object store stay bounded however big the hour is.
+        At most MAP_INFLIGHT_PER_CPU map tasks per CPU (and their reads) are in flight,
+        so the raw payloads in memory stay bounded however big the hour is.
         """
         s = self.settings
         slices: list[Slice] = []
@@ -247,7 +254,7 @@ class Processor:
         )
         plan = {(g, block): p for (g, block, _n), p in zip(blocks, plans, strict=True)}
         keys = s.reduce_keys
-        inflight = max(2, 2 * s.num_cpus)
+        inflight = MAP_INFLIGHT_PER_CPU * max(1, s.num_cpus)
         map_outputs: list[list[Any]] = []
         running: list[Any] = []
         for pack in _pack(sorted(slices, key=lambda x: x[1]), s.map_slice_bytes):
@@ -321,8 +328,6 @@ class Processor:
         same transaction, so the hours are read again until the day is merged anew.
         """
         await self.start()
-        if self._lock is None:
-            self._lock = asyncio.Lock()
         async with self._lock:
             version = self.catalog.version()
             watermark = self.catalog.watermark_ms()
@@ -438,15 +443,13 @@ class Processor:
             raise ValueError(f"no shard {shard} (shards are 0..{self.settings.shards - 1})")
         if not 0 <= to_group < self.settings.groups:
             raise ValueError(f"no group {to_group} (groups are 0..{self.settings.groups - 1})")
-        if self._lock is None:
-            self._lock = asyncio.Lock()
         async with self._lock:  # not in the middle of a job that read the old map
             now = self.base_map.with_moves(self.catalog.shard_moves())
             from_group = now.group_of_shard(shard)
             if from_group == to_group:
                 raise ValueError(f"shard {shard} is in group {to_group} already")
             await asyncio.to_thread(self.catalog.move_shard, shard, from_group, to_group)
-        owners = self.base_map.with_moves(self.catalog.shard_moves()).to_json()
+        owners = now.with_moves([(shard, from_group, to_group)]).to_json()
         return {"shard": shard, "from_group": from_group, "to_group": to_group, "owners": owners}
 
     async def job(self, job_id: str) -> dict[str, Any] | None:
@@ -488,8 +491,6 @@ class Processor:
         state: dict[str, Any],
         work: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]],
     ) -> None:
-        if self._lock is None:
-            self._lock = asyncio.Lock()
         try:
             async with self._lock:
                 state["result"] = await work(state)

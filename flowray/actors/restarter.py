@@ -22,6 +22,7 @@ from typing import Any
 import ray
 from ray.exceptions import ActorUnavailableError, RayActorError
 
+from flowray.actors.directory import Directory, NoMaster
 from flowray.config import Settings
 
 RESTARTER_NAME = "flowray-restarter"
@@ -38,6 +39,7 @@ def _now_ms() -> int:
 class Restarter:
     def __init__(self, settings_json: dict[str, Any], job_id: str) -> None:
         self.settings = Settings.from_json(settings_json)
+        self.directory = Directory(self.settings)
         self.progress: dict[str, Any] = {
             "job": job_id,
             "kind": "restart",
@@ -78,15 +80,12 @@ class Restarter:
 
     async def _restart_all(self) -> None:
         from flowray import cluster
-        from flowray.actors.replica import actor_name
         from flowray.serve.deployment import PROCESSOR_NAME
         from flowray.serve.gateway import GATEWAY_NAME
 
         s, ns = self.settings, self.settings.namespace
         replicas = {
-            (g, r): ray.get_actor(actor_name(g, r), namespace=ns)
-            for g in range(s.groups)
-            for r in range(s.replicas)
+            (g, r): self.directory.handle(g, r) for g in range(s.groups) for r in range(s.replicas)
         }
         processor = ray.get_actor(PROCESSOR_NAME, namespace=ns)
         try:
@@ -97,7 +96,7 @@ class Restarter:
         self.progress["total"] = len(replicas) + handovers + 2 + (gateway is not None)
         for g in range(s.groups):
             group = {r: replicas[(g, r)] for r in range(s.replicas)}
-            master = await self._master_of(g, group)
+            master = await self._master_of(g)
             for r, handle in group.items():
                 if r != master:
                     await self._restart_replica(g, r, handle, group)
@@ -106,7 +105,11 @@ class Restarter:
                 new: int | None = await asyncio.wait_for(
                     group[master].hand_over.remote(), s.rpc_timeout_s
                 )
-                self._step(f"group {g}: mastership handed over from {master} to {new}")
+                self._step(
+                    f"group {g}: mastership handed over from {master} to {new}"
+                    if new is not None
+                    else f"group {g}: no handover from {master} in time; an election follows"
+                )
             await self._restart_replica(g, master, group[master], group)
             self._step(f"group {g}: replica {master} (was master) restarted and caught up")
         await self._restart_actor(processor)
@@ -119,20 +122,18 @@ class Restarter:
         await asyncio.to_thread(cluster.deploy_api, s, uuid.uuid4().hex)
         self._step("Serve replicas replaced (rolling update)")
 
-    async def _master_of(self, group: int, handles: dict[int, Any]) -> int:
+    async def _master_of(self, group: int) -> int:
+        """The group's master, waiting out an election."""
         deadline = time.monotonic() + CATCH_UP_TIMEOUT_S
-        while time.monotonic() < deadline:
-            for r, handle in handles.items():
-                try:
-                    _leader, _term, role = await asyncio.wait_for(
-                        handle.leader.remote(), self.settings.rpc_timeout_s
-                    )
-                except Exception:  # that replica is down: ask the others
-                    continue
-                if role == "master":
-                    return r
-            await asyncio.sleep(POLL_S)
-        raise TimeoutError(f"group {group} has no master")
+        while True:
+            self.directory.forget(group)  # ask the replicas, not an old guess
+            try:
+                replica, _handle = await self.directory.master(group)
+                return replica
+            except NoMaster:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"group {group} has no master") from None
+                await asyncio.sleep(POLL_S)
 
     async def _when_up(self, call: Any) -> Any:
         """``call()`` once the (restarting) actor answers it."""
@@ -155,18 +156,14 @@ class Restarter:
     ) -> None:
         """Restart one replica and wait until it has caught up with the group's commit."""
         timeout = self.settings.rpc_timeout_s
-        before = await asyncio.wait_for(handle.status.remote(), timeout)
-        target = max(
-            [before["commit_index"]]
-            + [
-                st["commit_index"]
-                for st in await asyncio.gather(
-                    *(asyncio.wait_for(h.status.remote(), timeout) for h in handles.values()),
-                    return_exceptions=True,
-                )
-                if isinstance(st, dict)
-            ]
+        statuses = await asyncio.gather(
+            *(asyncio.wait_for(h.status.remote(), timeout) for h in handles.values()),
+            return_exceptions=True,
         )
+        before = statuses[list(handles).index(replica)]
+        if not isinstance(before, dict):
+            raise RuntimeError(f"group {group} replica {replica} does not answer: {before!r}")
+        target = max(st["commit_index"] for st in statuses if isinstance(st, dict))
         await self._restart_actor(handle)
         deadline = time.monotonic() + CATCH_UP_TIMEOUT_S
         while True:

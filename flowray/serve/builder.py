@@ -10,14 +10,12 @@ config files; ``flowray down --named`` ends the actors after ``serve shutdown``.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from ray.serve import Application
 
 from flowray import cluster
 from flowray.config import Settings
-from flowray.serve.deployment import SETTINGS_ENV, Api
 
 
 def settings_from_args(args: dict[str, Any]) -> Settings:
@@ -32,7 +30,4 @@ def build_flowray(args: dict[str, Any]) -> Application:
     settings = settings_from_args(args)
     settings = cluster.resolved(cluster.settle_layout(settings))
     cluster.start_backend(settings, gateway=True, detached=True)
-    env = {SETTINGS_ENV: json.dumps(settings.to_json())}
-    return Api.options(  # type: ignore[attr-defined,no-any-return]
-        ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": env}}
-    ).bind()
+    return cluster.api_application(settings)

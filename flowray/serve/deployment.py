@@ -74,6 +74,7 @@ _UNAVAILABLE = (
 )
 RETRY_AFTER_ELECTION_S = 1
 RESTART_JOB_PREFIX = "restart-"
+RESTARTER_GONE_POLLS = 100  # x 0.1 s
 # A query waits this long for live counts before answering from the warehouse alone.
 LIVE_TIMEOUT_S = 1.0
 # Proposals in flight per group from one ingress process; more requests wait and
@@ -291,7 +292,10 @@ class RayAdmin:
             if state["state"] == "running":
                 raise ValueError(f"a rolling restart is already running ({state['job']})")
             ray.kill(old, no_restart=True)
-            await asyncio.sleep(0.5)  # the name is free once the old one is gone
+            for _ in range(RESTARTER_GONE_POLLS):  # its name is free once it is gone
+                if self._restarter() is None:
+                    break
+                await asyncio.sleep(0.1)
         job_id = f"{RESTART_JOB_PREFIX}{uuid.uuid4().hex[:12]}"
         restarter = Restarter.options(  # type: ignore[attr-defined]
             name=RESTARTER_NAME, namespace=self.settings.namespace, lifetime="detached"

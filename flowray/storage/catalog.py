@@ -182,11 +182,11 @@ class Catalog:
         no merged file yet, oldest first."""
         rows = self._db.execute(
             "SELECT u.shard, u.hour / ? AS day FROM units u WHERE u.version = ?"
-            " AND u.hour < ? / ? * ? GROUP BY u.shard, day HAVING count(*) > 1"
+            " AND u.hour < ? GROUP BY u.shard, day HAVING count(*) > 1"
             " AND NOT EXISTS (SELECT 1 FROM merged m WHERE m.version = u.version"
             "  AND m.shard = u.shard AND m.day = u.hour / ?)"
             " ORDER BY day, u.shard LIMIT ?",
-            (DAY_HOURS, version, before_hour, DAY_HOURS, DAY_HOURS, DAY_HOURS, limit),
+            (DAY_HOURS, version, before_hour // DAY_HOURS * DAY_HOURS, DAY_HOURS, limit),
         ).fetchall()
         return [(int(a), int(b)) for a, b in rows]
 
@@ -210,12 +210,24 @@ class Catalog:
         return {(u.shard, u.hour): u for u in self.units(version)}
 
     def versions(self) -> list[Version]:
+        return self._versions("", ())
+
+    def version(self, version: int | None = None) -> Version:
+        """One version (the current one by default)."""
+        wanted = self.current_version() if version is None else version
+        found = self._versions("WHERE v.version = ?", (wanted,))
+        if not found:
+            raise CatalogError(f"no warehouse version {wanted}")
+        return found[0]
+
+    def _versions(self, where: str, args: tuple[int, ...]) -> list[Version]:
         current = self.current_version()
         rows = self._db.execute(
             "SELECT v.version, v.logic, v.modules, v.parent, v.created_ms, v.note,"
             " count(u.hour), coalesce(sum(u.events), 0)"
-            " FROM versions v LEFT JOIN units u ON u.version = v.version"
-            " GROUP BY v.version ORDER BY v.version"
+            f" FROM versions v LEFT JOIN units u ON u.version = v.version {where}"
+            " GROUP BY v.version ORDER BY v.version",
+            args,
         ).fetchall()
         return [
             Version(
@@ -231,14 +243,6 @@ class Catalog:
             )
             for r in rows
         ]
-
-    def version(self, version: int | None = None) -> Version:
-        """One version (the current one by default)."""
-        wanted = self.current_version() if version is None else version
-        for v in self.versions():
-            if v.version == wanted:
-                return v
-        raise CatalogError(f"no warehouse version {wanted}")
 
     def shard_moves(self) -> list[tuple[int, int, int]]:
         """(shard, from group, to group) of every move, oldest first."""
@@ -392,10 +396,6 @@ class Catalog:
             if self._meta("watermark_ms") != watermark_ms:
                 self._set_meta("watermark_ms", watermark_ms)
                 self._set_meta("generation", (self._meta("generation") or 0) + 1)
-
-    def referenced_paths(self) -> set[str]:
-        rows = self._db.execute("SELECT path FROM units UNION SELECT path FROM merged")
-        return {r[0] for r in rows.fetchall()}
 
     def close(self) -> None:
         self._db.close()

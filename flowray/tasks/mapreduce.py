@@ -48,6 +48,18 @@ PARTIAL_SCHEMA = pa.schema(
     ]
 )
 
+_EMPTY_UNIT = UNIT_SCHEMA.empty_table()
+# What reduce makes: final counts per (shard, hour, site, minute).
+_EMPTY_REDUCED = pa.schema(
+    [
+        ("shard", pa.int32()),
+        ("hour", pa.int64()),
+        ("site", pa.string()),
+        ("minute", pa.int64()),
+        ("count", pa.int64()),
+    ]
+).empty_table()
+
 
 def _duck() -> duckdb.DuckDBPyConnection:
     return duckdb.connect(config={"threads": 1})
@@ -105,6 +117,8 @@ def map_block_slices(
 
 def reduce_partials(partials: list[pa.Table]) -> pa.Table:
     """Final counts for one reduce key, sorted by (shard, hour, site, minute)."""
+    if not partials:  # units whose parts held nothing to map
+        return _EMPTY_REDUCED
     con = _duck()
     con.register("x", pa.concat_tables([p.cast(PARTIAL_SCHEMA) for p in partials]))
     return con.sql(
@@ -157,7 +171,7 @@ def rewrite_units(
     is written and the units returned have no path.
     """
     con = _duck()
-    con.register("r", pa.concat_tables(reduced) if reduced else _EMPTY_REDUCED)
+    con.register("r", pa.concat_tables(reduced))
     con.register("sel", pa.table({"site": pa.array(sites or [], type=pa.string())}))
     redone = "TRUE" if sites is None else "site IN (SELECT site FROM sel)"
     out: list[Unit] = []
@@ -197,18 +211,6 @@ def rewrite_units(
         out.append(Unit(shard, hour, path, parts, rows.num_rows, events))
     diff = pa.concat_tables(diffs) if diffs else DIFF_SCHEMA.empty_table()
     return out, diff
-
-
-_EMPTY_UNIT = UNIT_SCHEMA.empty_table()
-_EMPTY_REDUCED = pa.schema(
-    [
-        ("shard", pa.int32()),
-        ("hour", pa.int64()),
-        ("site", pa.string()),
-        ("minute", pa.int64()),
-        ("count", pa.int64()),
-    ]
-).empty_table()
 
 
 @ray.remote(num_cpus=1, max_retries=3)
