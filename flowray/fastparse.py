@@ -30,7 +30,9 @@ _JSON_SCHEMA = pa.schema(
 )
 _SEED_COLUMNS = ["date", "time", "site"]
 _READ_BLOCK_BYTES = 16 * 1024 * 1024
-_NOT_AN_OBJECT_LINE = re.compile(rb"(?:^|\n)[ \t\r]*[^{\s]")
+# Searched in b"\n" + body: a leading alternation (?:^|\n) made re try every position
+# (10 ms for a 600 KB body); a literal first character lets it skip to each newline.
+_NOT_AN_OBJECT_LINE = re.compile(rb"\n[ \t\r]*[^{\s]")
 # Below this size a thread pool's hand-off costs more than it saves.
 _THREADS_FROM_BYTES = 4 * 1024 * 1024
 
@@ -39,7 +41,7 @@ def ndjson(body: bytes, limits: Limits) -> pa.Table | None:
     """NDJSON with integer ``ts`` (or none) and string fields: the tracker's usual form."""
     if not body.strip() or b'"ts":"' in body or b'"ts": "' in body or not _utf8(body):
         return None  # empty, RFC 3339 strings or bad bytes: the exact parser handles them
-    if _NOT_AN_OBJECT_LINE.search(body):
+    if _NOT_AN_OBJECT_LINE.search(b"\n" + body):
         # A line that is not an object goes to the exact parser, which names it; Arrow's
         # reader also crashes the process on a leading null (apache/arrow#47409).
         return None

@@ -1,17 +1,22 @@
-"""Split a validated batch of events into per-group, per-block pieces.
+"""Route validated events to their groups, and split them into per-block pieces.
 
-The ingress does this once per request so that the group masters, which are single
-actors, receive bytes ready to append. A piece holds the events of one shard whose
-time falls in one hour: the unit that is later sealed, processed and published.
+The ingress routes each request's events to the groups that own their sites, and
+splits what it sends in one proposal into pieces, so that the group masters, which
+are single actors, receive bytes ready to append. A piece holds the events of one
+shard whose time falls in one hour: the unit that is later sealed, processed and
+published.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 
+from flowray.events import Events
+from flowray.invariant import require
 from flowray.router import ShardMap, shard_for_site
 
 HOUR_MS = 3_600_000
@@ -27,25 +32,68 @@ class Piece:
     payload: bytes
 
 
+_IPC_END = b"\xff\xff\xff\xff\x00\x00\x00\x00"  # the stream's end-of-stream marker
+
+
+@functools.lru_cache(maxsize=16)
+def _schema_message(schema: pa.Schema) -> bytes:
+    return bytes(schema.serialize().to_pybytes())
+
+
 def to_ipc(table: pa.Table) -> bytes:
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, table.schema) as writer:
-        writer.write_table(table)
-    return sink.getvalue().to_pybytes()
+    """The table as an Arrow IPC stream: the schema's message (made once per schema),
+    each record batch's message, the end marker. A stream writer per call cost 80 µs
+    for a dozen rows on the reference machine, this 20 µs. No dictionary columns."""
+    require(
+        not any(pa.types.is_dictionary(f.type) for f in table.schema),
+        "dictionary columns need dictionary messages",
+    )
+    parts = [_schema_message(table.schema)]
+    parts += [batch.serialize().to_pybytes() for batch in table.to_batches()]
+    parts.append(_IPC_END)
+    return b"".join(parts)
 
 
 def from_ipc(payload: bytes) -> pa.Table:
     return pa.ipc.open_stream(payload).read_all()
 
 
-def split_batch(table: pa.Table, shard_map: ShardMap) -> dict[int, list[Piece]]:
-    """Group events by owning group, then by (shard, hour), preserving arrival order."""
+def route(events: Events, shard_map: ShardMap) -> dict[int, Events]:
+    """The events of each owning group, in arrival order, without building tables."""
+    if isinstance(events, pa.Table):
+        if events.num_rows == 0:
+            return {}
+        encoded = events.column("site").combine_chunks().dictionary_encode()
+        count = shard_map.shard_count
+        group_of_value = np.array(
+            [shard_map.group_of_shard(_shard_of(s, count)) for s in encoded.dictionary.to_pylist()],
+            dtype=np.int64,
+        )
+        groups = group_of_value[encoded.indices.to_numpy(zero_copy_only=False)]
+        present = np.unique(groups).tolist()
+        if len(present) == 1:
+            return {int(present[0]): events}
+        return {int(g): events.filter(pa.array(groups == g)) for g in present}
+    out: dict[int, Events] = {}
+    count = shard_map.shard_count
+    for row in events:
+        group = shard_map.group_of_shard(_shard_of(row[1], count))
+        out.setdefault(group, []).append(row)  # type: ignore[union-attr]
+    return out
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _shard_of(site: str, shard_count: int) -> int:
+    return shard_for_site(site, shard_count)
+
+
+def split_pieces(table: pa.Table, shard_count: int) -> list[Piece]:
+    """The (shard, hour) pieces of a table, each in arrival order."""
     if table.num_rows == 0:
-        return {}
+        return []
     encoded = table.column("site").combine_chunks().dictionary_encode()
-    sites = encoded.dictionary.to_pylist()
     shard_of_value = np.array(
-        [shard_for_site(s, shard_map.shard_count) for s in sites], dtype=np.int64
+        [_shard_of(s, shard_count) for s in encoded.dictionary.to_pylist()], dtype=np.int64
     )
     shards = shard_of_value[encoded.indices.to_numpy(zero_copy_only=False)]
     hours = table.column("ts").to_numpy() // HOUR_MS
@@ -55,26 +103,18 @@ def split_batch(table: pa.Table, shard_map: ShardMap) -> dict[int, list[Piece]]:
     bounds = np.flatnonzero(np.diff(sorted_keys)) + 1
     starts = np.concatenate(([0], bounds))
     ends = np.concatenate((bounds, [len(order)]))
-    out: dict[int, list[Piece]] = {}
+    ordered = table.take(pa.array(order))
+    out = []
     for lo, hi in zip(starts.tolist(), ends.tolist(), strict=True):
         key = int(sorted_keys[lo])
         shard, hour = key >> 40, key & ((1 << 40) - 1)
-        rows = table.take(pa.array(order[lo:hi]))
-        piece = Piece(shard, hour, hi - lo, to_ipc(rows))
-        out.setdefault(shard_map.group_of_shard(shard), []).append(piece)
+        out.append(Piece(shard, hour, hi - lo, to_ipc(ordered.slice(lo, hi - lo))))
     return out
 
 
-def merge_pieces(pieces: list[Piece]) -> list[Piece]:
-    """One piece per (shard, hour): the pieces of several requests become one entry."""
-    by_block: dict[tuple[int, int], list[Piece]] = {}
-    for piece in pieces:
-        by_block.setdefault((piece.shard, piece.hour), []).append(piece)
-    out = []
-    for (shard, hour), group in by_block.items():
-        if len(group) == 1:
-            out.append(group[0])
-            continue
-        table = pa.concat_tables([from_ipc(p.payload) for p in group])
-        out.append(Piece(shard, hour, table.num_rows, to_ipc(table)))
+def split_batch(table: pa.Table, shard_map: ShardMap) -> dict[int, list[Piece]]:
+    """Group events by owning group, then by (shard, hour), preserving arrival order."""
+    out: dict[int, list[Piece]] = {}
+    for piece in split_pieces(table, shard_map.shard_count):
+        out.setdefault(shard_map.group_of_shard(piece.shard), []).append(piece)
     return out

@@ -9,6 +9,9 @@ duties, in order, for every Ready:
 2. Persist the hard state (term, vote) if it changed, then cut the log after
    ``truncate_after`` when it is set, then append ``entries`` — and fsync. Persist
    before you send: a vote or an acknowledgement promises that the data is on disk.
+   Except when ``send_first`` is set: a master's appends promise nothing about its
+   own disk (it counts itself toward a majority only after ``advance``), so it may
+   send them first and write while its followers write (Raft thesis, 10.2.1).
 3. Send ``messages``; they may be lost, duplicated or reordered: the rules cope.
 4. Call :meth:`Node.advance` with the same Ready.
 5. Entries up to ``commit_index`` are committed: answer the clients whose proposals
@@ -94,6 +97,7 @@ class Ready:
     entries: list[Entry]
     messages: list[Msg]
     commit_index: int
+    send_first: bool = False  # the messages may be sent before the persisting
 
 
 @dataclass
@@ -315,6 +319,9 @@ class Node:
             entries=list(self.unstable),
             messages=self._pending.messages,
             commit_index=self.commit_index,
+            send_first=self.role == Role.LEADER
+            and not self._pending.hard_state_changed
+            and not self.need_truncate,
         )
         self._pending = _Pending()
         return rd

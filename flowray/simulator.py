@@ -187,14 +187,18 @@ class Simulation:
         node = self.nodes[i]
         while node is not None and node.has_ready():
             rd = node.ready()
+            if rd.send_first:  # a master sends, then writes beside its followers
+                for msg in rd.messages:
+                    self._send(msg)
             if self.rng.random() < self.faults.crash * self.faults.crash_mid_persist:
                 kept = self.rng.randint(0, len(rd.entries))
                 self.disks[i].persist(rd, kept)  # the rest was never fsynced
                 self._crash(i)
                 return
             self.disks[i].persist(rd)
-            for msg in rd.messages:
-                self._send(msg)
+            if not rd.send_first:
+                for msg in rd.messages:
+                    self._send(msg)
             node.advance(rd)
         self._note_commit(i)
 

@@ -78,3 +78,9 @@ def data_dir(tmp_path: Path) -> Path:
     d = tmp_path / "data"
     d.mkdir()
     return d
+
+
+@pytest.fixture(params=["fastapi", "gateway"])
+def front(request: pytest.FixtureRequest) -> str:
+    """The app's front: FastAPI's routes (as Serve runs it), or the ingest gateway's."""
+    return str(request.param)

@@ -1,8 +1,26 @@
-"""An in-process stand-in for the cluster's admin calls, for the app's fast tests."""
+"""In-process stand-ins for the cluster's admin calls and ingest, for the app's fast tests."""
 
 from __future__ import annotations
 
 from typing import Any
+
+import httpx
+from fastapi import FastAPI
+
+from flowray.events import Events, events_table
+from flowray.ingest import Piece, split_pieces
+from flowray.serve.app import IngestFastPath
+
+
+def client_for(app: FastAPI, front: str = "fastapi") -> httpx.AsyncClient:
+    """A client of the app as Serve runs it, or as the ingest gateway does (``front``)."""
+    asgi = IngestFastPath(app) if front == "gateway" else app
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=asgi), base_url="http://t")
+
+
+def as_pieces(groups: dict[int, Events], shard_count: int) -> dict[int, list[Piece]]:
+    """What the ingress would send each group's master for one request's events."""
+    return {g: split_pieces(events_table(e), shard_count) for g, e in groups.items()}
 
 
 class FakeAdmin:

@@ -30,7 +30,7 @@ from flowray import cluster  # noqa: E402
 from flowray.actors.directory import Directory  # noqa: E402
 from flowray.config import Settings  # noqa: E402
 from flowray.events import EVENT_SCHEMA  # noqa: E402
-from flowray.ingest import split_batch  # noqa: E402
+from flowray.ingest import route  # noqa: E402
 from flowray.router import ShardMap  # noqa: E402
 from flowray.serve.app import Unavailable  # noqa: E402
 from flowray.serve.deployment import RayIngest  # noqa: E402
@@ -64,7 +64,7 @@ async def ingest_until(
         table = pa.Table.from_pylist([event(n, hour_ms) for n in numbers], schema=EVENT_SCHEMA)
         for _attempt in range(40):  # a client retrying with the same ids, as flowray's does
             try:
-                await ingest.commit(split_batch(table, shard_map))
+                await ingest.commit(route(table, shard_map))
                 acked.update(numbers)
                 break
             except Unavailable:

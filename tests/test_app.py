@@ -27,14 +27,14 @@ from fastapi import FastAPI
 from fastapi.routing import APIRoute
 
 from flowray.config import Settings
-from flowray.events import EVENT_SCHEMA, TS_MIN_MS
+from flowray.events import EVENT_SCHEMA, TS_MIN_MS, Events
 from flowray.ingest import HOUR_MS, Piece, from_ipc, split_batch
 from flowray.router import ShardMap, shard_for_site
 from flowray.serve.app import Unavailable, create_app
 from flowray.serve.cache import Cache, MemoryCache, RedisCache
 from flowray.storage.warehouse import Warehouse
 from flowray.tasks.mapreduce import map_block_slices, reduce_partials, write_units
-from tests.fakes import FakeAdmin
+from tests.fakes import FakeAdmin, as_pieces, client_for
 
 NOW_S = 1_700_000_000.0  # 2023-11-14T22:13:20Z, the injected server clock
 NOW_MS = int(NOW_S * 1000)
@@ -81,7 +81,8 @@ class RecordingIngest:
         self.commits: list[dict[int, list[Piece]]] = []
         self.error: Exception | None = None
 
-    async def commit(self, pieces: dict[int, list[Piece]]) -> None:
+    async def commit(self, groups: dict[int, Events]) -> None:
+        pieces = as_pieces(groups, SHARD_MAP.shard_count)
         if self.error is not None:
             raise self.error
         self.commits.append(pieces)
@@ -207,18 +208,16 @@ def make_app(
     )
 
 
-def client_for(app: FastAPI) -> httpx.AsyncClient:
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t")
-
-
 @pytest.fixture
 def ingest() -> RecordingIngest:
     return RecordingIngest()
 
 
 @pytest.fixture
-async def client(ingest: RecordingIngest, shared: Warehouse) -> AsyncIterator[httpx.AsyncClient]:
-    async with client_for(make_app(ingest=ingest, warehouse=shared)) as c:
+async def client(
+    ingest: RecordingIngest, shared: Warehouse, front: str
+) -> AsyncIterator[httpx.AsyncClient]:
+    async with client_for(make_app(ingest=ingest, warehouse=shared), front) as c:
         yield c
 
 

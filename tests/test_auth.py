@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 
 from flowray.cli import app as cli_app
 from flowray.config import Settings
-from flowray.events import EVENT_SCHEMA
+from flowray.events import EVENT_SCHEMA, Events
 from flowray.ingest import Piece, from_ipc, split_batch
 from flowray.router import ShardMap
 from flowray.serve.app import create_app
@@ -40,7 +40,7 @@ from flowray.serve.auth import (
 from flowray.serve.cache import MemoryCache
 from flowray.storage.warehouse import Warehouse
 from flowray.tasks.mapreduce import map_block_slices, reduce_partials, write_units
-from tests.fakes import FakeAdmin
+from tests.fakes import FakeAdmin, as_pieces, client_for
 
 NOW_S = 1_700_000_000.0  # 2023-11-14T22:13:20Z, the server clock of ingest
 NOW_MS = int(NOW_S * 1000)
@@ -65,7 +65,8 @@ class RecordingIngest:
     def __init__(self) -> None:
         self.commits: list[dict[int, list[Piece]]] = []
 
-    async def commit(self, pieces: dict[int, list[Piece]]) -> None:
+    async def commit(self, groups: dict[int, Events]) -> None:
+        pieces = as_pieces(groups, SHARD_MAP.shard_count)
         self.commits.append(pieces)
 
     def sites(self) -> list[str]:
@@ -158,10 +159,6 @@ def make_app(
     )
 
 
-def client_for(app: FastAPI) -> httpx.AsyncClient:
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t")
-
-
 @pytest.fixture
 def authorizer(store: TokenStore, clock: FakeClock) -> Authorizer:
     return Authorizer(store, mode="auto", clock=clock)
@@ -169,9 +166,13 @@ def authorizer(store: TokenStore, clock: FakeClock) -> Authorizer:
 
 @pytest.fixture
 async def client(
-    warehouse: Warehouse, ingest: RecordingIngest, admin: FakeAdmin, authorizer: Authorizer
+    warehouse: Warehouse,
+    ingest: RecordingIngest,
+    admin: FakeAdmin,
+    authorizer: Authorizer,
+    front: str,
 ) -> AsyncIterator[httpx.AsyncClient]:
-    async with client_for(make_app(warehouse, ingest, admin, authorizer)) as c:
+    async with client_for(make_app(warehouse, ingest, admin, authorizer), front) as c:
         yield c
 
 

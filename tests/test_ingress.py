@@ -10,80 +10,98 @@ import pyarrow as pa
 import pytest
 
 from flowray.config import Settings
-from flowray.events import EVENT_SCHEMA
-from flowray.ingest import Piece, from_ipc, to_ipc
+from flowray.events import Row, rows_table
+from flowray.ingest import HOUR_MS, from_ipc
+from flowray.router import shard_for_site
 from flowray.serve import deployment
 from flowray.serve.app import Unavailable
 
 
-class _Method:
-    def __init__(self, calls: list[Any], gate: asyncio.Event) -> None:
-        self.calls, self.gate = calls, gate
+class _Link:
+    """A master's wire link whose proposals commit when the gate opens."""
 
-    def remote(self, payload: Any) -> Any:
-        self.calls.append(payload)
-
-        async def commit() -> int:
-            await self.gate.wait()
-            return len(self.calls)
-
-        return asyncio.ensure_future(commit())
-
-
-class _Handle:
     def __init__(self, gate: asyncio.Event) -> None:
         self.calls: list[Any] = []
-        self.propose = _Method(self.calls, gate)
+        self.gate = gate
+
+    async def call(self, method: str, payload: Any, timeout: float) -> int:
+        assert method == "propose"
+        self.calls.append(payload)
+        await self.gate.wait()
+        return len(self.calls)
 
 
 class _Directory:
-    def __init__(self, handle: _Handle) -> None:
-        self.h = handle
+    def __init__(self, link: _Link) -> None:
+        self.h = link
 
     async def master(self, group: int) -> tuple[int, Any]:
-        return 0, self.h
+        return 0, None
+
+    def link(self, group: int, replica: int) -> _Link:
+        return self.h
 
     def forget(self, group: int, hint: int | None = None) -> None:
         pass
 
 
-def _piece(n: int, site: str = "a.com") -> Piece:
-    table = pa.Table.from_pylist(
-        [{"ts": 1_700_000_000_000 + i, "site": site} for i in range(n)], schema=EVENT_SCHEMA
-    )
-    return Piece(0, 472_222, n, to_ipc(table))
+def _rows(n: int, site: str = "a.com") -> list[Row]:
+    return [(1_700_000_000_000 + i, site, None, None, None, None, None) for i in range(n)]
+
+
+def _table(n: int, site: str = "b.com") -> pa.Table:
+    return rows_table(_rows(n, site))
 
 
 @pytest.mark.anyio
 async def test_queued_writes_merge_into_one_proposal() -> None:
     gate = asyncio.Event()
-    handle = _Handle(gate)
+    handle = _Link(gate)
     ingress = deployment.RayIngest(Settings(), _Directory(handle))  # type: ignore[arg-type]
-    first = asyncio.ensure_future(ingress.commit({0: [_piece(1)]}))
+    first = asyncio.ensure_future(ingress.commit({0: _rows(1)}))
     await asyncio.sleep(0.01)  # the first proposal is in flight
-    rest = [asyncio.ensure_future(ingress.commit({0: [_piece(2)]})) for _ in range(20)]
+    rest = [asyncio.ensure_future(ingress.commit({0: _rows(2)})) for _ in range(20)]
+    rest.append(asyncio.ensure_future(ingress.commit({0: _table(5)})))
     await asyncio.sleep(0.01)
     assert not first.done() and not any(r.done() for r in rest), "answered before commit"
     gate.set()
     await asyncio.gather(first, *rest)
-    assert len(handle.calls) == 2, "twenty queued writes should share one proposal"
+    assert len(handle.calls) == 2, "twenty-one queued writes should share one proposal"
     merged = handle.calls[1]
-    assert len(merged) == 1 and from_ipc(merged[0][2]).num_rows == 40
+    shards = {shard_for_site(site, Settings().shards): site for site in ("a.com", "b.com")}
+    assert len(merged) == len(shards), "one piece per (shard, hour)"
+    sent = pa.concat_tables([from_ipc(p[2]) for p in merged])
+    assert sorted(sent.column("site").to_pylist()) == ["a.com"] * 40 + ["b.com"] * 5
+    assert sum(p[3] for p in merged) == 45, "each piece says how many events it holds"
+    for shard, hour, payload, _events in merged:
+        table = from_ipc(payload)
+        assert {shard_for_site(s, Settings().shards) for s in table.column("site").to_pylist()} == {
+            shard
+        }
+        assert {t // HOUR_MS for t in table.column("ts").to_pylist()} == {hour}
+    by_site = {
+        s: [
+            t - 1_700_000_000_000
+            for t in sent.filter(pa.compute.equal(sent["site"], s))["ts"].to_pylist()
+        ]
+        for s in ("a.com", "b.com")
+    }
+    assert by_site == {"a.com": [0, 1] * 20, "b.com": list(range(5))}, "arrival order kept"
 
 
 @pytest.mark.anyio
 async def test_the_queue_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     gate = asyncio.Event()
-    handle = _Handle(gate)
+    handle = _Link(gate)
     ingress = deployment.RayIngest(Settings(), _Directory(handle))  # type: ignore[arg-type]
-    one = _piece(100)
-    monkeypatch.setattr(deployment, "QUEUED_BYTES_MAX", 3 * len(one.payload))
-    first = asyncio.ensure_future(ingress.commit({0: [one]}))
+    one = _rows(100)
+    monkeypatch.setattr(deployment, "QUEUED_BYTES_MAX", 3 * 100 * deployment.ROW_BYTES_ESTIMATE)
+    first = asyncio.ensure_future(ingress.commit({0: one}))
     await asyncio.sleep(0.01)
-    queued = [asyncio.ensure_future(ingress.commit({0: [one]})) for _ in range(3)]
+    queued = [asyncio.ensure_future(ingress.commit({0: one})) for _ in range(3)]
     await asyncio.sleep(0.01)
     with pytest.raises(Unavailable):
-        await ingress.commit({0: [one]})
+        await ingress.commit({0: one})
     gate.set()
     await asyncio.gather(first, *queued)
 

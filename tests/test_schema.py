@@ -30,14 +30,14 @@ from hypothesis import HealthCheck, settings
 from schemathesis.specs.openapi.checks import status_code_conformance
 
 from flowray.config import Settings
-from flowray.events import EVENT_SCHEMA, TS_MIN_MS
+from flowray.events import EVENT_SCHEMA, TS_MIN_MS, Events
 from flowray.ingest import Piece, split_batch
 from flowray.router import ShardMap
 from flowray.serve.app import create_app
 from flowray.serve.cache import MemoryCache
 from flowray.storage.warehouse import Warehouse
 from flowray.tasks.mapreduce import map_block_slices, reduce_partials, write_units
-from tests.fakes import FakeAdmin
+from tests.fakes import FakeAdmin, as_pieces
 
 NOW_S = 1_700_000_000.0  # 2023-11-14T22:13:20Z, the injected server clock
 NOW_MS = int(NOW_S * 1000)
@@ -58,7 +58,8 @@ class RecordingIngest:
     def __init__(self) -> None:
         self.commits: list[dict[int, list[Piece]]] = []
 
-    async def commit(self, pieces: dict[int, list[Piece]]) -> None:
+    async def commit(self, groups: dict[int, Events]) -> None:
+        pieces = as_pieces(groups, SHARD_MAP.shard_count)
         self.commits.append(pieces)
 
 

@@ -14,8 +14,9 @@ from typing import Any
 
 import ray
 
-from flowray.actors.replica import actor_name
+from flowray.actors.replica import WIRE_ERRORS, actor_name
 from flowray.config import Settings
+from flowray.wire import Address, Link
 
 
 class NoMaster(RuntimeError):
@@ -26,6 +27,7 @@ class Directory:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._handles: dict[tuple[int, int], Any] = {}
+        self._links: dict[tuple[int, int], Link] = {}
         self._master: dict[int, int] = {}
 
     def handle(self, group: int, replica: int) -> Any:
@@ -36,6 +38,19 @@ class Directory:
             )
         return self._handles[key]
 
+    def link(self, group: int, replica: int) -> Link:
+        """The direct connection to a replica, for proposals (see :mod:`flowray.wire`)."""
+        key = (group, replica)
+        if key not in self._links:
+
+            async def resolve() -> Address:
+                self._handles.pop(key, None)  # the replica may have been re-created
+                address: Address = await self.handle(group, replica).wire_address.remote()
+                return address
+
+            self._links[key] = Link(resolve, WIRE_ERRORS)
+        return self._links[key]
+
     def forget(self, group: int, hint: int | None = None) -> None:
         """The guess for ``group`` was wrong; ``hint`` is who a replica says is master."""
         self._master.pop(group, None)
@@ -43,29 +58,34 @@ class Directory:
             self._master[group] = hint
 
     async def master(self, group: int) -> tuple[int, Any]:
-        """(replica id, handle) of the group's master, asking the replicas if unknown."""
+        """(replica id, handle) of the group's master, asking the replicas if unknown.
+
+        The first replica that says it is master is taken: waiting for every answer
+        would wait out a replica that Ray is restarting (seconds, after a master's
+        death). A stale master, cut off from the others, refuses proposals with
+        NotMaster and a better hint, and the caller then forgets it.
+        """
         if group in self._master:
             replica = self._master[group]
             return replica, self.handle(group, replica)
         timeout = self.settings.rpc_timeout_s
-        replicas = range(self.settings.replicas)
 
-        async def ask(r: int) -> tuple[int | None, int, str] | None:
+        async def ask(r: int) -> tuple[int, tuple[int | None, int, str] | None]:
             with contextlib.suppress(Exception):  # a replica down or restarting
                 answer: tuple[int | None, int, str] = await asyncio.wait_for(
                     self.handle(group, r).leader.remote(), timeout
                 )
-                return answer
-            return None
+                return r, answer
+            return r, None
 
-        answers = await asyncio.gather(*(ask(r) for r in replicas))
-        masters = [
-            (a[1], r)
-            for r, a in zip(replicas, answers, strict=True)
-            if a is not None and a[2] == "master"
-        ]
-        if not masters:
-            raise NoMaster(f"group {group} has no master right now (election in progress)")
-        _term, replica = max(masters)
-        self._master[group] = replica
-        return replica, self.handle(group, replica)
+        asks = [asyncio.ensure_future(ask(r)) for r in range(self.settings.replicas)]
+        try:
+            for next_answer in asyncio.as_completed(asks):
+                replica, answer = await next_answer
+                if answer is not None and answer[2] == "master":
+                    self._master[group] = replica
+                    return replica, self.handle(group, replica)
+        finally:
+            for task in asks:
+                task.cancel()
+        raise NoMaster(f"group {group} has no master right now (election in progress)")

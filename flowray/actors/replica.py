@@ -11,7 +11,6 @@ directory (cutting a torn tail) and catches up from the master.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import os
@@ -36,11 +35,11 @@ from flowray.storage.catalog import Catalog
 from flowray.storage.durable import write_json_atomic
 from flowray.storage.replica_log import BlockKey, ReplicaLog
 from flowray.storage.segment import CONTROL_SHARD, KIND_DATA, KIND_SEAL, RecordRef
+from flowray.wire import MSGS, Address, Link, Server, encode_msgs
 
 log = logging.getLogger("flowray.replica")
 PENDING_PROPOSALS_MAX = 10_000
 LIVE_READ_BYTES_MAX = 64 * 1024 * 1024
-HANDLE_REFRESH_S = 2.0
 
 
 class NotMaster(RuntimeError):
@@ -66,6 +65,12 @@ class NoQuorum(RuntimeError):
 
 class Overloaded(RuntimeError):
     """Too many proposals are waiting; the client should back off."""
+
+
+# The errors a proposal sent over a wire link comes back with, as themselves.
+WIRE_ERRORS: dict[str, type[BaseException]] = {
+    cls.__name__: cls for cls in (NotMaster, NoQuorum, Overloaded)
+}
 
 
 def actor_name(group: int, replica: int) -> str:
@@ -119,8 +124,9 @@ class Replica:
         self.live_ready_term = -1
         self.live_lock = threading.Lock()
         self.live_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="live")
-        self.handles: dict[int, Any] = {}
-        self.handles_at = 0.0
+        self.links: dict[int, Link] = {}
+        self.wire: Server | None = None
+        self._wire_ready: asyncio.Event | None = None
         self.waiters: list[_Waiter] = []
         self._notified_commit = 0
         self.started = False
@@ -134,10 +140,32 @@ class Replica:
             return
         self.started = True
         self._wake = asyncio.Event()
+        self._wire_ready = asyncio.Event()
         self._tasks = [
+            asyncio.create_task(self._crash_on_error(self._serve_wire())),
             asyncio.create_task(self._crash_on_error(self._tick_loop())),
             asyncio.create_task(self._crash_on_error(self._ready_loop())),
         ]
+
+    async def _serve_wire(self) -> None:
+        """Listen for peers' messages and the ingress's proposals on this node's address."""
+        self.wire = Server(
+            ray.util.get_node_ip_address(), self._receive, self._on_call, WIRE_ERRORS
+        )
+        await self.wire.start()
+        self._wire_ready.set()  # type: ignore[union-attr]
+
+    async def wire_address(self) -> Address:
+        """(host, port, token) of this replica's wire server (see :mod:`flowray.wire`)."""
+        self._ensure_started()
+        await asyncio.wait_for(self._wire_ready.wait(), self.settings.rpc_timeout_s)  # type: ignore[union-attr]
+        require(self.wire is not None, "the wire server is not up")
+        return self.wire.address  # type: ignore[union-attr]
+
+    async def _on_call(self, method: str, args: Any) -> Any:
+        if method == "propose":
+            return await self.propose([tuple(p) for p in args])
+        raise ValueError(f"unknown wire call {method!r}")
 
     async def _crash_on_error(self, loop: Any) -> None:
         """A loop that dies leaves a replica that answers but never replicates: crash the
@@ -183,8 +211,11 @@ class Replica:
             wake.clear()  # type: ignore[union-attr]
             while self.node.has_ready():
                 rd = self.node.ready()
+                if rd.send_first:
+                    self._send(rd.messages)
                 await asyncio.to_thread(self._persist, rd)
-                self._send(rd.messages)
+                if not rd.send_first:
+                    self._send(rd.messages)
                 self.node.advance(rd)
                 self._after_advance()
             self._after_advance()
@@ -203,22 +234,21 @@ class Replica:
         for msg in messages:
             by_peer.setdefault(msg.dst, []).append(msg)
         for peer, msgs in by_peer.items():
-            handle = self._handle(peer)
-            if handle is not None:
-                handle.receive.remote(msgs)  # fire and forget: the core copes with loss
+            # Never waits: the core copes with loss, and resends on the next heartbeat.
+            self._link(peer).send(MSGS, encode_msgs(msgs))
 
-    def _handle(self, peer: int) -> Any:
-        now = time.monotonic()
-        if peer not in self.handles or now - self.handles_at > HANDLE_REFRESH_S:
-            self.handles_at = now
-            for p in self.node.peers:
-                if p == self.replica:
-                    continue
-                with contextlib.suppress(ValueError):  # not created yet
-                    self.handles[p] = ray.get_actor(
-                        actor_name(self.group, p), namespace=self.settings.namespace
-                    )
-        return self.handles.get(peer)
+    def _link(self, peer: int) -> Link:
+        if peer not in self.links:
+
+            async def resolve() -> Address:
+                handle = ray.get_actor(
+                    actor_name(self.group, peer), namespace=self.settings.namespace
+                )
+                address: Address = await handle.wire_address.remote()
+                return address
+
+            self.links[peer] = Link(resolve)
+        return self.links[peer]
 
     def _after_advance(self) -> None:
         node = self.node
@@ -346,8 +376,7 @@ class Replica:
         self.live_worker.submit(drop)  # after the counting queued before it
 
     # ---- messages from peers ---------------------------------------------------------
-    async def receive(self, msgs: list[Msg]) -> None:
-        self._ensure_started()
+    def _receive(self, msgs: list[Msg]) -> None:
         for msg in msgs:
             self.node.step(msg)
         self._kick()

@@ -20,14 +20,16 @@ import uuid
 from typing import Any
 
 import ray
-from ray.exceptions import ActorUnavailableError, RayActorError
+from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 
 from flowray.actors.directory import Directory, NoMaster
+from flowray.actors.replica import NotMaster
 from flowray.config import Settings
 
 RESTARTER_NAME = "flowray-restarter"
 CATCH_UP_TIMEOUT_S = 180.0
 POLL_S = 0.2
+HANDOVER_ATTEMPTS = 10
 log = logging.getLogger("flowray.restarter")
 
 
@@ -63,7 +65,9 @@ class Restarter:
 
     def _step(self, text: str) -> None:
         self.progress["steps"].append(text)
+        # A master that moved mid-restart adds steps: the total grows with them.
         self.progress["done"] += 1
+        self.progress["total"] = max(self.progress["total"], self.progress["done"])
         log.info("rolling restart: %s", text)
 
     async def _run(self) -> None:
@@ -96,20 +100,7 @@ class Restarter:
         self.progress["total"] = len(replicas) + handovers + 2 + (gateway is not None)
         for g in range(s.groups):
             group = {r: replicas[(g, r)] for r in range(s.replicas)}
-            master = await self._master_of(g)
-            for r, handle in group.items():
-                if r != master:
-                    await self._restart_replica(g, r, handle, group)
-                    self._step(f"group {g}: follower {r} restarted and caught up")
-            if len(group) > 1:
-                new: int | None = await asyncio.wait_for(
-                    group[master].hand_over.remote(), s.rpc_timeout_s
-                )
-                self._step(
-                    f"group {g}: mastership handed over from {master} to {new}"
-                    if new is not None
-                    else f"group {g}: no handover from {master} in time; an election follows"
-                )
+            master = await self._restart_followers(g, group)
             await self._restart_replica(g, master, group[master], group)
             self._step(f"group {g}: replica {master} (was master) restarted and caught up")
         await self._restart_actor(processor)
@@ -121,6 +112,41 @@ class Restarter:
             self._step("ingest gateway restarted")
         await asyncio.to_thread(cluster.deploy_api, s, uuid.uuid4().hex)
         self._step("Serve replicas replaced (rolling update)")
+
+    async def _restart_followers(self, g: int, group: dict[int, Any]) -> int:
+        """Restart every follower, then hand mastership over; returns the old master.
+
+        Mastership may move at any time (an election under load, a handover that
+        lands late), so the master is looked up again after each step, and a
+        replica that became a follower meanwhile is restarted as one.
+        """
+        restarted: set[int] = set()
+        for _attempt in range(HANDOVER_ATTEMPTS):
+            master = await self._master_of(g)
+            todo = [r for r in group if r != master and r not in restarted]
+            for r in todo:
+                await self._restart_replica(g, r, group[r], group)
+                restarted.add(r)
+                self._step(f"group {g}: follower {r} restarted and caught up")
+            if todo:
+                continue  # the master may have changed while they restarted
+            if len(group) == 1:
+                return master
+            try:
+                new: int | None = await asyncio.wait_for(
+                    group[master].hand_over.remote(), self.settings.rpc_timeout_s
+                )
+            except RayTaskError as exc:
+                if not isinstance(exc.cause, NotMaster):
+                    raise
+                continue  # it stopped being master before the handover: look again
+            self._step(
+                f"group {g}: mastership handed over from {master} to {new}"
+                if new is not None
+                else f"group {g}: no handover from {master} in time; an election follows"
+            )
+            return master
+        raise RuntimeError(f"group {g}: mastership kept moving; no handover in {HANDOVER_ATTEMPTS}")
 
     async def _master_of(self, group: int) -> int:
         """The group's master, waiting out an election."""

@@ -16,8 +16,6 @@ from typing import Any, Protocol
 
 import numpy as np
 import orjson
-import pyarrow as pa
-import pyarrow.compute as pc
 from fastapi import Depends, FastAPI, Path, Query, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
@@ -25,11 +23,13 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from flowray import events as ev
 from flowray import series
 from flowray.config import Settings
-from flowray.ingest import Piece, split_batch
+from flowray.ingest import route
 from flowray.router import ShardMap, SiteError, normalize_site
 from flowray.serve.auth import Authorizer, Decision, Grant, allow_sites
 from flowray.serve.cache import Cache
@@ -64,8 +64,9 @@ class Denied(Exception):
 
 
 class Ingest(Protocol):
-    async def commit(self, pieces: dict[int, list[Piece]]) -> None:
-        """Return once every piece is committed by a majority, or raise Unavailable."""
+    async def commit(self, groups: dict[int, ev.Events]) -> None:
+        """Return once the events of every group are committed by a majority, or raise
+        Unavailable."""
 
 
 class Minutes(Protocol):
@@ -266,6 +267,53 @@ def _auth_dependencies(authorizer: Authorizer | None) -> dict[str, GrantDependen
     return {need: guard(need) for need in ("ingest", "read", "admin")}
 
 
+def events_parser(content_type: str | None) -> Callable[[bytes, ev.Limits], ev.Events]:
+    ctype = (content_type or "").split(";")[0].strip().lower()
+    return ev.parse_ndjson_events if ctype == "application/x-ndjson" else ev.parse_json_events
+
+
+async def read_asgi_body(headers: Headers, receive: Receive, limit: int) -> bytes | JSONResponse:
+    declared = headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        return _error(413, f"body larger than {limit} bytes")
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            return _error(400, "the client went away")
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            return _error(413, f"body larger than {limit} bytes")
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+INGEST_PATHS = frozenset({"/v1/events", "/v1/logs"})
+
+
+class IngestFastPath:
+    """The app, with POST /v1/events and /v1/logs answered straight on ASGI.
+
+    FastAPI's routing, dependency and middleware layers cost more per request than
+    parsing a single event and queueing it (see BENCHMARKS.md); the ingest gateway,
+    which serves trackers that send one event per request, wraps the app in this.
+    The routes behave exactly as the FastAPI ones (same auth, limits, answers and
+    metrics: both call the same handler), which stay for OpenAPI and for Serve.
+    """
+
+    def __init__(self, app: FastAPI) -> None:
+        self.app = app
+        self.ingest: ASGIApp = app.state.ingest_asgi
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in INGEST_PATHS:
+            await self.ingest(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+
 def create_app(
     *,
     settings: Settings,
@@ -328,24 +376,19 @@ def create_app(
         finally:
             del inflight[key]
 
-    async def read_body(request: Request) -> bytes | JSONResponse:
-        limit = settings.body_bytes_max
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            return _error(413, f"body larger than {limit} bytes")
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                return _error(413, f"body larger than {limit} bytes")
-            chunks.append(chunk)
-        return b"".join(chunks)
-
     async def accept(
-        request: Request, parse: Callable[[bytes, ev.Limits], pa.Table], grant: Grant | None
+        request: Request, parse: Callable[[bytes, ev.Limits], ev.Events], grant: Grant | None
     ) -> Response:
         started = time.perf_counter()
-        body = await read_body(request)
+        body = await read_asgi_body(request.headers, request.receive, settings.body_bytes_max)
+        return await accept_body(body, parse, grant, started)
+
+    async def accept_body(
+        body: bytes | JSONResponse,
+        parse: Callable[[bytes, ev.Limits], ev.Events],
+        grant: Grant | None,
+        started: float,
+    ) -> Response:
         if isinstance(body, JSONResponse):
             metrics.rejected.labels("413").inc()
             return body
@@ -355,7 +398,7 @@ def create_app(
             batch_events_max=settings.batch_events_max,
         )
         try:
-            table = parse(body, limits)
+            events = parse(body, limits)
         except ev.BatchRejected as exc:
             metrics.rejected.labels("422").inc()
             return _error(
@@ -365,13 +408,12 @@ def create_app(
                 errors=[{"position": e.position, "reason": e.reason} for e in exc.errors],
             )
         if grant is not None and grant.scope != "admin":
-            sites = pc.unique(table.column("site")).to_pylist()
-            decision = allow_sites(grant, sites)
+            decision = allow_sites(grant, ev.event_sites(events))
             if not decision.ok:
                 metrics.denied.labels("403").inc()
                 return _denied(decision)
         try:
-            await ingest.commit(split_batch(table, current_map()))
+            await ingest.commit(route(events, current_map()))
         except Unavailable as exc:
             metrics.rejected.labels("503").inc()
             return JSONResponse(
@@ -379,9 +421,10 @@ def create_app(
                 status_code=503,
                 headers={"Retry-After": str(exc.retry_after_s)},
             )
-        metrics.events.inc(table.num_rows)
+        count = ev.event_count(events)
+        metrics.events.inc(count)
         metrics.commit.observe(time.perf_counter() - started)
-        return JSONResponse({"accepted": table.num_rows})
+        return JSONResponse({"accepted": count})
 
     @app.post(
         "/v1/events",
@@ -396,9 +439,7 @@ def create_app(
     async def post_events(
         request: Request, grant: Grant | None = Depends(needs["ingest"])
     ) -> Response:
-        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        parse = ev.parse_ndjson_body if ctype == "application/x-ndjson" else ev.parse_json_body
-        return await accept(request, parse, grant)
+        return await accept(request, events_parser(request.headers.get("content-type")), grant)
 
     @app.post(
         "/v1/logs",
@@ -413,7 +454,30 @@ def create_app(
     async def post_logs(
         request: Request, grant: Grant | None = Depends(needs["ingest"])
     ) -> Response:
-        return await accept(request, ev.parse_seed_body, grant)
+        return await accept(request, ev.parse_seed_events, grant)
+
+    async def ingest_asgi(scope: Scope, receive: Receive, send: Send) -> None:
+        """The two ingest routes straight on ASGI (see :class:`IngestFastPath`)."""
+        started = time.perf_counter()
+        headers = Headers(scope=scope)
+        grant = None
+        if authorizer is not None:
+            decision = authorizer.admit(headers.get("authorization"), "ingest")
+            if not decision.ok:
+                metrics.denied.labels(str(decision.status)).inc()
+                await _denied(decision)(scope, receive, send)
+                return
+            grant = decision.grant
+        body = await read_asgi_body(headers, receive, settings.body_bytes_max)
+        parse: Callable[[bytes, ev.Limits], ev.Events] = (
+            ev.parse_seed_events
+            if scope["path"] == "/v1/logs"
+            else events_parser(headers.get("content-type"))
+        )
+        response = await accept_body(body, parse, grant, started)
+        await response(scope, receive, send)
+
+    app.state.ingest_asgi = ingest_asgi
 
     @app.get(
         "/v1/sites/{site}/traffic",

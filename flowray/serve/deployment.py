@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import ray
 from fastapi import FastAPI
 from ray import serve
@@ -24,13 +25,15 @@ from flowray.actors.directory import Directory, NoMaster
 from flowray.actors.replica import NoQuorum, NotMaster, Overloaded
 from flowray.actors.restarter import RESTARTER_NAME, Restarter
 from flowray.config import Settings
-from flowray.ingest import Piece, merge_pieces
+from flowray.events import Events, Row, rows_table
+from flowray.ingest import Piece, split_pieces
 from flowray.router import ShardMap
 from flowray.serve.app import Unavailable, create_app
 from flowray.serve.auth import ADMIN_TOKEN_ENV, Authorizer, TokenStore
 from flowray.serve.cache import make_cache
 from flowray.storage.catalog import LiveShardMap
 from flowray.storage.warehouse import Warehouse
+from flowray.wire import LinkDown
 
 SETTINGS_ENV = "FLOWRAY_SETTINGS_JSON"
 LOCAL_MODE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
@@ -71,6 +74,7 @@ _UNAVAILABLE = (
     ActorUnavailableError,
     GetTimeoutError,
     TimeoutError,
+    LinkDown,
 )
 RETRY_AFTER_ELECTION_S = 1
 RESTART_JOB_PREFIX = "restart-"
@@ -85,6 +89,7 @@ LIVE_TIMEOUT_S = 1.0
 INFLIGHT_PER_GROUP = 1
 # Writes waiting for a group's next proposal, at most: beyond it, 503 (back off).
 QUEUED_BYTES_MAX = 256 * 1024 * 1024
+ROW_BYTES_ESTIMATE = 128  # what a queued row costs, for that bound
 
 
 def cause(exc: BaseException) -> BaseException:
@@ -96,18 +101,39 @@ class _Batch:
     """Writes of several requests for one group, sent as one proposal."""
 
     def __init__(self) -> None:
-        self.pieces: list[Piece] = []
+        self.rows: list[Row] = []
+        self.tables: list[pa.Table] = []
         self.futures: list[asyncio.Future[None]] = []
         self.bytes = 0
+
+    @staticmethod
+    def size_of(events: Events) -> int:
+        if isinstance(events, pa.Table):
+            return int(events.nbytes)
+        return ROW_BYTES_ESTIMATE * len(events)
+
+    def add(self, events: Events, future: asyncio.Future[None]) -> None:
+        self.bytes += self.size_of(events)
+        if isinstance(events, pa.Table):
+            self.tables.append(events)
+        else:
+            self.rows.extend(events)
+        self.futures.append(future)
+
+    def table(self) -> pa.Table:
+        tables = ([rows_table(self.rows)] if self.rows else []) + self.tables
+        return tables[0] if len(tables) == 1 else pa.concat_tables(tables)
 
 
 class RayIngest:
     """Micro-batches writes per group into few proposals and waits for their commits.
 
-    Requests that arrive while a group's proposals are in flight are merged (pieces of
-    the same block become one entry) and sent together once a slot frees up: group
-    commit at the gateway, so a thousand single-event requests cost a handful of actor
-    calls. Every request is still answered only after its own events are committed.
+    Requests that arrive while a group's proposal is in flight are queued and sent
+    together once the slot frees up: group commit at the ingress. A request costs
+    only its parsing and routing; the Arrow table, the split into (shard, hour)
+    pieces and their encoding are made once per proposal, so a thousand single-event
+    requests cost one table and one call to the master. Every request is still
+    answered only after its own events are committed.
     """
 
     def __init__(self, settings: Settings, directory: Directory) -> None:
@@ -116,22 +142,20 @@ class RayIngest:
         self._queued: dict[int, _Batch] = {}
         self._slots: dict[int, asyncio.Semaphore] = {}
 
-    async def commit(self, pieces: dict[int, list[Piece]]) -> None:
-        await asyncio.gather(*(self._submit(g, ps) for g, ps in pieces.items()))
+    async def commit(self, groups: dict[int, Events]) -> None:
+        await asyncio.gather(*(self._submit(g, events) for g, events in groups.items()))
 
-    async def _submit(self, group: int, pieces: list[Piece]) -> None:
+    async def _submit(self, group: int, events: Events) -> None:
         batch = self._queued.setdefault(group, _Batch())
-        size = sum(len(p.payload) for p in pieces)
-        if batch.bytes and batch.bytes + size > QUEUED_BYTES_MAX:
+        if batch.bytes and batch.bytes + batch.size_of(events) > QUEUED_BYTES_MAX:
             raise Unavailable(
                 f"group {group}: {batch.bytes} bytes already wait for the next proposal",
                 RETRY_AFTER_ELECTION_S,
             )
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        batch.bytes += size
-        batch.pieces.extend(pieces)
-        batch.futures.append(future)
-        asyncio.create_task(self._drain(group))
+        batch.add(events, future)
+        if len(batch.futures) == 1:
+            asyncio.create_task(self._drain(group))
         await future
 
     async def _drain(self, group: int) -> None:
@@ -141,12 +165,18 @@ class RayIngest:
             if batch is None:
                 return  # an earlier drain took these writes along
             try:
-                await self._propose(group, merge_pieces(batch.pieces))
+                pieces = split_pieces(batch.table(), self.settings.shards)
+                await self._propose(group, pieces)
             except Unavailable as exc:
                 for f in batch.futures:
                     if not f.done():
                         f.set_exception(exc)
                 return
+            except BaseException as exc:
+                for f in batch.futures:
+                    if not f.done():
+                        f.set_exception(exc)
+                raise
             for f in batch.futures:
                 if not f.done():
                     f.set_result(None)
@@ -156,8 +186,8 @@ class RayIngest:
         timeout = self.settings.commit_timeout_s + self.settings.rpc_timeout_s
         for _attempt in range(3):
             try:
-                _replica, handle = await self.directory.master(group)
-                await asyncio.wait_for(handle.propose.remote(payload), timeout)
+                replica, _handle = await self.directory.master(group)
+                await self.directory.link(group, replica).call("propose", payload, timeout)
                 return
             except _UNAVAILABLE as exc:
                 inner = cause(exc)

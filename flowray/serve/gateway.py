@@ -19,6 +19,7 @@ from typing import Any
 import ray
 import uvicorn
 
+from flowray.serve.app import IngestFastPath
 from flowray.serve.deployment import build_app
 
 GATEWAY_NAME = "flowray-gateway"
@@ -46,7 +47,7 @@ class Gateway:
         """Serve until stopped; returns once the socket is listening."""
         if self._task is None:
             config = uvicorn.Config(
-                build_app(),
+                IngestFastPath(build_app()),
                 host=self.host,
                 port=self.port,
                 access_log=False,
