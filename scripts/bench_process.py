@@ -51,7 +51,7 @@ from flowray import cluster  # noqa: E402
 from flowray.actors.directory import Directory  # noqa: E402
 from flowray.config import Settings  # noqa: E402
 from flowray.events import EVENT_SCHEMA  # noqa: E402
-from flowray.ingest import split_batch  # noqa: E402
+from flowray.ingest import route  # noqa: E402
 from flowray.router import ShardMap  # noqa: E402
 from flowray.serve.deployment import RayIngest  # noqa: E402
 from flowray.storage.catalog import Catalog  # noqa: E402
@@ -192,8 +192,7 @@ async def ingest_hour(
             chunk = make_chunk(rng, n, hour_ms, names)
             text_out.write_table(seed_lines(chunk))
             raw_out.write_table(chunk.select(["ts", "site"]))
-            pieces = split_batch(chunk, shard_map)
-            pending.add(asyncio.create_task(ingest.commit(pieces)))
+            pending.add(asyncio.create_task(ingest.commit(route(chunk, shard_map))))
             if len(pending) >= INFLIGHT_CHUNKS:
                 done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
                 for task in done:

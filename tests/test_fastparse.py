@@ -6,7 +6,10 @@ the very same table; when the exact parser rejects a body, the fast path must de
 
 from __future__ import annotations
 
+import itertools
+import random
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
@@ -103,10 +106,28 @@ def test_json_array_fast_path_agrees(events: list[dict[str, Any]]) -> None:
     _agree(fastparse.json_array(orjson.loads(body), LIMITS), _exact(ev.parse_json_body, body, mp))
 
 
+# Any digits in the right places, real dates or not (leap days, month 13, hour 24...).
+any_date = st.builds(
+    "{:04d}.{:02d}.{:02d}".format,
+    st.sampled_from([1969, 1999, 2000, 2023, 2024, 2100, 2400]) | st.integers(1970, 2099),
+    st.integers(0, 13),
+    st.integers(0, 32),
+)
+any_time = st.builds(
+    "{:02d}:{:02d}:{:02d}.{:03d}".format,
+    st.integers(0, 25),
+    st.integers(0, 61),
+    st.integers(0, 61),
+    st.integers(0, 999),
+)
 seed_lines = st.lists(
     st.tuples(
-        st.sampled_from(["2020.03.14", "2020.02.30", "2020.3.14", "1999.12.31", "2100.01.01"]),
-        st.sampled_from(["07:20:39.595", "07:20:39", "25:00:00.000", "07:20:39.5", "23:59:59.999"]),
+        st.sampled_from(["2020.03.14", "2020.02.30", "2020.3.14", "1999.12.31", "2100.01.01"])
+        | st.sampled_from(["2024.02.29", "2023.02.29", "2000.02.29", "2020.0３.14", "2020-03-14"])
+        | any_date,
+        st.sampled_from(["07:20:39.595", "07:20:39", "25:00:00.000", "07:20:39.5", "23:59:59.999"])
+        | st.sampled_from(["07:20:3９.595", "07.20.39.595", "0７:20:39.595"])
+        | any_time,
         sites,
     ),
     min_size=1,
@@ -114,7 +135,7 @@ seed_lines = st.lists(
 )
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=1000, deadline=None)
 @given(seed_lines)
 def test_seed_fast_path_agrees(lines: list[tuple[str, str, str]]) -> None:
     body = "\n".join(f"{d} {t} {s}" for d, t, s in lines).encode()
@@ -138,3 +159,31 @@ def _dumpable(e: dict[str, Any]) -> bool:
     except TypeError:
         return False
     return True
+
+
+def test_blank_lines_are_counted_as_a_line_split_would() -> None:
+    def by_split(body: bytes) -> int:
+        return sum(1 for line in body.split(b"\n") if not line.strip())
+
+    for parts in itertools.product([b"{}", b" ", b"", b"\r", b"\x0b", b"\t\x0c"], repeat=4):
+        body = b"\n".join(parts)
+        assert fastparse._blank_lines(body) == by_split(body), body
+
+
+DAY_MS = 86_400_000
+
+
+def test_seed_times_agree_with_datetime_over_a_century() -> None:
+    """The fast path's date arithmetic against datetime, at 20,000 random instants."""
+    rng = random.Random(7)
+    epoch = datetime(1970, 1, 1, tzinfo=UTC)
+    lines, want = [], []
+    for _ in range(20_000):
+        at = datetime(2000, 1, 1, tzinfo=UTC) + timedelta(
+            milliseconds=rng.randrange(120 * 365 * DAY_MS)
+        )
+        lines.append(at.strftime("%Y.%m.%d %H:%M:%S.") + f"{at.microsecond // 1000:03d} s.com")
+        want.append((at - epoch) // timedelta(milliseconds=1))
+    limits = ev.Limits(now_ms=want[0] + 200 * 365 * DAY_MS, future_skew_ms=0)
+    table = fastparse.seed("\n".join(lines).encode(), limits)
+    assert table is not None and table.column("ts").to_pylist() == want
