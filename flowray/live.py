@@ -11,7 +11,6 @@ and publication cursors.
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -22,11 +21,56 @@ from flowray.storage.replica_log import BlockKey
 MINUTE_MS = 60_000
 
 
-@dataclass
+# A (site, minute) key: the site's code in the high 32 bits, the minute number (epoch
+# ms // 60,000, below 2**32 until the year 10136) in the low 32.
+MINUTE_BITS = 32
+MINUTE_MASK = (1 << MINUTE_BITS) - 1
+TAIL_KEYS_MAX = 1 << 16  # keys added since the last merge, at most
+
+
 class _Block:
-    # site -> minute (epoch ms) -> events: a query looks up one site per block.
-    counts: dict[str, dict[int, int]] = field(default_factory=dict)
-    seal_index: int = 0  # 0 while open
+    """One block's counts: (site, minute) keys in a sorted numpy array with their counts,
+    plus a short tail of recent additions, merged in when it grows.
+
+    About 16 bytes per (site, minute), in a few large arrays that go back to the
+    system when the block is published; dicts of dicts took over 100 bytes per
+    (site, minute) and left the heap fragmented (see BENCHMARKS.md, memory).
+    """
+
+    def __init__(self) -> None:
+        self.keys = np.zeros(0, dtype=np.int64)
+        self.counts = np.zeros(0, dtype=np.int64)
+        self.tail_keys: list[np.ndarray] = []
+        self.tail_counts: list[np.ndarray] = []
+        self.tail_len = 0
+        self.seal_index = 0  # 0 while open
+
+    def add(self, keys: np.ndarray, counts: np.ndarray) -> None:
+        self.tail_keys.append(keys)
+        self.tail_counts.append(counts)
+        self.tail_len += len(keys)
+        if self.tail_len > TAIL_KEYS_MAX:
+            self._merge()
+
+    def _merge(self) -> None:
+        keys = np.concatenate([self.keys, *self.tail_keys])
+        counts = np.concatenate([self.counts, *self.tail_counts])
+        self.keys, inverse = np.unique(keys, return_inverse=True)
+        self.counts = np.bincount(inverse, weights=counts, minlength=len(self.keys)).astype(
+            np.int64
+        )
+        self.tail_keys, self.tail_counts, self.tail_len = [], [], 0
+
+    def site(self, code: int, lo_minute: int, hi_minute: int) -> tuple[np.ndarray, np.ndarray]:
+        """(minute numbers, counts) of one site in [lo, hi), unmerged: a minute may repeat."""
+        lo, hi = (code << MINUTE_BITS) | lo_minute, (code << MINUTE_BITS) | hi_minute
+        a, b = np.searchsorted(self.keys, [lo, hi])
+        keys, counts = [self.keys[a:b]], [self.counts[a:b]]
+        for tail_keys, tail_counts in zip(self.tail_keys, self.tail_counts, strict=True):
+            hit = (tail_keys >= lo) & (tail_keys < hi)
+            keys.append(tail_keys[hit])
+            counts.append(tail_counts[hit])
+        return np.concatenate(keys) & MINUTE_MASK, np.concatenate(counts)
 
 
 class LiveCounts:
@@ -38,10 +82,14 @@ class LiveCounts:
         # (site, id) already counted, per (shard, hour): duplicates count once.
         self.seen_ids: dict[tuple[int, int], set[tuple[str, str]]] = defaultdict(set)
         self.published_upto = 0
+        # Every site seen since this master began, numbered: ~100 bytes per site.
+        self.codes: dict[str, int] = {}
 
     def apply(self, key: BlockKey, events: pa.Table) -> None:
         """Count one committed batch of events of block ``key``."""
-        block = self.blocks.setdefault(key, _Block())
+        block = self.blocks.get(key)
+        if block is None:
+            block = self.blocks[key] = _Block()
         ids = events.column("id")
         if ids.null_count < len(ids):
             seen = self.seen_ids[(key[0], key[1])]
@@ -62,15 +110,16 @@ class LiveCounts:
         # Counted with numpy on (site code, minute number) keys: Arrow's group_by has a
         # large fixed cost per call, and this runs for every committed entry.
         encoded = events.column("site").combine_chunks().dictionary_encode()
-        codes = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+        codes = self.codes
+        code_of_value = np.array(
+            [codes.setdefault(name, len(codes)) for name in encoded.dictionary.to_pylist()],
+            dtype=np.int64,
+        )
+        sites = code_of_value[encoded.indices.to_numpy(zero_copy_only=False)]
         minutes = events.column("ts").to_numpy() // MINUTE_MS
-        require(minutes.min() >= 0 and minutes.max() < 1 << 32, "a minute out of the key's range")
-        keys, counts = np.unique((codes << 32) | minutes, return_counts=True)
-        names = encoded.dictionary.to_pylist()
-        for k, n in zip(keys.tolist(), counts.tolist(), strict=True):
-            per_minute = block.counts.setdefault(names[k >> 32], {})
-            m = (k & 0xFFFFFFFF) * MINUTE_MS
-            per_minute[m] = per_minute.get(m, 0) + n
+        require(minutes.min() >= 0 and minutes.max() <= MINUTE_MASK, "a minute out of range")
+        keys, counts = np.unique((sites << MINUTE_BITS) | minutes, return_counts=True)
+        block.add(keys, counts.astype(np.int64))
 
     def sealed(self, key: BlockKey, seal_index: int) -> None:
         if key in self.blocks:
@@ -95,12 +144,23 @@ class LiveCounts:
     ) -> tuple[np.ndarray, np.ndarray]:
         """Sparse (minute_ms, count) of ``site`` in [start, end) from blocks that are not
         in the warehouse as of ``published_upto`` (the reader's catalog cursor)."""
-        totals: dict[int, int] = defaultdict(int)
-        for block in [*self.blocks.values(), *self.retired.values()]:
-            if 0 < block.seal_index <= published_upto:
-                continue  # the reader's warehouse has it already
-            for minute, n in block.counts.get(site, {}).items():
-                if start_ms <= minute < end_ms:
-                    totals[minute] += n
-        minutes = np.array(sorted(totals), dtype=np.int64)
-        return minutes, np.array([totals[m] for m in minutes], dtype=np.int64)
+        code = self.codes.get(site)
+        empty = np.zeros(0, dtype=np.int64)
+        if code is None:
+            return empty, empty
+        lo = max(start_ms // MINUTE_MS + (start_ms % MINUTE_MS > 0), 0)
+        hi = min(-(-end_ms // MINUTE_MS), MINUTE_MASK)
+        if lo >= hi:
+            return empty, empty
+        found = [
+            block.site(code, lo, hi)
+            for block in [*self.blocks.values(), *self.retired.values()]
+            if not 0 < block.seal_index <= published_upto  # the reader's warehouse has it
+        ]
+        if not found:
+            return empty, empty
+        minutes, inverse = np.unique(np.concatenate([m for m, _ in found]), return_inverse=True)
+        counts = np.bincount(
+            inverse, weights=np.concatenate([c for _, c in found]), minlength=len(minutes)
+        )
+        return minutes * MINUTE_MS, counts.astype(np.int64)

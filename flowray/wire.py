@@ -219,6 +219,9 @@ class Link:
         self._ids = itertools.count(1)
         self.dropped = 0
         self._closed = False
+        # The last connection broke or could not be made: calls fail at once (their
+        # caller looks for another master) while a reconnect goes on behind them.
+        self._failed = False
 
     @property
     def connected(self) -> bool:
@@ -252,7 +255,7 @@ class Link:
         if not self.connected:
             self._ensure_connecting()
             task = self._connecting
-            if task is not None:
+            if task is not None and not self._failed:
                 await asyncio.shield(task)
             if not self.connected:
                 raise LinkDown("no connection to the peer")
@@ -286,6 +289,7 @@ class Link:
             )
         except Exception as exc:  # unreachable, not resolvable, timed out: retry later
             log.debug("connect failed: %s", exc)
+            self._failed = True
             self._retry_at = time.monotonic() + RETRY_BACKOFF_S
             self._pending, self._pending_bytes = [], 0
             return
@@ -294,6 +298,7 @@ class Link:
             writer.write(b"".join(self._pending))
         self._pending, self._pending_bytes = [], 0
         self._writer = writer
+        self._failed = False
         self._reader_task = asyncio.create_task(self._read_replies(reader, writer))
 
     async def _read_replies(
@@ -321,6 +326,7 @@ class Link:
 
     def _drop_connection(self, error: Exception) -> None:
         writer, self._writer = self._writer, None
+        self._failed = True
         if writer is not None:
             writer.close()
         calls, self._calls = self._calls, {}

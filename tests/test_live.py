@@ -15,6 +15,7 @@ import pyarrow as pa
 import pytest
 
 from flowray import cluster
+from flowray import live as live_module
 from flowray.events import EVENT_SCHEMA
 from flowray.live import LiveCounts
 from tests.helpers import cluster_settings, kill9, replica_pid, running_cluster
@@ -90,6 +91,31 @@ def _counts(client: httpx.Client, start_ms: int) -> dict[str, Counter[int]]:
         points = _series(client, site, start_ms)
         out[site] = Counter({i: p["count"] for i, p in enumerate(points) if p["count"]})
     return out
+
+
+@pytest.mark.parametrize("tail_max", [4, 1 << 16])
+def test_live_counts_equal_a_plain_count(tail_max: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Many small batches over a few blocks, merged often or never, queried at random
+    ranges: the same answers as counting every event in a dict."""
+    monkeypatch.setattr(live_module, "TAIL_KEYS_MAX", tail_max)
+    rng = random.Random(3)
+    live, plain = LiveCounts(), Counter[tuple[str, int]]()
+    base = 1_700_000_000_000 // HOUR_MS * HOUR_MS
+    for _ in range(300):
+        block = (rng.randrange(3), base // HOUR_MS, 0)
+        rows = [
+            {"ts": base + rng.randrange(HOUR_MS), "site": rng.choice(SITES)}
+            for _ in range(rng.randrange(1, 40))
+        ]
+        live.apply(block, _table(rows))
+        plain.update((r["site"], r["ts"] // 60_000 * 60_000) for r in rows)
+    for _ in range(200):
+        site = rng.choice([*SITES, "never.example"])
+        start = base + rng.randrange(-HOUR_MS, HOUR_MS)
+        end = start + rng.randrange(2 * HOUR_MS)
+        minutes, counts = live.minutes(site, start, end, published_upto=0)
+        want = sorted((m, n) for (s, m), n in plain.items() if s == site and start <= m < end)
+        assert list(zip(minutes.tolist(), counts.tolist(), strict=True)) == want
 
 
 def test_acknowledged_events_are_visible_within_seconds(

@@ -16,6 +16,7 @@ import ray
 
 from flowray.actors.replica import WIRE_ERRORS, actor_name
 from flowray.config import Settings
+from flowray.quorum import majority
 from flowray.wire import Address, Link
 
 
@@ -60,9 +61,10 @@ class Directory:
     async def master(self, group: int) -> tuple[int, Any]:
         """(replica id, handle) of the group's master, asking the replicas if unknown.
 
-        The first replica that says it is master is taken: waiting for every answer
-        would wait out a replica that Ray is restarting (seconds, after a master's
-        death). A stale master, cut off from the others, refuses proposals with
+        The first replica that says it is master, or names one, is taken: waiting for
+        every answer would wait out a replica that Ray is restarting (seconds, after a
+        master's death), and once a majority knows of no master an election is on.
+        A wrong guess (a stale master cut off from the others) refuses proposals with
         NotMaster and a better hint, and the caller then forgets it.
         """
         if group in self._master:
@@ -79,12 +81,22 @@ class Directory:
             return r, None
 
         asks = [asyncio.ensure_future(ask(r)) for r in range(self.settings.replicas)]
+        answered = 0
         try:
             for next_answer in asyncio.as_completed(asks):
                 replica, answer = await next_answer
-                if answer is not None and answer[2] == "master":
+                if answer is None:
+                    continue
+                leader, _term, role = answer
+                if role == "master":
                     self._master[group] = replica
                     return replica, self.handle(group, replica)
+                if leader is not None:  # a follower's master: a guess, checked by the call
+                    self._master[group] = leader
+                    return leader, self.handle(group, leader)
+                answered += 1
+                if answered >= majority(self.settings.replicas):
+                    break  # a majority knows no master: an election is on; do not wait
         finally:
             for task in asks:
                 task.cancel()

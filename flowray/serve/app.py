@@ -398,7 +398,12 @@ def create_app(
             batch_events_max=settings.batch_events_max,
         )
         try:
-            events = parse(body, limits)
+            if len(body) > ev.SMALL_BODY_BYTES:
+                # Arrow parses a large body with the GIL released: on a worker thread
+                # it leaves the event loop to the other requests, and uses a second core.
+                events = await asyncio.to_thread(parse, body, limits)
+            else:
+                events = parse(body, limits)
         except ev.BatchRejected as exc:
             metrics.rejected.labels("422").inc()
             return _error(

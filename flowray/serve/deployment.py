@@ -90,6 +90,9 @@ INFLIGHT_PER_GROUP = 1
 # Writes waiting for a group's next proposal, at most: beyond it, 503 (back off).
 QUEUED_BYTES_MAX = 256 * 1024 * 1024
 ROW_BYTES_ESTIMATE = 128  # what a queued row costs, for that bound
+# A proposal's events are split into pieces on the event loop up to this size, and on
+# a worker thread beyond it (Arrow releases the GIL; the loop keeps answering).
+SPLIT_INLINE_BYTES_MAX = 256 * 1024
 
 
 def cause(exc: BaseException) -> BaseException:
@@ -123,6 +126,10 @@ class _Batch:
     def table(self) -> pa.Table:
         tables = ([rows_table(self.rows)] if self.rows else []) + self.tables
         return tables[0] if len(tables) == 1 else pa.concat_tables(tables)
+
+
+def _split(batch: _Batch, shards: int) -> list[Piece]:
+    return split_pieces(batch.table(), shards)
 
 
 class RayIngest:
@@ -165,7 +172,10 @@ class RayIngest:
             if batch is None:
                 return  # an earlier drain took these writes along
             try:
-                pieces = split_pieces(batch.table(), self.settings.shards)
+                if batch.bytes > SPLIT_INLINE_BYTES_MAX:  # off the event loop, as parsing
+                    pieces = await asyncio.to_thread(_split, batch, self.settings.shards)
+                else:
+                    pieces = _split(batch, self.settings.shards)
                 await self._propose(group, pieces)
             except Unavailable as exc:
                 for f in batch.futures:
