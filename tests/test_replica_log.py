@@ -12,7 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flowray.invariant import InvariantError
-from flowray.storage.replica_log import BlockKey, ReplicaLog, block_path, hour_label
+from flowray.storage import replica_log
+from flowray.storage.replica_log import WAL_NAME, BlockKey, ReplicaLog, block_path, hour_label
 from flowray.storage.segment import (
     CONTROL_SHARD,
     HEADER_BYTES,
@@ -278,6 +279,61 @@ def cut_last_record(path: Path) -> None:
         fh.truncate(refs[-1].offset)
 
 
+def lose_wal_from(root: Path, index: int) -> None:
+    """The write-ahead file loses its records from ``index`` on: a crash before the
+    append that wrote them had its fsync (so that append was never acknowledged)."""
+    path = root / WAL_NAME
+    refs, _ = scan(path.read_bytes())
+    cut = next((r.offset for r in refs if r.index >= index), None)
+    if cut is not None:
+        with open(path, "r+b") as fh:
+            fh.truncate(cut)
+
+
+def test_the_write_ahead_file_restores_what_block_files_lost(tmp_path: Path) -> None:
+    """Block files are fsynced only at checkpoints: records the page cache had not
+    written when the machine stopped come back from the write-ahead file."""
+    entries = interleaved()
+    log = ReplicaLog(tmp_path)
+    log.append(entries[:5])
+    log.append(entries[5:])
+    log.close()
+    for key in (A, B):
+        cut_last_record(block_path(tmp_path, key))
+    block_path(tmp_path, C).unlink()
+    again = ReplicaLog(tmp_path)
+    check_against(again, entries)
+    assert (tmp_path / WAL_NAME).stat().st_size == 0, "replayed, then started over"
+    again.close()
+    third = ReplicaLog(tmp_path)  # and it stays so with the write-ahead file empty
+    check_against(third, entries)
+    third.close()
+
+
+def test_a_checkpoint_empties_the_write_ahead_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(replica_log, "WAL_BYTES_MAX", 200)
+    entries = [data(1, i, (A, B, C)[i % 3], b"x" * 60) for i in range(1, 31)]
+    log = ReplicaLog(tmp_path)
+    for entry in entries:
+        log.append([entry])
+        assert (tmp_path / WAL_NAME).stat().st_size <= 200 + 60 + HEADER_BYTES
+    log.close()
+    check_against(ReplicaLog(tmp_path), entries)
+
+
+def test_a_cut_tail_does_not_come_back_from_the_write_ahead_file(tmp_path: Path) -> None:
+    entries = interleaved()
+    log = ReplicaLog(tmp_path)
+    log.append(entries)
+    log.truncate_after(4)
+    log.close()
+    again = ReplicaLog(tmp_path)
+    check_against(again, entries[:4])
+    again.close()
+
+
 def test_recovery_keeps_the_gap_free_prefix(tmp_path: Path) -> None:
     """Entry 8 reached its file, entry 7 did not reach its own: 8 and 9 must go."""
     entries = [
@@ -294,6 +350,7 @@ def test_recovery_keeps_the_gap_free_prefix(tmp_path: Path) -> None:
     log = ReplicaLog(tmp_path)
     log.append(entries)
     log.close()
+    lose_wal_from(tmp_path, 7)
     cut_last_record(block_path(tmp_path, C))  # entry 7 lost
     again = ReplicaLog(tmp_path)
     check_against(again, entries[:6])
@@ -313,6 +370,7 @@ def test_recovery_removes_a_file_holding_only_entries_past_a_gap(tmp_path: Path)
     log = ReplicaLog(tmp_path)
     log.append(entries)
     log.close()
+    lose_wal_from(tmp_path, 2)
     block_path(tmp_path, B).write_bytes(b"")  # entry 2 never reached the disk
     again = ReplicaLog(tmp_path)
     check_against(again, entries[:1])
@@ -325,6 +383,7 @@ def test_recovery_cuts_a_torn_tail_in_one_file(tmp_path: Path) -> None:
     log = ReplicaLog(tmp_path)
     log.append(entries)
     log.close()
+    lose_wal_from(tmp_path, 9)
     path = block_path(tmp_path, B)  # holds entries 3, 6 and 9
     raw = path.read_bytes()
     path.write_bytes(raw[:-3])

@@ -55,6 +55,7 @@ class Gateway:
                 loop="none",
                 lifespan="off",
                 backlog=4096,
+                timeout_keep_alive=KEEP_ALIVE_S,
             )
             self._server = _Server(config)
             self._task = asyncio.create_task(self._server.serve())

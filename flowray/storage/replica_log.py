@@ -4,8 +4,17 @@ A block is (shard, hour, part): the events of one shard whose time falls in one 
 in the order they were committed. ``part`` starts at 0 and grows when a block of an
 hour that was already sealed receives late events. Entries carry one global index per
 group, so the files of a replica together hold the log 1..last_index; recovery keeps
-the longest gap-free prefix, since an append touching several files is acknowledged
-only after every file is fsynced.
+the longest gap-free prefix.
+
+An append writes each entry to its block's file and all of them, once more, to the
+write-ahead file ``wal.seg``, and fsyncs only that one file: a proposal touches a file
+per shard it holds, and fsyncs are what the disk runs out of first (the 2-core
+reference machine managed about 1,500 a second). The block files reach the disk
+later: when the write-ahead file passes ``WAL_BYTES_MAX`` every block file written
+since the last time is fsynced and the write-ahead file starts over (a checkpoint),
+and before a divergent tail is cut. Recovery first copies into the block files every
+record of the write-ahead file that they lack (what the page cache had not written
+when the machine stopped), then proceeds from the block files alone.
 """
 
 from __future__ import annotations
@@ -26,6 +35,8 @@ from flowray.storage.segment import KIND_DATA, KIND_SEAL, Entry, RecordRef
 BlockKey = tuple[int, int, int]  # (shard, hour since epoch, part)
 HOUR_MS = 3_600_000
 FSYNC_THREADS = 4
+WAL_NAME = "wal.seg"
+WAL_BYTES_MAX = 64 * 1024 * 1024
 
 
 def hour_label(hour: int) -> str:
@@ -68,6 +79,11 @@ class ReplicaLog:
         # The replica's event loop reads terms while a worker thread appends: one lock.
         self._lock = threading.RLock()
         self._syncer: ThreadPoolExecutor | None = None
+        self._wal_path = root / WAL_NAME
+        self._replay_wal()
+        self._wal_fd = os.open(self._wal_path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+        self._wal_bytes = os.fstat(self._wal_fd).st_size
+        self._unsynced: set[BlockKey] = set()  # block files written since the checkpoint
         self._recover()
 
     # ---- state ---------------------------------------------------------------
@@ -86,6 +102,31 @@ class ReplicaLog:
             return self._terms[index]
 
     # ---- recovery ------------------------------------------------------------
+    def _replay_wal(self) -> None:
+        """Copy into the block files the write-ahead records they lack, fsync them, and
+        empty the write-ahead file (a record that a block file holds is not copied)."""
+        if not self._wal_path.exists():
+            return
+        logged = segment.recover(self._wal_path)
+        if logged:
+            held: set[int] = set()
+            for path in (self.root / "blocks").glob("s*/*.seg"):
+                held.update(ref.index for ref in segment.recover(path))
+            missing = [ref for ref in logged if ref.index not in held]
+            touched: set[BlockKey] = set()
+            for entry in segment.read_entries(self._wal_path, missing):
+                fd, _created = self._open(entry.block)
+                os.write(fd, segment.encode(entry))
+                touched.add(entry.block)
+            self._fsync([self._fds[key] for key in touched])
+            self._fsync_dirs(touched)
+            for key in list(self._fds):
+                self._close(key)
+        with open(self._wal_path, "r+b") as fh:
+            fh.truncate(0)
+            os.fsync(fh.fileno())
+        fsync_path(self.root)
+
     def _recover(self) -> None:
         refs: list[tuple[RecordRef, BlockKey]] = []
         for path in sorted((self.root / "blocks").glob("s*/*.seg")):
@@ -133,6 +174,7 @@ class ReplicaLog:
         self._check_append(entries)
         written = 0
         touched: set[BlockKey] = set()
+        frames: list[bytes] = []
         new_files = False
         for entry in entries:
             key = entry.block
@@ -155,14 +197,42 @@ class ReplicaLog:
             )
             self._track(ref, key)
             touched.add(key)
+            frames.append(frame)
             written += len(frame)
-        self._fsync([self._fds[key] for key in touched])
+        wal = b"".join(frames)
+        os.write(self._wal_fd, wal)
+        os.fsync(self._wal_fd)  # the one fsync an append waits for
+        self._wal_bytes += len(wal)
+        self._unsynced |= touched
         if new_files:
             self._fsync_dirs(touched)
         for key in touched:
             if self.blocks[key].sealed:
                 self._close(key)
+        if self._wal_bytes > WAL_BYTES_MAX:
+            self._checkpoint()
         return written
+
+    def _checkpoint(self) -> None:
+        """fsync every block file written since the last checkpoint, then empty the
+        write-ahead file: everything it held is now in the block files, on disk."""
+        fds, opened = [], []
+        for key in self._unsynced:
+            fd = self._fds.get(key)
+            if fd is None:  # sealed and closed since
+                fd = os.open(block_path(self.root, key), os.O_RDONLY)
+                opened.append(fd)
+            fds.append(fd)
+        try:
+            if fds:
+                self._fsync(fds)
+        finally:
+            for fd in opened:
+                os.close(fd)
+        os.ftruncate(self._wal_fd, 0)
+        os.fsync(self._wal_fd)
+        self._wal_bytes = 0
+        self._unsynced = set()
 
     def _fsync(self, fds: list[int]) -> None:
         """fsync the files together: the disk flushes concurrent requests in one go, so
@@ -215,6 +285,8 @@ class ReplicaLog:
         require(0 <= index <= self.last_index, f"cannot truncate after {index}")
         if index == self.last_index:
             return
+        # The write-ahead file must not bring the cut entries back after a crash.
+        self._checkpoint()
         self._cut_files_after(index)
         for i in range(self.last_index, index, -1):
             key = self._where[i]
@@ -328,5 +400,6 @@ class ReplicaLog:
     def close(self) -> None:
         for key in list(self._fds):
             self._close(key)
+        os.close(self._wal_fd)
         if self._syncer is not None:
             self._syncer.shutdown(wait=False)
