@@ -40,6 +40,13 @@ from flowray.wire import MSGS, Address, Link, Server, encode_msgs
 log = logging.getLogger("flowray.replica")
 PENDING_PROPOSALS_MAX = 10_000
 LIVE_READ_BYTES_MAX = 64 * 1024 * 1024
+# A Ready whose entries hold at most this many bytes is persisted on the event loop:
+# handing it to a thread and back cost more than the write and its one fsync.
+PERSIST_INLINE_BYTES_MAX = 256 * 1024
+# Newly committed entries are counted for live counts at most this often (and on
+# every tick): one hand-off to the counting thread per commit was a large share of a
+# master's work for small proposals.
+LIVE_COUNT_INTERVAL_S = 0.05
 
 
 class NotMaster(RuntimeError):
@@ -118,6 +125,7 @@ class Replica:
         self.live = LiveCounts()
         self.live_term = -1
         self.live_applied = 0
+        self._live_counted_at = 0.0
         self.live_errors = 0
         self.reads_served = 0  # block slices read for processing
         self.late_events = 0  # events for hours already sealed, since this process began
@@ -194,6 +202,8 @@ class Replica:
             await asyncio.sleep(tick_s)
             self.node.tick()
             self._kick()
+            if self.node.role == Role.LEADER and self.blocks_term == self.node.term:
+                self._update_live(force=True)
 
     def _kick(self) -> None:
         """Wake the ready loop when the core has work or newly committed entries."""
@@ -213,7 +223,10 @@ class Replica:
                 rd = self.node.ready()
                 if rd.send_first:
                     self._send(rd.messages)
-                await asyncio.to_thread(self._persist, rd)
+                if sum(len(e.payload) for e in rd.entries) <= PERSIST_INLINE_BYTES_MAX:
+                    self._persist(rd)  # an fsync'd append of a few KiB: cheaper than a thread
+                else:
+                    await asyncio.to_thread(self._persist, rd)
                 if not rd.send_first:
                     self._send(rd.messages)
                 self.node.advance(rd)
@@ -260,7 +273,7 @@ class Replica:
             self.blocks.load(self.log.blocks, _now_ms())
             self.blocks_term = node.term
         if node.role == Role.LEADER and self.blocks_term == node.term:
-            self._update_live()
+            self._update_live(force=False)
         elif self.live_term != -1:
             self.live_term = self.live_ready_term = -1  # only a master serves live counts
             self.live_worker.submit(self._forget_live)
@@ -292,17 +305,24 @@ class Replica:
     # loop keeps answering heartbeats and votes (a rebuild on the loop once stalled
     # failover for seconds). ``live_lock`` guards the counts against queries.
 
-    def _update_live(self) -> None:
-        """Queue the counting of newly committed entries (a rebuild first, if new master)."""
+    def _update_live(self, force: bool) -> None:
+        """Queue the counting of newly committed entries (a rebuild first, if new master);
+        unless ``force``, at most every LIVE_COUNT_INTERVAL_S."""
         node = self.node
         if node.commit_index == 0 or node.term_at(node.commit_index) != node.term:
             return  # wait for this term's no-op: then everything before it is committed
         commit = node.commit_index
+        now = time.monotonic()
         if self.live_term != node.term:
             self.live_term, self.live_ready_term = node.term, -1
             self.live_worker.submit(self._rebuild_live, node.term, commit)
-        elif commit > self.live_applied:
+        elif commit > self.live_applied and (
+            force or now - self._live_counted_at >= LIVE_COUNT_INTERVAL_S
+        ):
             self.live_worker.submit(self._count_range, self.live_applied + 1, commit)
+        else:
+            return
+        self._live_counted_at = now
         self.live_applied = commit
 
     def _forget_live(self) -> None:
