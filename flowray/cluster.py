@@ -74,6 +74,9 @@ class LayoutError(ValueError):
     """The data directory was made with another shard layout."""
 
 
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "262144", "MALLOC_TRIM_THRESHOLD_": "1048576"}
+
+
 def init_ray(settings: Settings) -> None:
     """Join the cluster in RAY_ADDRESS, or start a local Ray bound to 127.0.0.1."""
     if ray.is_initialized():
@@ -82,6 +85,13 @@ def init_ray(settings: Settings) -> None:
         ray.init(address=os.environ["RAY_ADDRESS"], namespace=settings.namespace)
         return
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    # Replicas and the gateway allocate and free payloads of megabytes all day; glibc
+    # raises its mmap threshold after the first such free and then keeps freed
+    # payloads in fragmented heaps, so resident memory crept up hour after hour. A
+    # fixed threshold hands them back at once (see BENCHMARKS.md, memory). Every
+    # process of a local cluster inherits it; on a cluster, set it for `ray start`.
+    for name, value in MALLOC_ENV.items():
+        os.environ.setdefault(name, value)
     # Ray lowers its workers' priority (nice 15) by default; flowray's actors are the
     # server, so they run at normal priority beside the load they serve.
     os.environ.setdefault("RAY_worker_niceness", "0")

@@ -417,9 +417,10 @@ class Nats:
             pending.add(asyncio.ensure_future(js.publish(f"{name}.ev", payload)))
             if len(pending) >= window:
                 done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-                sent += len(done)
-        done, _ = await asyncio.wait(pending)
-        sent += len(done)
+                sent += sum(1 for d in done if d.exception() is None)
+        if pending:  # all of the last window may have completed already
+            done, _ = await asyncio.wait(pending)
+            sent += sum(1 for d in done if d.exception() is None)
         rate = sent / (time.monotonic() - start)
         await nc.close()
         return rate

@@ -22,6 +22,8 @@ import yaml
 from click import ClickException
 from ray.autoscaler._private.util import prepare_config, validate_config
 
+from flowray.cluster import MALLOC_ENV
+
 ROOT = Path(__file__).resolve().parent.parent
 AWS = ROOT / "cluster.yaml"
 LOCAL = ROOT / "deploy" / "cluster-local.yaml"
@@ -77,6 +79,8 @@ def ray_start(commands: list[str], head: bool) -> list[str]:
     for command in commands:
         for part in command.split(";"):
             argv = shlex.split(part)
+            while argv and re.fullmatch(r"[A-Z_][A-Z0-9_]*=\S*", argv[0]):
+                argv = argv[1:]  # the command's environment, as the shell reads it
             if argv[:2] == ["ray", "start"] and ("--head" in argv) == head:
                 found.append(argv)
     assert len(found) == 1, f"expected one 'ray start{' --head' if head else ''}': {commands}"
@@ -186,6 +190,17 @@ def test_ray_listens_on_a_port_other_than_redis(path: Path) -> None:
     worker = ray_start(config["worker_start_ray_commands"], head=False)
     assert option(worker, "--address") == f"$RAY_HEAD_IP:{port}"
     assert option(head, "--autoscaling-config") == "~/ray_bootstrap_config.yaml"
+
+
+@pytest.mark.parametrize("path", FILES, ids=lambda p: p.name)
+def test_ray_starts_with_the_fixed_malloc_thresholds(path: Path) -> None:
+    """Every Ray process on a node gets what a local cluster gets (cluster.MALLOC_ENV)."""
+    config = load(path)
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        line = next(c for c in config[key] if "ray start" in c)
+        start = line[: line.index("ray start")]
+        for name, value in MALLOC_ENV.items():
+            assert f"{name}={value} " in start, (key, line)
 
 
 @pytest.mark.parametrize("path", FILES, ids=lambda p: p.name)
