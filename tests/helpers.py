@@ -86,3 +86,25 @@ def replica_pid(url: str, group: int, role: str) -> int:
 def kill9(pid: int) -> None:
     """kill -9 one process this test session started (a Ray worker of our actor)."""
     os.kill(pid, signal.SIGKILL)
+
+
+def kill_for_good(handle: Any, timeout_s: float = 30.0) -> None:
+    """ray.kill an actor without restart, and return once its process is gone.
+
+    ray.kill only asks: the process can still answer its peers over the write path's
+    direct links for a moment, and so still count toward a majority.
+    """
+    import ray
+
+    pid = int(ray.get(handle.status.remote(), timeout=timeout_s)["pid"])
+    ray.kill(handle, no_restart=True)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (FileNotFoundError, ProcessLookupError, IndexError):
+            return
+        if state in ("Z", "X"):
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"actor process {pid} still runs {timeout_s} s after ray.kill")

@@ -28,7 +28,14 @@ from flowray.events import EVENT_SCHEMA
 from flowray.ingest import to_ipc
 from flowray.storage import segment
 from flowray.storage.segment import KIND_DATA
-from tests.helpers import cluster_settings, kill9, replica_pid, running_cluster, status
+from tests.helpers import (
+    cluster_settings,
+    kill9,
+    kill_for_good,
+    replica_pid,
+    running_cluster,
+    status,
+)
 
 HOUR_MS = 3_600_000
 HOURS = {"m": 1_714_600_800_000, "f": 1_714_600_800_000 + HOUR_MS}  # hours long past
@@ -206,9 +213,9 @@ def test_majority_down_refuses_and_minority_down_writes(ray_session: None, tmp_p
             [{"ts": 475_000 * 3_600_000, "site": "q.example"}], schema=EVENT_SCHEMA
         )
         piece = [(0, 475_000, to_ipc(one))]
-        ray.kill(running.replicas[(0, followers[0])], no_restart=True)
+        kill_for_good(running.replicas[(0, followers[0])])
         assert ray.get(handle.propose.remote(piece), timeout=30) > 0
-        ray.kill(running.replicas[(0, followers[1])], no_restart=True)
+        kill_for_good(running.replicas[(0, followers[1])])
         with pytest.raises(Exception) as refused:
             ray.get(handle.propose.remote(piece), timeout=30)
         assert "NoQuorum" in repr(refused.value) or "NotMaster" in repr(refused.value)
