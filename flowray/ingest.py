@@ -63,13 +63,7 @@ def route(events: Events, shard_map: ShardMap) -> dict[int, Events]:
     if isinstance(events, pa.Table):
         if events.num_rows == 0:
             return {}
-        encoded = events.column("site").combine_chunks().dictionary_encode()
-        count = shard_map.shard_count
-        group_of_value = np.array(
-            [shard_map.group_of_shard(_shard_of(s, count)) for s in encoded.dictionary.to_pylist()],
-            dtype=np.int64,
-        )
-        groups = group_of_value[encoded.indices.to_numpy(zero_copy_only=False)]
+        groups = np.asarray(shard_map.owners)[_row_shards(events, shard_map.shard_count)]
         present = np.unique(groups).tolist()
         if len(present) == 1:
             return {int(present[0]): events}
@@ -87,15 +81,20 @@ def _shard_of(site: str, shard_count: int) -> int:
     return shard_for_site(site, shard_count)
 
 
-def split_pieces(table: pa.Table, shard_count: int) -> list[Piece]:
-    """The (shard, hour) pieces of a table, each in arrival order."""
-    if table.num_rows == 0:
-        return []
+def _row_shards(table: pa.Table, shard_count: int) -> np.ndarray:
+    """Each row's shard, hashing each distinct site once."""
     encoded = table.column("site").combine_chunks().dictionary_encode()
     shard_of_value = np.array(
         [_shard_of(s, shard_count) for s in encoded.dictionary.to_pylist()], dtype=np.int64
     )
-    shards = shard_of_value[encoded.indices.to_numpy(zero_copy_only=False)]
+    return shard_of_value[encoded.indices.to_numpy(zero_copy_only=False)]  # type: ignore[no-any-return]
+
+
+def split_pieces(table: pa.Table, shard_count: int) -> list[Piece]:
+    """The (shard, hour) pieces of a table, each in arrival order."""
+    if table.num_rows == 0:
+        return []
+    shards = _row_shards(table, shard_count)
     hours = table.column("ts").to_numpy() // HOUR_MS
     keys = shards * (1 << 40) + hours
     order = np.argsort(keys, kind="stable")

@@ -150,6 +150,7 @@ class Server:
         self.port = 0
         self._server: asyncio.Server | None = None
         self._conns: set[asyncio.StreamWriter] = set()
+        self._answering: set[asyncio.Task[None]] = set()  # held, or asyncio may drop them
 
     async def start(self) -> Address:
         self._server = await asyncio.start_server(self._serve, self.host, 0, backlog=256)
@@ -179,7 +180,9 @@ class Server:
                     self.on_msgs(decode_msgs(body))
                 elif kind == CALL:
                     call_id, method, args = msgpack.unpackb(body)
-                    asyncio.create_task(self._answer(writer, call_id, method, args))
+                    task = asyncio.create_task(self._answer(writer, call_id, method, args))
+                    self._answering.add(task)
+                    task.add_done_callback(self._answering.discard)
                 else:
                     log.warning("an unknown frame type %s; closing the connection", kind)
                     return
