@@ -79,6 +79,7 @@ _UNAVAILABLE = (
 RETRY_AFTER_ELECTION_S = 1
 RESTART_JOB_PREFIX = "restart-"
 RESTARTER_GONE_POLLS = 100  # x 0.1 s
+ACTOR_START_TIMEOUT_S = 45.0  # below the CLI client's 60 s
 # A query waits this long for live counts before answering from the warehouse alone.
 LIVE_TIMEOUT_S = 1.0
 # Proposals in flight per group from one ingress process; more requests wait and
@@ -291,14 +292,16 @@ class RayAdmin:
         except _UNAVAILABLE as exc:
             raise Unavailable(f"processing did not finish: {type(exc).__name__}: {exc}") from exc
 
-    async def _call(self, call: Any) -> Any:
-        """A quick processor call: ValueError passes through, the rest is Unavailable."""
+    async def _call(
+        self, call: Any, timeout_s: float | None = None, what: str = "the processor"
+    ) -> Any:
+        """A quick actor call: ValueError passes through, the rest is Unavailable."""
         try:
-            return await asyncio.wait_for(call, self.settings.rpc_timeout_s)
+            return await asyncio.wait_for(call, timeout_s or self.settings.rpc_timeout_s)
         except ValueError as exc:  # from the actor: a RayTaskError that is a ValueError
             raise ValueError(str(getattr(exc, "cause", None) or exc)) from None
         except _UNAVAILABLE as exc:
-            raise Unavailable(f"the processor did not answer: {type(exc).__name__}") from exc
+            raise Unavailable(f"{what} did not answer: {type(exc).__name__}") from exc
 
     async def reprocess(self, request: dict[str, Any]) -> dict[str, Any]:
         result: dict[str, Any] = await self._call(self.processor.reprocess.remote(**request))
@@ -313,7 +316,9 @@ class RayAdmin:
             restarter = self._restarter()
             if restarter is None:
                 return None
-            state: dict[str, Any] = await self._call(restarter.status.remote())
+            state: dict[str, Any] = await self._call(
+                restarter.status.remote(), what="the restarter"
+            )
             return state if state["job"] == job_id else None
         result: dict[str, Any] | None = await self._call(self.processor.job.remote(job_id))
         return result
@@ -328,7 +333,7 @@ class RayAdmin:
         """Start a rolling restart in a detached actor of its own (see restarter.py)."""
         old = self._restarter()
         if old is not None:
-            state = await self._call(old.status.remote())
+            state = await self._call(old.status.remote(), what="the restarter")
             if state["state"] == "running":
                 raise ValueError(f"a rolling restart is already running ({state['job']})")
             ray.kill(old, no_restart=True)
@@ -340,7 +345,11 @@ class RayAdmin:
         restarter = Restarter.options(  # type: ignore[attr-defined]
             name=RESTARTER_NAME, namespace=self.settings.namespace, lifetime="detached"
         ).remote(self.settings.to_json(), job_id)
-        result: dict[str, Any] = await self._call(restarter.start.remote())
+        # Its first call waits for a new worker process to start and import flowray:
+        # seconds on a loaded 2-core machine (the quick-call timeout failed a CI run).
+        result: dict[str, Any] = await self._call(
+            restarter.start.remote(), ACTOR_START_TIMEOUT_S, "the restarter"
+        )
         return result
 
     async def versions(self) -> list[dict[str, Any]]:
