@@ -74,7 +74,13 @@ class LayoutError(ValueError):
     """The data directory was made with another shard layout."""
 
 
-MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "262144", "MALLOC_TRIM_THRESHOLD_": "1048576"}
+# glibc's heap settings for every process of a local cluster (the cluster files put
+# the same on `ray start`). Payloads of up to a few MiB (a 10,000-event request is
+# about 600 KiB) stay on the heap's fast path; bigger blocks (live counts' arrays) get
+# their own mmap, given back when freed. The fixed threshold also stops glibc raising
+# it to 32 MiB after such a free. What payloads leave free inside the heap goes back
+# to the OS through memtrim's periodic malloc_trim. See BENCHMARKS.md, memory.
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "4194304", "MALLOC_TRIM_THRESHOLD_": "8388608"}
 
 
 def init_ray(settings: Settings) -> None:
@@ -85,11 +91,7 @@ def init_ray(settings: Settings) -> None:
         ray.init(address=os.environ["RAY_ADDRESS"], namespace=settings.namespace)
         return
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    # Replicas and the gateway allocate and free payloads of megabytes all day; glibc
-    # raises its mmap threshold after the first such free and then keeps freed
-    # payloads in fragmented heaps, so resident memory crept up hour after hour. A
-    # fixed threshold hands them back at once (see BENCHMARKS.md, memory). Every
-    # process of a local cluster inherits it; on a cluster, set it for `ray start`.
+    # Every process of a local cluster inherits these (see MALLOC_ENV).
     for name, value in MALLOC_ENV.items():
         os.environ.setdefault(name, value)
     # Ray lowers its workers' priority (nice 15) by default; flowray's actors are the

@@ -29,6 +29,7 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from flowray import logic as logics
+from flowray import memtrim
 from flowray.actors.directory import Directory
 from flowray.config import Settings
 from flowray.router import ShardMap, normalize_site, reduce_key_for_shard, shard_for_site
@@ -95,6 +96,7 @@ class Processor:
                 await self.keep_gateway()
                 await self.run("due")
                 await self.compact()
+                await asyncio.to_thread(memtrim.trim)  # what the cycle freed goes back
             except Exception as exc:  # an operating error: report, retry next cycle
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 log.warning("processing cycle failed: %s", self.last_error)

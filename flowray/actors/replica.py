@@ -25,6 +25,7 @@ from typing import Any
 import pyarrow as pa
 import ray
 
+from flowray import memtrim
 from flowray.actors.blocks import BlockTable, SealPolicy
 from flowray.config import Settings
 from flowray.ingest import from_ipc
@@ -153,6 +154,7 @@ class Replica:
             asyncio.create_task(self._crash_on_error(self._serve_wire())),
             asyncio.create_task(self._crash_on_error(self._tick_loop())),
             asyncio.create_task(self._crash_on_error(self._ready_loop())),
+            asyncio.create_task(memtrim.trim_forever()),
         ]
 
     async def _serve_wire(self) -> None:

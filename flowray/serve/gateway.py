@@ -19,6 +19,7 @@ from typing import Any
 import ray
 import uvicorn
 
+from flowray import memtrim
 from flowray.serve.app import IngestFastPath
 from flowray.serve.deployment import build_app
 
@@ -42,6 +43,7 @@ class Gateway:
         self.host, self.port = host, port
         self._server: uvicorn.Server | None = None
         self._task: asyncio.Task[None] | None = None
+        self._trim: asyncio.Task[None] | None = None
 
     async def start(self) -> int:
         """Serve until stopped; returns once the socket is listening."""
@@ -58,6 +60,7 @@ class Gateway:
                 timeout_keep_alive=KEEP_ALIVE_S,
             )
             self._server = _Server(config)
+            self._trim = asyncio.create_task(memtrim.trim_forever())
             self._task = asyncio.create_task(self._server.serve())
             for _ in range(200):
                 if self._server.started:
@@ -70,6 +73,8 @@ class Gateway:
     async def stop(self) -> None:
         if self._server is not None:
             self._server.should_exit = True
+        if self._trim is not None:
+            self._trim.cancel()
         if self._task is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._task, 10)
