@@ -128,6 +128,13 @@ def up(
     groups: Annotated[int, typer.Option(help="Shard groups.")] = 2,
     replicas: Annotated[int, typer.Option(help="Replicas per group (odd).")] = 3,
     shards: Annotated[int, typer.Option(help="Shards (fixed once data exists).")] = 8,
+    gateways: Annotated[
+        int | None,
+        typer.Option(
+            help="Ingest gateway processes sharing the ingest port (default 2, or "
+            "FLOWRAY_GATEWAYS): parsing runs on as many cores."
+        ),
+    ] = None,
     detach: Annotated[bool, typer.Option(help="Return once the API answers.")] = False,
     wait_nodes: Annotated[
         int,
@@ -154,6 +161,7 @@ def up(
             replicas=replicas,
             shards=shards,
             wait_nodes=wait_nodes or None,
+            gateways=gateways,
         ).validate()
     except ValueError as exc:
         _fail(str(exc))
@@ -185,6 +193,8 @@ def _up_detached(settings: Settings) -> None:
         str(settings.replicas),
         "--shards",
         str(settings.shards),
+        "--gateways",
+        str(settings.gateways),
     ]
     with open(log_path, "ab") as out:
         child = subprocess.Popen(

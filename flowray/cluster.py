@@ -31,7 +31,7 @@ from flowray.actors.replica import Replica, actor_name
 from flowray.actors.restarter import RESTARTER_NAME
 from flowray.config import NODES_TIMEOUT_S, Settings
 from flowray.serve.deployment import LOCAL_MODE_ENV, PROCESSOR_NAME, SETTINGS_ENV, Api
-from flowray.serve.gateway import GATEWAY_NAME, Gateway
+from flowray.serve.gateway import Gateway, gateway_name, require_port_free
 from flowray.storage.durable import write_json_atomic
 
 log = logging.getLogger("flowray.cluster")
@@ -142,7 +142,7 @@ class Cluster:
     settings: Settings
     replicas: dict[tuple[int, int], Any]
     processor: Any
-    gateway: Any = None
+    gateways: list[Any] = field(default_factory=list)
     placement_groups: list[Any] = field(default_factory=list)
 
     def masters(self, timeout_s: float = START_TIMEOUT_S) -> dict[int, int]:
@@ -193,6 +193,8 @@ def start_backend(settings: Settings, gateway: bool = True, detached: bool = Fal
     and are found by name if they exist (``serve deploy``'s application builder, which
     runs in a short-lived task, starts them so; ``stop_named`` ends them).
     """
+    if gateway and settings.ingest_port and not detached:  # detached: ours may hold it
+        require_port_free(settings.host, settings.ingest_port)  # before starting anything
     blob = settings.to_json()
     ns = settings.namespace
     extra: dict[str, Any] = {"lifetime": "detached", "get_if_exists": True} if detached else {}
@@ -223,18 +225,14 @@ def start_backend(settings: Settings, gateway: bool = True, detached: bool = Fal
     ).remote(blob)
     ray.get(running.processor.start.remote(), timeout=START_TIMEOUT_S)
     if gateway and settings.ingest_port:
-        running.gateway = Gateway.options(  # type: ignore[attr-defined]
-            name=GATEWAY_NAME,
-            namespace=ns,
-            runtime_env={
-                "env_vars": {
-                    SETTINGS_ENV: json.dumps(blob),
-                    LOCAL_MODE_ENV: os.environ.get(LOCAL_MODE_ENV, "1"),
-                }
-            },
-            **extra,
-        ).remote(settings.host, settings.ingest_port)
-        ray.get(running.gateway.start.remote(), timeout=START_TIMEOUT_S)
+        env = {SETTINGS_ENV: json.dumps(blob), LOCAL_MODE_ENV: os.environ.get(LOCAL_MODE_ENV, "1")}
+        running.gateways = [
+            Gateway.options(  # type: ignore[attr-defined]
+                name=gateway_name(i), namespace=ns, runtime_env={"env_vars": env}, **extra
+            ).remote(settings.host, settings.ingest_port)
+            for i in range(settings.gateways)
+        ]
+        ray.get([g.start.remote() for g in running.gateways], timeout=START_TIMEOUT_S)
     return running
 
 
@@ -264,7 +262,8 @@ def stop_named(settings: Settings) -> list[str]:
     namespace (those ``start_backend(detached=True)`` made); returns what it ended."""
     ns = settings.namespace
     names = [actor_name(g, r) for g in range(settings.groups) for r in range(settings.replicas)]
-    names += [PROCESSOR_NAME, GATEWAY_NAME, RESTARTER_NAME]
+    names += [PROCESSOR_NAME, RESTARTER_NAME]
+    names += [gateway_name(i) for i in range(settings.gateways)]
     ended = []
     for name in names:
         with contextlib.suppress(ValueError):  # not running
@@ -301,11 +300,10 @@ def stop(cluster: Cluster, serve_app: bool = True) -> None:
             serve.delete(APP_NAME)
     with contextlib.suppress(Exception):  # the processor died already
         ray.get(cluster.processor.stop.remote(), timeout=10)
-    if cluster.gateway is not None:
+    for gw in cluster.gateways:
         with contextlib.suppress(Exception):  # the gateway died already
-            ray.get(cluster.gateway.stop.remote(), timeout=15)
-    extra = [cluster.gateway] if cluster.gateway is not None else []
-    for handle in [cluster.processor, *cluster.replicas.values(), *extra]:
+            ray.get(gw.stop.remote(), timeout=15)
+    for handle in [cluster.processor, *cluster.replicas.values(), *cluster.gateways]:
         ray.kill(handle, no_restart=True)
     with contextlib.suppress(ValueError):  # no rolling restart was ever asked for
         ray.kill(ray.get_actor(RESTARTER_NAME, namespace=cluster.settings.namespace))

@@ -18,6 +18,7 @@ DEFAULT_DATA_DIR = "./flowray-data"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 # auto: tokens are required once FLOWRAY_ADMIN_TOKEN is set or a token exists.
 AUTH_MODES = ("auto", "on", "off")
+GATEWAYS_MAX = 64
 # How long ``flowray up --wait-nodes N`` waits for the nodes to join.
 NODES_TIMEOUT_S = 600.0
 
@@ -31,6 +32,10 @@ class Settings:
     port: int = 8000
     # The ingest gateway (plain uvicorn, micro-batching); 0 turns it off.
     ingest_port: int = 8001
+    # Gateway processes sharing that port (SO_REUSEPORT: the kernel spreads the
+    # connections): parsing runs on as many cores, and a rolling restart replaces one
+    # while the others serve.
+    gateways: int = 2
     groups: int = 2
     replicas: int = 3
     shards: int = 8
@@ -98,6 +103,8 @@ class Settings:
             raise ValueError(f"groups must be at least 1, got {self.groups}")
         if self.shards < self.groups:
             raise ValueError(f"shards ({self.shards}) must be at least groups ({self.groups})")
+        if not 1 <= self.gateways <= GATEWAYS_MAX:
+            raise ValueError(f"gateways must be 1..{GATEWAYS_MAX}, got {self.gateways}")
         if not 1 <= self.port <= 65535:
             raise ValueError(f"port must be 1..65535, got {self.port}")
         if self.auth not in AUTH_MODES:

@@ -143,6 +143,35 @@ def test_seed_fast_path_agrees(lines: list[tuple[str, str, str]]) -> None:
     _agree(fastparse.seed(body, LIMITS), _exact(ev.parse_seed_body, body, mp))
 
 
+separators = st.sampled_from(["\n", "\n\n", "\r\n", " \n", "\n \n", "\t", "  ", " ", "\x0b"])
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    seed_lines,
+    st.lists(separators, min_size=6, max_size=6),
+    st.sampled_from(["", "\n", "\n\n", " ", "\ufeff"]),
+    st.sampled_from(["", "\n", "\n\n", " ", "\n "]),
+)
+def test_seed_fast_path_agrees_whatever_surrounds_the_lines(
+    lines: list[tuple[str, str, str]], seps: list[str], lead: str, tail: str
+) -> None:
+    texts = [f"{d} {t} {s}" for d, t, s in lines]
+    body = (lead + "".join(x + sep for x, sep in zip(texts, seps, strict=False)) + tail).encode()
+    mp = pytest.MonkeyPatch()
+    _agree(fastparse.seed(body, LIMITS), _exact(ev.parse_seed_body, body, mp))
+
+
+def test_seed_fast_path_skips_empty_lines_and_takes_a_missing_final_newline() -> None:
+    one, two = b"2020.03.14 07:20:39.595 taobao.com", b"2020.03.14 07:25:42.412 Tmall.com."
+    mp = pytest.MonkeyPatch()
+    for body in [one + b"\n" + two, b"\n" + one + b"\n\n\n" + two + b"\n\n"]:
+        table = fastparse.seed(body, LIMITS)
+        assert table is not None, body
+        assert table.column("site").to_pylist() == ["taobao.com", "tmall.com"]
+        _agree(table, _exact(ev.parse_seed_body, body, mp))
+
+
 def test_fast_paths_take_the_common_forms() -> None:
     """Not a vacuous agreement: ordinary batches do go through the fast paths."""
     rows = [{"ts": NOW_MS - i, "site": f"s{i % 3}.com", "path": "/"} for i in range(40)]

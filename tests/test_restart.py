@@ -125,7 +125,7 @@ def test_a_gateway_killed_comes_back_serving(
     restart_cluster: tuple[cluster.Cluster, str],
 ) -> None:
     running, _url = restart_cluster
-    gateway = running.gateway
+    gateway = running.gateways[0]
     before = ray.get(gateway.ping.remote(), timeout=30)
     assert before["started"]
     kill9(before["pid"])
@@ -140,8 +140,19 @@ def test_a_gateway_killed_comes_back_serving(
         assert time.monotonic() < deadline, "the gateway actor did not come back"
         time.sleep(0.3)
     assert not after["started"]
+    # Meanwhile the other gateway, on the same port, takes every new connection.
+    assert running.settings.gateways >= 2
+    port = running.settings.ingest_port
+    body = orjson.dumps([event(10_000_000 + i) for i in range(BATCH)])
+    for _ in range(20):
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+            assert client.get("/healthz").status_code == 200
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+        answer = client.post(
+            "/v1/events", content=body, headers={"content-type": "application/json"}
+        )
+        assert answer.status_code == 200, answer.text
     # The processor's cycle notices and starts it again.
     assert ray.get(running.processor.keep_gateway.remote(), timeout=60) is True
     assert ray.get(running.processor.keep_gateway.remote(), timeout=60) is False
-    port = running.settings.ingest_port
     assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=10).status_code == 200

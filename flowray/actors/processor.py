@@ -33,7 +33,7 @@ from flowray import memtrim
 from flowray.actors.directory import Directory
 from flowray.config import Settings
 from flowray.router import ShardMap, normalize_site, reduce_key_for_shard, shard_for_site
-from flowray.serve.gateway import GATEWAY_NAME
+from flowray.serve.gateway import gateway_name
 from flowray.storage.catalog import Catalog, CatalogError, Unit
 from flowray.tasks.mapreduce import (
     DIFF_SCHEMA,
@@ -307,19 +307,22 @@ class Processor:
         await asyncio.to_thread(self.catalog.set_watermark, watermark)
 
     async def keep_gateway(self) -> bool:
-        """Start the ingest gateway's server if its actor came back from a crash without
-        it (Ray restarts the actor, not what ``start`` began); True if it had to."""
-        try:
-            gateway = ray.get_actor(GATEWAY_NAME, namespace=self.settings.namespace)
-        except ValueError:
-            return False  # this cluster runs without a gateway
+        """Start each ingest gateway's server if its actor came back from a crash
+        without it (Ray restarts the actor, not what ``start`` began); True if one had to."""
+        restarted = False
         timeout = self.settings.rpc_timeout_s
-        state: dict[str, Any] = await asyncio.wait_for(gateway.ping.remote(), timeout)
-        if state["started"]:
-            return False
-        await asyncio.wait_for(gateway.start.remote(), timeout)
-        log.warning("the ingest gateway had restarted without its server: started it again")
-        return True
+        for i in range(self.settings.gateways):
+            try:
+                gateway = ray.get_actor(gateway_name(i), namespace=self.settings.namespace)
+            except ValueError:
+                continue  # this cluster runs without gateways
+            state: dict[str, Any] = await asyncio.wait_for(gateway.ping.remote(), timeout)
+            if state["started"]:
+                continue
+            await asyncio.wait_for(gateway.start.remote(), timeout)
+            log.warning("ingest gateway %d had restarted without its server: started it", i)
+            restarted = True
+        return restarted
 
     async def compact(self, limit: int = COMPACT_PER_CYCLE) -> int:
         """Merge up to ``limit`` shard-days of the current version that are final (wholly

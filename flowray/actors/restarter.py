@@ -14,6 +14,7 @@ that asked for it does not stop it; it remembers its progress for whoever polls.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -85,19 +86,19 @@ class Restarter:
     async def _restart_all(self) -> None:
         from flowray import cluster
         from flowray.serve.deployment import PROCESSOR_NAME
-        from flowray.serve.gateway import GATEWAY_NAME
+        from flowray.serve.gateway import gateway_name
 
         s, ns = self.settings, self.settings.namespace
         replicas = {
             (g, r): self.directory.handle(g, r) for g in range(s.groups) for r in range(s.replicas)
         }
         processor = ray.get_actor(PROCESSOR_NAME, namespace=ns)
-        try:
-            gateway = ray.get_actor(GATEWAY_NAME, namespace=ns)
-        except ValueError:
-            gateway = None
+        gateways = []
+        for i in range(s.gateways):
+            with contextlib.suppress(ValueError):  # this cluster runs without gateways
+                gateways.append(ray.get_actor(gateway_name(i), namespace=ns))
         handovers = s.groups if s.replicas > 1 else 0
-        self.progress["total"] = len(replicas) + handovers + 2 + (gateway is not None)
+        self.progress["total"] = len(replicas) + handovers + 2 + len(gateways)
         for g in range(s.groups):
             group = {r: replicas[(g, r)] for r in range(s.replicas)}
             master = await self._restart_followers(g, group)
@@ -106,10 +107,11 @@ class Restarter:
         await self._restart_actor(processor)
         await self._when_up(processor.start.remote)
         self._step("processor restarted")
-        if gateway is not None:
+        # One at a time: the others keep serving the shared port meanwhile.
+        for i, gateway in enumerate(gateways):
             await self._restart_actor(gateway)
             await self._when_up(gateway.start.remote)
-            self._step("ingest gateway restarted")
+            self._step(f"ingest gateway {i} restarted")
         await asyncio.to_thread(cluster.deploy_api, s, uuid.uuid4().hex)
         self._step("Serve replicas replaced (rolling update)")
 

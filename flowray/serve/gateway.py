@@ -3,9 +3,14 @@
 Ray Serve's proxy costs milliseconds per request on a small machine (about 240
 trivial requests/s on the 2-core reference machine, against thousands for the same
 app under uvicorn), which is fine for queries but not for trackers that send one
-event per request. The gateway is a Ray actor per node that runs the app factory
-under uvicorn on its own port and micro-batches writes into the shard groups; Serve
-keeps serving the whole API on the main port.
+event per request. A gateway is a Ray actor that runs the app factory under uvicorn
+on the ingest port and micro-batches writes into the shard groups; Serve keeps
+serving the whole API on the main port.
+
+``Settings.gateways`` of them share the port: each listens with SO_REUSEPORT and the
+kernel spreads new connections over them, so request parsing (the gateway's main
+cost) runs on several cores, and a rolling restart replaces one gateway while the
+others keep serving.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import socket
 from collections.abc import Iterator
 from typing import Any
 
@@ -24,9 +30,48 @@ from flowray.serve.app import IngestFastPath
 from flowray.serve.deployment import build_app
 
 GATEWAY_NAME = "flowray-gateway"
+LISTEN_BACKLOG = 4096
 # Trackers and batch clients keep connections open; a short keep-alive makes clients
 # race the server's close and see resets.
 KEEP_ALIVE_S = 75
+
+
+def gateway_name(index: int) -> str:
+    """The Ray actor name of gateway ``index`` (the first keeps the historical name)."""
+    return GATEWAY_NAME if index == 0 else f"{GATEWAY_NAME}-{index}"
+
+
+def listen_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to (host, port) that other gateways may bind too (SO_REUSEPORT;
+    only sockets that all set it share a port, so a stranger's cannot join)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if hasattr(socket, "SO_REUSEPORT"):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def require_port_free(host: str, port: int) -> None:
+    """Raise OSError if something listens on (host, port) already: the gateways share
+    their port with SO_REUSEPORT, which would otherwise let a second cluster started
+    by the same user on the same port quietly take half of the first one's traffic."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        # SO_REUSEADDR: connections of a cluster just stopped, still in TIME_WAIT, do
+        # not hold the port; a listening socket still does.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise OSError(
+                exc.errno, f"the ingest port {host}:{port} is in use: {exc.strerror}"
+            ) from exc
 
 
 class _Server(uvicorn.Server):
@@ -56,12 +101,13 @@ class Gateway:
                 log_level="warning",
                 loop="none",
                 lifespan="off",
-                backlog=4096,
+                backlog=LISTEN_BACKLOG,
                 timeout_keep_alive=KEEP_ALIVE_S,
             )
             self._server = _Server(config)
             self._trim = asyncio.create_task(memtrim.trim_forever())
-            self._task = asyncio.create_task(self._server.serve())
+            sock = listen_socket(self.host, self.port)
+            self._task = asyncio.create_task(self._server.serve(sockets=[sock]))
             for _ in range(200):
                 if self._server.started:
                     break
