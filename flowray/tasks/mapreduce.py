@@ -15,6 +15,7 @@ rows, the others keep the rows of the unit being replaced, and a per-site diff
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import duckdb
@@ -213,7 +214,35 @@ def rewrite_units(
     return out, diff
 
 
-@ray.remote(num_cpus=1, max_retries=3)
+# Processing is batch work beside the write path: its tasks run in worker processes of
+# their own (a runtime environment of their own keeps Ray from handing such a worker
+# to an actor later) at a lower CPU priority, so an hour's processing does not stretch
+# acknowledgements or elections while it runs (BENCHMARKS.md).
+BATCH_ENV = "FLOWRAY_BATCH_WORKER"
+BATCH_NICENESS = 10
+BATCH_RUNTIME_ENV = {"env_vars": {BATCH_ENV: "1"}}
+
+
+_niced = False
+
+
+def _as_batch_work() -> None:
+    """Lower this worker's priority by BATCH_NICENESS, once (only in batch workers):
+    relative to what Ray gave its workers, so below the actors whatever that is."""
+    global _niced
+    if not _niced and os.environ.get(BATCH_ENV) == "1":
+        os.nice(BATCH_NICENESS)
+        _niced = True
+
+
+@ray.remote(num_cpus=1, max_retries=3, runtime_env=BATCH_RUNTIME_ENV)
+def worker_niceness() -> int:
+    """The niceness a processing task runs at (for tests and operators)."""
+    _as_batch_work()
+    return os.nice(0)
+
+
+@ray.remote(num_cpus=1, max_retries=3, runtime_env=BATCH_RUNTIME_ENV)
 def map_task(
     blocks: list[tuple[int, int]],
     logic_name: str,
@@ -224,12 +253,13 @@ def map_task(
 ) -> tuple[pa.Table, ...] | pa.Table:
     """Map slices read straight from a replica's block files (the task runs on that
     replica's node): ``reads`` holds each slice's file and record refs."""
+    _as_batch_work()
     payloads = [read_payloads(Path(path), refs) for path, refs in reads]
     out = map_block_slices(blocks, payloads, logic_name, keys, modules, sites)
     return out[0] if keys == 1 else tuple(out)
 
 
-@ray.remote(num_cpus=1, max_retries=3)
+@ray.remote(num_cpus=1, max_retries=3, runtime_env=BATCH_RUNTIME_ENV)
 def reduce_write_task(
     root: str,
     logic_name: str,
@@ -238,11 +268,12 @@ def reduce_write_task(
     *partials: pa.Table,
 ) -> list[Unit]:
     """Reduce one key's partials and write the units it owns."""
+    _as_batch_work()
     reduced = reduce_partials(list(partials))
     return write_units(Path(root), logic_name, job, [reduced], units)
 
 
-@ray.remote(num_cpus=1, max_retries=3)
+@ray.remote(num_cpus=1, max_retries=3, runtime_env=BATCH_RUNTIME_ENV)
 def reduce_rewrite_task(
     root: str,
     logic_name: str,
@@ -254,15 +285,17 @@ def reduce_rewrite_task(
     *partials: pa.Table,
 ) -> tuple[list[Unit], pa.Table]:
     """Reduce one key's partials and rewrite the units it owns (re-processing)."""
+    _as_batch_work()
     reduced = reduce_partials(list(partials))
     return rewrite_units(Path(root), logic_name, job, [reduced], units, old_paths, sites, dry_run)
 
 
-@ray.remote(num_cpus=1, max_retries=3)
+@ray.remote(num_cpus=1, max_retries=3, runtime_env=BATCH_RUNTIME_ENV)
 def merge_task(
     root: str, logic_name: str, shard: int, day: int, job: str, paths: list[str]
 ) -> Unit:
     """One shard's day in one file (compaction); the Unit's hour is the day's first."""
+    _as_batch_work()
     out = merged_path(Path(root), logic_name, shard, day, job)
     rows, events = merge_day(paths, out)
     return Unit(shard, day * DAY_HOURS, str(out), 0, rows, events)
