@@ -21,6 +21,8 @@ from flowray.storage.segment import (
     KIND_NOOP,
     KIND_SEAL,
     Entry,
+    RecordRef,
+    encode,
     scan,
 )
 
@@ -280,14 +282,19 @@ def cut_last_record(path: Path) -> None:
 
 
 def lose_wal_from(root: Path, index: int) -> None:
-    """The write-ahead file loses its records from ``index`` on: a crash before the
-    append that wrote them had its fsync (so that append was never acknowledged)."""
+    """The write-ahead file loses the batch holding entry ``index`` and those after:
+    a crash before that append had its fsync (so it was never acknowledged). A batch
+    is all or nothing: its check covers every record in it."""
     path = root / WAL_NAME
-    refs, _ = scan(path.read_bytes())
-    cut = next((r.offset for r in refs if r.index >= index), None)
+    batches = replica_log.wal_batches(path.read_bytes())
+    cut = next((at for at, refs in batches if any(r.index >= index for r in refs)), None)
     if cut is not None:
         with open(path, "r+b") as fh:
             fh.truncate(cut)
+
+
+def wal_records(root: Path) -> list[RecordRef]:
+    return scan(replica_log.wal_frames((root / WAL_NAME).read_bytes()))[0]
 
 
 def test_the_write_ahead_file_restores_what_block_files_lost(tmp_path: Path) -> None:
@@ -303,7 +310,7 @@ def test_the_write_ahead_file_restores_what_block_files_lost(tmp_path: Path) -> 
     block_path(tmp_path, C).unlink()
     again = ReplicaLog(tmp_path)
     check_against(again, entries)
-    assert scan((tmp_path / WAL_NAME).read_bytes())[0] == [], "replayed, then started over"
+    assert wal_records(tmp_path) == [], "replayed, then started over"
     again.close()
     third = ReplicaLog(tmp_path)  # and it stays so with the write-ahead file empty
     check_against(third, entries)
@@ -318,7 +325,7 @@ def test_a_checkpoint_empties_the_write_ahead_file(
     log = ReplicaLog(tmp_path)
     for entry in entries:
         log.append([entry])
-        held = scan((tmp_path / WAL_NAME).read_bytes())[0]
+        held = wal_records(tmp_path)
         assert sum(HEADER_BYTES + r.length for r in held) <= 200 + 60 + HEADER_BYTES
     log.close()
     check_against(ReplicaLog(tmp_path), entries)
@@ -333,6 +340,60 @@ def test_a_cut_tail_does_not_come_back_from_the_write_ahead_file(tmp_path: Path)
     again = ReplicaLog(tmp_path)
     check_against(again, entries[:4])
     again.close()
+
+
+def test_a_new_cycle_writes_over_the_old_one_and_only_it_comes_back(tmp_path: Path) -> None:
+    """A checkpoint starts a cycle at the file's start without emptying the file: the
+    earlier cycle's batches stay past the new one's end, with entries whose indexes
+    continue the new log (a cut tail). Recovery must take the new cycle alone."""
+    old = [data(1, i, (A, B)[i % 2], b"old" * 20) for i in range(1, 13)]
+    log = ReplicaLog(tmp_path)
+    for entry in old:
+        log.append([entry])
+    size = (tmp_path / WAL_NAME).stat().st_size
+    log.truncate_after(6)  # a checkpoint: a new cycle
+    new = [data(3, 7, C, b"new")]
+    log.append(new)
+    log.close()
+    raw = (tmp_path / WAL_NAME).read_bytes()
+    assert len(raw) == size, "the file was written over, not emptied"
+    assert encode(old[-1]) in raw, "the earlier cycle's batches are still there"
+    assert [r.index for r in wal_records(tmp_path)] == [7]
+    block_path(tmp_path, C).unlink()  # 7 never reached its block file: the WAL has it
+    again = ReplicaLog(tmp_path)
+    check_against(again, old[:6] + new)
+    again.close()
+
+
+def test_a_torn_batch_ends_the_cycle(tmp_path: Path) -> None:
+    entries = interleaved()
+    log = ReplicaLog(tmp_path)
+    log.append(entries[:3])
+    log.append(entries[3:6])
+    log.close()
+    path = tmp_path / WAL_NAME
+    (start, _), (_first, _), (torn, refs) = replica_log.wal_batches(path.read_bytes())
+    assert start == 0 and [r.index for r in refs] == [4, 5, 6]
+    raw = bytearray(path.read_bytes())
+    raw[torn + replica_log.WAL_BATCH.size + refs[1].offset + HEADER_BYTES] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    for key in (A, B, C):
+        block_path(tmp_path, key).unlink(missing_ok=True)  # the page cache lost them all
+    again = ReplicaLog(tmp_path)
+    check_against(again, entries[:3])
+    again.close()
+
+
+def test_a_batch_header_over_other_intact_records_is_refused() -> None:
+    """A header is checked against its records' own checksums: a header that survived
+    over intact records of another batch (same lengths) does not take them."""
+    one, two, other = data(1, 1, A), data(1, 2, A, b"x" * 10), data(1, 2, A, b"y" * 10)
+    wal = replica_log.wal_batch(7, [encode(one)]) + replica_log.wal_batch(7, [encode(two)])
+    assert [[r.index for r in refs] for _, refs in replica_log.wal_batches(wal)] == [[1], [2]]
+    forged = wal.replace(encode(two), encode(other))
+    assert [[r.index for r in refs] for _, refs in replica_log.wal_batches(forged)] == [[1]]
+    other_cycle = replica_log.wal_batch(7, [encode(one)]) + replica_log.wal_batch(8, [encode(two)])
+    assert len(replica_log.wal_batches(other_cycle)) == 1
 
 
 def test_recovery_keeps_the_gap_free_prefix(tmp_path: Path) -> None:

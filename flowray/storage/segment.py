@@ -129,6 +129,25 @@ def scan(data: bytes) -> tuple[list[RecordRef], int]:
     return refs, pos
 
 
+def intact_prefix(data: bytes) -> tuple[list[RecordRef], int]:
+    """The records of ``data`` up to the first that is not whole and intact, and the
+    length they cover: no judgement on what follows (see :func:`scan` for that)."""
+    refs: list[RecordRef] = []
+    pos = 0
+    while pos < len(data) and _check_record(data, pos) is None:
+        _m, _v, kind, shard, part, hour, length, _c, term, index = _parse_header(
+            data[pos : pos + HEADER_BYTES]
+        )
+        refs.append(RecordRef(pos, length, kind, term, index, shard, hour, part))
+        pos += HEADER_BYTES + length
+    return refs, pos
+
+
+def record_crc(data: bytes, offset: int = 0) -> bytes:
+    """The 4 bytes of the checksum field of the record at ``offset``."""
+    return data[offset + _CRC_AT : offset + _CRC_AT + 4]
+
+
 def _check_record(data: bytes, pos: int) -> str | None:
     """None when the record at ``pos`` is whole and intact, else why it is not."""
     if pos + HEADER_BYTES > len(data):
@@ -182,10 +201,15 @@ def read_entries(path: Path, refs: list[RecordRef] | None = None) -> Iterator[En
     if refs is None:
         refs, good = scan(data)
         require(good == len(data), f"{path} has a torn tail that recovery did not cut")
+    return entries_in(data, refs, str(path))
+
+
+def entries_in(data: bytes, refs: list[RecordRef], where: str = "segment") -> Iterator[Entry]:
+    """The entries of ``refs`` in a segment image, each verified."""
     for ref in refs:
         problem = _check_record(data, ref.offset)
         if problem is not None:
-            raise CorruptSegment(f"{path} at byte {ref.offset}: {problem}")
+            raise CorruptSegment(f"{where} at byte {ref.offset}: {problem}")
         start = ref.offset + HEADER_BYTES
         yield Entry(
             ref.term,
