@@ -294,7 +294,8 @@ def lose_wal_from(root: Path, index: int) -> None:
 
 
 def wal_records(root: Path) -> list[RecordRef]:
-    return scan(replica_log.wal_frames((root / WAL_NAME).read_bytes()))[0]
+    batches = replica_log.wal_batches((root / WAL_NAME).read_bytes())
+    return [ref for _offset, refs in batches for ref in refs]
 
 
 def test_the_write_ahead_file_restores_what_block_files_lost(tmp_path: Path) -> None:
@@ -375,7 +376,8 @@ def test_a_torn_batch_ends_the_cycle(tmp_path: Path) -> None:
     (start, _), (_first, _), (torn, refs) = replica_log.wal_batches(path.read_bytes())
     assert start == 0 and [r.index for r in refs] == [4, 5, 6]
     raw = bytearray(path.read_bytes())
-    raw[torn + replica_log.WAL_BATCH.size + refs[1].offset + HEADER_BYTES] ^= 0xFF
+    assert refs[0].offset == torn + replica_log.WAL_BATCH.size  # offsets in the file
+    raw[refs[1].offset + HEADER_BYTES] ^= 0xFF
     path.write_bytes(bytes(raw))
     for key in (A, B, C):
         block_path(tmp_path, key).unlink(missing_ok=True)  # the page cache lost them all

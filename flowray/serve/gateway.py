@@ -105,9 +105,9 @@ class Gateway:
                 timeout_keep_alive=KEEP_ALIVE_S,
             )
             self._server = _Server(config)
-            self._trim = asyncio.create_task(memtrim.trim_forever())
-            sock = listen_socket(self.host, self.port)
+            sock = listen_socket(self.host, self.port)  # raises if the port is taken
             self._task = asyncio.create_task(self._server.serve(sockets=[sock]))
+            self._trim = self._trim or asyncio.create_task(memtrim.trim_forever())
             for _ in range(200):
                 if self._server.started:
                     break

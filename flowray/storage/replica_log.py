@@ -77,8 +77,8 @@ def _wal_header(cycle: int, length: int, count: int, crcs: bytes) -> bytes:
 
 
 def wal_batches(data: bytes) -> list[tuple[int, list[RecordRef]]]:
-    """(file offset, records) of each whole batch of the write-ahead file's current
-    cycle (the first batch's); record offsets are relative to the batch's payload."""
+    """(offset, records) of each whole batch of the write-ahead file's current cycle
+    (the first batch's), record offsets in ``data`` too."""
     out: list[tuple[int, list[RecordRef]]] = []
     pos, cycle = 0, None
     while pos + WAL_BATCH.size <= len(data):
@@ -86,26 +86,15 @@ def wal_batches(data: bytes) -> list[tuple[int, list[RecordRef]]]:
         start, end = pos + WAL_BATCH.size, pos + WAL_BATCH.size + length
         if magic != WAL_MAGIC or (cycle is not None and batch_cycle != cycle) or end > len(data):
             break
-        payload = data[start:end]
-        refs, good = segment.intact_prefix(payload)
-        crcs = b"".join(segment.record_crc(payload, r.offset) for r in refs)
-        if good != length or len(refs) != count:
+        refs, good = segment.intact_prefix(data, start, end)
+        if good != end or len(refs) != count:
             break  # torn, or a header over an older cycle's records
+        crcs = b"".join(segment.record_crc(data, r.offset) for r in refs)
         if _wal_header(batch_cycle, length, count, crcs) != data[pos:start]:
             break
         out.append((pos, refs))
         pos, cycle = end, batch_cycle
     return out
-
-
-def wal_frames(data: bytes) -> bytes:
-    """The records of the write-ahead file's current cycle, as one segment image."""
-    parts = []
-    for offset, refs in wal_batches(data):
-        start = offset + WAL_BATCH.size
-        end = start + (refs[-1].offset + segment.HEADER_BYTES + refs[-1].length if refs else 0)
-        parts.append(data[start:end])
-    return b"".join(parts)
 
 
 @dataclass
@@ -174,9 +163,8 @@ class ReplicaLog:
         constructor then starts keeps them from being replayed again."""
         if not self._wal_path.exists():
             return
-        frames = wal_frames(self._wal_path.read_bytes())
-        logged, good = segment.intact_prefix(frames)
-        require(good == len(frames), "whole write-ahead batches hold whole records")
+        data = self._wal_path.read_bytes()
+        logged = [ref for _offset, refs in wal_batches(data) for ref in refs]
         if logged:
             held: set[int] = set()  # only the files of the blocks the WAL names
             for key in {(ref.shard, ref.hour, ref.part) for ref in logged}:
@@ -185,7 +173,7 @@ class ReplicaLog:
                     held.update(ref.index for ref in segment.recover(path))
             missing = [ref for ref in logged if ref.index not in held]
             touched: set[BlockKey] = set()
-            for entry in segment.entries_in(frames, missing, str(self._wal_path)):
+            for entry in segment.entries_in(data, missing, str(self._wal_path)):
                 fd, _created = self._open(entry.block)
                 os.write(fd, segment.encode(entry))
                 touched.add(entry.block)

@@ -112,32 +112,26 @@ def scan(data: bytes) -> tuple[list[RecordRef], int]:
     Raises :class:`CorruptSegment` when a bad record is followed by more data, since
     that cannot be a torn write.
     """
-    refs: list[RecordRef] = []
-    pos = 0
-    size = len(data)
-    while pos < size:
-        bad = _check_record(data, pos)
-        if bad is not None:
-            if _is_torn_tail(data, pos):
-                return refs, pos
-            raise CorruptSegment(f"bad record at byte {pos}: {bad}")
-        magic, _v, kind, shard, part, hour, length, _crc32, term, index = _parse_header(
-            data[pos : pos + HEADER_BYTES]
-        )
-        refs.append(RecordRef(pos, length, kind, term, index, shard, hour, part))
-        pos += HEADER_BYTES + length
+    refs, pos = intact_prefix(data)
+    if pos < len(data) and not _is_torn_tail(data, pos):
+        raise CorruptSegment(f"bad record at byte {pos}: {_check_record(data, pos)}")
     return refs, pos
 
 
-def intact_prefix(data: bytes) -> tuple[list[RecordRef], int]:
-    """The records of ``data`` up to the first that is not whole and intact, and the
-    length they cover: no judgement on what follows (see :func:`scan` for that)."""
+def intact_prefix(
+    data: bytes, start: int = 0, end: int | None = None
+) -> tuple[list[RecordRef], int]:
+    """The records of ``data[start:end]`` up to the first that is not whole and intact
+    within it, and where they end: no judgement on what follows (see :func:`scan`)."""
+    end = len(data) if end is None else end
     refs: list[RecordRef] = []
-    pos = 0
-    while pos < len(data) and _check_record(data, pos) is None:
+    pos = start
+    while pos < end and _check_record(data, pos) is None:
         _m, _v, kind, shard, part, hour, length, _c, term, index = _parse_header(
             data[pos : pos + HEADER_BYTES]
         )
+        if pos + HEADER_BYTES + length > end:
+            break
         refs.append(RecordRef(pos, length, kind, term, index, shard, hour, part))
         pos += HEADER_BYTES + length
     return refs, pos
