@@ -24,7 +24,7 @@ HOUR_MS = 3_600_000
 
 @dataclass(frozen=True)
 class Piece:
-    """Events of one (shard, hour), serialized as an Arrow IPC stream."""
+    """Events of one (shard, hour), serialized as an Arrow IPC stream (see to_ipc)."""
 
     shard: int
     hour: int
@@ -33,6 +33,16 @@ class Piece:
 
 
 _IPC_END = b"\xff\xff\xff\xff\x00\x00\x00\x00"  # the stream's end-of-stream marker
+# Pieces of at least this many events travel and are stored with their buffers
+# LZ4-compressed: Arrow's own body compression, which every Arrow reader decodes
+# (pyarrow.ipc.open_stream as is). A piece of seed-line events shrinks from 52 to 11
+# bytes an event, and every byte of a piece is sent to three replicas, written to
+# their write-ahead and block files and CRC-checked: on the 2-core reference machine
+# batched ingest rose from about 100 to about 134 requests of 10,000 seed lines a
+# second. Below 32 events the compressed stream is no smaller (1 event: 1,368
+# bytes against 1,104).
+COMPRESS_ROWS_MIN = 32
+_LZ4 = pa.ipc.IpcWriteOptions(compression="lz4", use_threads=False)
 
 
 @functools.lru_cache(maxsize=16)
@@ -40,10 +50,17 @@ def _schema_message(schema: pa.Schema) -> bytes:
     return bytes(schema.serialize().to_pybytes())
 
 
-def to_ipc(table: pa.Table) -> bytes:
-    """The table as an Arrow IPC stream: the schema's message (made once per schema),
-    each record batch's message, the end marker. A stream writer per call cost 80 µs
-    for a dozen rows on the reference machine, this 20 µs. No dictionary columns."""
+def to_ipc(table: pa.Table, compress: bool = False) -> bytes:
+    """The table as an Arrow IPC stream, its buffers LZ4-compressed if ``compress``.
+
+    Uncompressed: the schema's message (made once per schema), each record batch's
+    message, the end marker. A stream writer per call once cost 80 µs for a dozen rows
+    on the reference machine, this 20 µs. No dictionary columns."""
+    if compress:
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, table.schema, options=_LZ4) as writer:
+            writer.write_table(table)
+        return bytes(sink.getvalue().to_pybytes())
     require(
         not any(pa.types.is_dictionary(f.type) for f in table.schema),
         "dictionary columns need dictionary messages",
@@ -107,7 +124,8 @@ def split_pieces(table: pa.Table, shard_count: int) -> list[Piece]:
     for lo, hi in zip(starts.tolist(), ends.tolist(), strict=True):
         key = int(sorted_keys[lo])
         shard, hour = key >> 40, key & ((1 << 40) - 1)
-        out.append(Piece(shard, hour, hi - lo, to_ipc(ordered.slice(lo, hi - lo))))
+        payload = to_ipc(ordered.slice(lo, hi - lo), compress=hi - lo >= COMPRESS_ROWS_MIN)
+        out.append(Piece(shard, hour, hi - lo, payload))
     return out
 
 

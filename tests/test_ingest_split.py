@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flowray.events import EVENT_SCHEMA
-from flowray.ingest import HOUR_MS, Piece, from_ipc, split_batch, to_ipc
+from flowray.ingest import COMPRESS_ROWS_MIN, HOUR_MS, Piece, from_ipc, split_batch, to_ipc
 from flowray.router import ShardMap, shard_for_site
 
 SEED_MAP = ShardMap.round_robin(10, 5)
@@ -143,3 +143,27 @@ def test_hour_boundaries() -> None:
 def test_ipc_round_trip(n: int) -> None:
     table = events([{"ts": T0 + i, "site": SITES[i % len(SITES)], "id": str(i)} for i in range(n)])
     assert from_ipc(to_ipc(table)).equals(table)
+
+
+def test_pieces_of_many_events_are_compressed_and_small_ones_not() -> None:
+    rows = [{"ts": T0 + i, "site": "taobao.com", "path": "/a"} for i in range(COMPRESS_ROWS_MIN)]
+    (piece,) = split_batch(events(rows), ShardMap.round_robin(1, 1))[0]
+    (small,) = split_batch(events(rows[:-1]), ShardMap.round_robin(1, 1))[0]
+    raw = to_ipc(events(rows))
+    assert len(piece.payload) < len(raw)  # LZ4 over repeated sites and null columns
+    many = events([{"ts": T0 + i, "site": SITES[i % len(SITES)]} for i in range(1000)])
+    (big,) = split_batch(many, ShardMap.round_robin(1, 1))[0]
+    assert len(big.payload) < len(to_ipc(many)) // 3
+    assert from_ipc(piece.payload).equals(events(rows))
+    assert small.payload == to_ipc(events(rows[:-1]))
+    # Any Arrow reader decodes it: the stream carries Arrow's own body compression.
+    reader = pa.ipc.open_stream(piece.payload)
+    assert reader.read_all().num_rows == COMPRESS_ROWS_MIN
+
+
+@pytest.mark.parametrize("n", [0, 1, 1000])
+def test_compressed_ipc_round_trip(n: int) -> None:
+    table = events(
+        [{"ts": T0 + i, "site": SITES[i % len(SITES)], "ua": "x" * (i % 7)} for i in range(n)]
+    )
+    assert from_ipc(to_ipc(table, compress=True)).equals(table)
