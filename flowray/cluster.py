@@ -74,13 +74,20 @@ class LayoutError(ValueError):
     """The data directory was made with another shard layout."""
 
 
-# glibc's heap settings for every process of a local cluster (the cluster files put
-# the same on `ray start`). Payloads of up to a few MiB (a 10,000-event request is
-# about 600 KiB) stay on the heap's fast path; bigger blocks (live counts' arrays) get
-# their own mmap, given back when freed. The fixed threshold also stops glibc raising
-# it to 32 MiB after such a free. What payloads leave free inside the heap goes back
-# to the OS through memtrim's periodic malloc_trim. See BENCHMARKS.md, memory.
-MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "4194304", "MALLOC_TRIM_THRESHOLD_": "8388608"}
+# The allocator settings of every process of a local cluster (the cluster files put
+# the same on `ray start`). glibc: payloads of up to a few MiB (a 10,000-event request
+# is about 600 KiB) stay on the heap's fast path; bigger blocks (live counts' arrays)
+# get their own mmap, given back when freed. The fixed threshold also stops glibc
+# raising it to 32 MiB after such a free. What payloads leave free inside the heap goes
+# back to the OS through memtrim's periodic malloc_trim. Arrow allocates from that
+# same heap rather than its bundled mimalloc, which gave freed pages back within
+# milliseconds and faulted them in again on the next request: batched seed-line
+# ingest rose 13 % (119 -> 134 requests/s in A/B). See BENCHMARKS.md, memory.
+MALLOC_ENV = {
+    "MALLOC_MMAP_THRESHOLD_": "4194304",
+    "MALLOC_TRIM_THRESHOLD_": "8388608",
+    "ARROW_DEFAULT_MEMORY_POOL": "system",
+}
 
 
 def init_ray(settings: Settings) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from flowray.cluster import MALLOC_ENV
 from tests.conftest import free_port
 
 COMMANDS = ["up", "down", "status", "ingest", "process", "query", "demo", "bench"]
@@ -303,23 +304,36 @@ def test_whole_cluster_restart_recovers_every_acknowledged_event(
         return int(json.loads((data_dir / "cluster.json").read_text())["pid"])
 
     pid = up()
-    url = f"http://127.0.0.1:{port}"
-    first = _ack_events(url, 3000, "a")
-    for victim in _session_alive(pid):  # kill -9 every process of the cluster at once
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(victim, signal.SIGKILL)
-    deadline = time.monotonic() + 30
-    while _session_alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    pid = up()  # over the same data directory, nothing acknowledged may be missing
-    second = _ack_events(url, 2000, "b")
-    assert flowray("process", env=env).returncode == 0
-    assert _total(env) == len(first) + len(second)
-    assert flowray("down", env=env).returncode == 0
-    up()  # a clean stop and start keeps everything too
-    assert flowray("process", env=env).returncode == 0
-    assert _total(env) == len(first) + len(second)
-    assert flowray("down", env=env).returncode == 0
+    try:
+        url = f"http://127.0.0.1:{port}"
+        first = _ack_events(url, 3000, "a")
+        # flowray's processes run with the allocator settings (cluster.MALLOC_ENV).
+        wanted = {f"{k}={v}".encode() for k, v in MALLOC_ENV.items()}
+        kinds: list[bytes] = []
+        for member in _session_alive(pid):
+            with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+                kind = Path(f"/proc/{member}/cmdline").read_bytes().split(b"\0")[0]
+                if kind in (b"ray::Replica", b"ray::Gateway", b"ray::Processor"):
+                    have = set(Path(f"/proc/{member}/environ").read_bytes().split(b"\0"))
+                    assert wanted <= have, (member, kind, wanted - have)
+                    kinds.append(kind)
+        assert sorted(set(kinds)) == [b"ray::Gateway", b"ray::Processor", b"ray::Replica"]
+        for victim in _session_alive(pid):  # kill -9 every process of the cluster at once
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(victim, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while _session_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        pid = up()  # over the same data directory, nothing acknowledged may be missing
+        second = _ack_events(url, 2000, "b")
+        assert flowray("process", env=env).returncode == 0
+        assert _total(env) == len(first) + len(second)
+        assert flowray("down", env=env).returncode == 0
+        up()  # a clean stop and start keeps everything too
+        assert flowray("process", env=env).returncode == 0
+        assert _total(env) == len(first) + len(second)
+    finally:
+        flowray("down", env=env)
 
 
 def test_bench_refuses_an_unknown_benchmark() -> None:
