@@ -901,12 +901,14 @@ def token_revoke(
     console.print(f"token {record.id} ({record.scope}, {record.name or 'no name'}) is revoked")
 
 
-BENCHMARKS = ("ingest", "query", "freshness", "process", "memory")
+BENCHMARKS = ("ingest", "query", "freshness", "process", "memory", "soak")
 
 
 @app.command()
 def bench(
-    which: Annotated[str, typer.Argument(help="ingest, query, freshness, process or memory.")],
+    which: Annotated[
+        str, typer.Argument(help="ingest, query, freshness, process, memory or soak.")
+    ],
     args: Annotated[
         list[str] | None, typer.Argument(help="Passed to the script, after --.")
     ] = None,

@@ -145,8 +145,13 @@ class Processor:
             summary["generation"] = await asyncio.to_thread(
                 self.catalog.publish, units, cursors, self.catalog.current_version()
             )
-            for group, cursor in cursors.items():  # now in the warehouse: not live any more
-                masters[group].published.remote(cursor)
+            for group, cursor in cursors.items():
+                # Now in the warehouse: not live any more, and every replica can forget
+                # where those entries lie (replica_log.release). Not waited for: a
+                # replica that misses it releases at the next publication.
+                for r in range(self.settings.replicas):
+                    with contextlib.suppress(ValueError):  # being restarted by Ray
+                        self.directory.handle(group, r).published.remote(cursor)
             summary["units"] = len(units)
             self.republished_units += sum(1 for u in units if u.parts > 1)
             summary["events"] = sum(u.events for u in units)

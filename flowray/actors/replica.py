@@ -389,11 +389,13 @@ class Replica:
         return minutes.tolist(), counts.tolist()
 
     def published(self, upto_seal_index: int) -> None:
-        """The processor published every block sealed at or before this index."""
+        """The processor published every block sealed at or before this index: drop
+        their live counts and forget where their entries lie (ReplicaLog.release)."""
 
         def drop() -> None:
             with self.live_lock:
                 self.live.published(upto_seal_index)
+            self.log.release(upto_seal_index, self.node.commit_index)
 
         self.live_worker.submit(drop)  # after the counting queued before it
 
@@ -550,6 +552,7 @@ class Replica:
             else None,
             "blocks_open": len(open_blocks),
             "blocks_sealed": sum(1 for b in self.log.blocks.values() if b.sealed),
+            "released_index": self.log.released_index,  # entries read from files only
             "match": {p: pr.match for p, pr in node.progress.items()} if is_master else None,
             "oldest_open_hour": self.blocks.oldest_open_hour() if is_master else None,
         }

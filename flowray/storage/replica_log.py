@@ -24,24 +24,35 @@ so later cycles write over space the file already has: their fdatasyncs record n
 new size or block, and no zeros are written ahead again. Recovery takes the batches
 of the first batch's cycle up to the first that is torn or of another cycle (what an
 earlier, longer cycle left past the current one's end).
+
+Memory does not grow with the log. Where each entry lies is kept in numpy arrays
+(about 21 bytes an entry; a Python object per entry cost 325) and only for the
+recent entries: once the processor has published the blocks that hold everything
+up to some index (:meth:`ReplicaLog.release`), those entries are read, when at all
+(catch-up from far behind, re-processing history), by scanning their block files.
+Terms are kept as runs, one per term in the log.
 """
 
 from __future__ import annotations
 
+import bisect
 import os
 import struct
 import threading
 import zlib
+from collections import OrderedDict
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+import numpy as np
+
 from flowray.invariant import require
 from flowray.storage import segment
 from flowray.storage.durable import fsync_path
-from flowray.storage.segment import KIND_DATA, KIND_SEAL, Entry, RecordRef
+from flowray.storage.segment import CONTROL_SHARD, KIND_DATA, KIND_SEAL, Entry, RecordRef
 
 BlockKey = tuple[int, int, int]  # (shard, hour since epoch, part)
 HOUR_MS = 3_600_000
@@ -53,6 +64,10 @@ WAL_ZERO_AHEAD = 4 * 1024 * 1024  # zeros written ahead of the appends, at a tim
 WAL_BATCH = struct.Struct("<4sQIII")
 WAL_MAGIC = b"FRWB"
 _ZEROS = bytes(1024 * 1024)
+# Released entries are read (catch-up from far behind) this many at a time, from block
+# files scanned once and kept for the next windows up to this many records.
+COLD_WINDOW = 4096
+COLD_CACHE_ENTRIES = 2_000_000
 
 
 def hour_label(hour: int) -> str:
@@ -107,11 +122,81 @@ class BlockInfo:
     first_index: int = 0
     last_index: int = 0
     seal_index: int = 0  # 0 while the block is open
-    refs: list[RecordRef] = field(default_factory=list)
+    released: bool = field(default=False, compare=False)  # published: read from its file
 
     @property
     def sealed(self) -> bool:
         return self.seal_index > 0
+
+
+class _Scanned:
+    """A block file's records as arrays (about 29 bytes a record), ordered by index as
+    they are in the file."""
+
+    def __init__(self, key: BlockKey, refs: list[RecordRef]) -> None:
+        self.key = key
+        n = len(refs)
+        self.index = np.fromiter((r.index for r in refs), np.int64, n)
+        self.term = np.fromiter((r.term for r in refs), np.int64, n)
+        self.offset = np.fromiter((r.offset for r in refs), np.int64, n)
+        self.length = np.fromiter((r.length for r in refs), np.int32, n)
+        self.kind = np.fromiter((r.kind for r in refs), np.int8, n)
+
+    def ref(self, at: int) -> RecordRef:
+        shard, hour, part = self.key
+        return RecordRef(
+            int(self.offset[at]),
+            int(self.length[at]),
+            int(self.kind[at]),
+            int(self.term[at]),
+            int(self.index[at]),
+            shard,
+            hour,
+            part,
+        )
+
+
+class _Recent:
+    """Where each recent entry lies: block id, offset, payload length and kind, in
+    growable numpy arrays; position 0 holds the entry after the released prefix."""
+
+    def __init__(self, capacity: int = 1024) -> None:
+        self.n = 0
+        self.block = np.empty(capacity, np.int32)
+        self.offset = np.empty(capacity, np.int64)
+        self.length = np.empty(capacity, np.int32)
+        self.kind = np.empty(capacity, np.int8)
+
+    def append(self, block: int, offset: int, length: int, kind: int) -> None:
+        if self.n == len(self.block):
+            self._resize(2 * self.n)
+        n = self.n
+        self.block[n], self.offset[n], self.length[n], self.kind[n] = block, offset, length, kind
+        self.n = n + 1
+
+    def cut(self, n: int) -> None:
+        """Keep the first ``n`` entries."""
+        require(0 <= n <= self.n, f"cut to {n} of {self.n}")
+        self.n = n
+
+    def drop_front(self, k: int) -> None:
+        """Forget the first ``k`` entries (released); give the space back."""
+        require(0 <= k <= self.n, f"drop {k} of {self.n}")
+        keep = self.n - k
+        capacity = max(1024, 2 * keep)
+        for name in ("block", "offset", "length", "kind"):
+            old = getattr(self, name)
+            new = np.empty(capacity, old.dtype)
+            new[:keep] = old[k : self.n]
+            setattr(self, name, new)
+        self.n = keep
+
+    def _resize(self, capacity: int) -> None:
+        for name in ("block", "offset", "length", "kind"):
+            old = getattr(self, name)
+            new = np.empty(capacity, old.dtype)
+            new[: self.n] = old[: self.n]
+            setattr(self, name, new)
 
 
 class ReplicaLog:
@@ -120,10 +205,17 @@ class ReplicaLog:
     def __init__(self, root: Path) -> None:
         self.root = root
         (root / "blocks").mkdir(parents=True, exist_ok=True)
-        self._terms: list[int] = [0]  # _terms[i] is the term of entry i; slot 0 unused
-        self._where: list[BlockKey | None] = [None]
-        self._refs: list[RecordRef | None] = [None]
+        # Entry i's term is _run_terms[k] for the last run k with _run_starts[k] <= i.
+        self._run_starts: list[int] = []
+        self._run_terms: list[int] = []
+        self._last = 0  # the last entry's index
+        self._base = 0  # entries up to here are released: no per-entry record in memory
+        self._recent = _Recent()  # entries _base + 1 .. _last
+        self._ids: dict[BlockKey, int] = {}  # a block's id in _Recent.block
+        self._keys: list[BlockKey] = []
         self.blocks: dict[BlockKey, BlockInfo] = {}
+        self._cold: OrderedDict[BlockKey, _Scanned] = OrderedDict()  # see _cold_refs
+        self._cold_entries = 0
         self._fds: dict[BlockKey, int] = {}
         # The replica's event loop reads terms while a worker thread appends: one lock.
         self._lock = threading.RLock()
@@ -144,17 +236,24 @@ class ReplicaLog:
     # ---- state ---------------------------------------------------------------
     @property
     def last_index(self) -> int:
-        return len(self._terms) - 1
+        return self._last
 
     @property
     def last_term(self) -> int:
-        return self._terms[-1]
+        return self._run_terms[-1] if self._run_terms else 0
+
+    @property
+    def released_index(self) -> int:
+        """Entries up to this index are read from their block files (see release)."""
+        return self._base
 
     def term_at(self, index: int) -> int:
         """Term of entry ``index``; 0 for index 0 (the empty prefix)."""
         with self._lock:
-            require(0 <= index <= self.last_index, f"no entry {index} (last {self.last_index})")
-            return self._terms[index]
+            require(0 <= index <= self._last, f"no entry {index} (last {self._last})")
+            if index == 0:
+                return 0
+            return self._run_terms[bisect.bisect_right(self._run_starts, index) - 1]
 
     # ---- recovery ------------------------------------------------------------
     def _replay_wal(self) -> None:
@@ -223,25 +322,81 @@ class ReplicaLog:
             self._cut_files_after(keep)
 
     def _track(self, ref: RecordRef, key: BlockKey) -> None:
-        require(ref.index == self.last_index + 1, "entries must be tracked in index order")
+        require(ref.index == self._last + 1, "entries must be tracked in index order")
         require(ref.term >= self.last_term, "terms never decrease along the log")
-        existing = self.blocks.get(key)
-        require(
-            existing is None or not existing.sealed,
-            f"entry {ref.index} appended to sealed block {key}",
-        )
-        self._terms.append(ref.term)
-        self._where.append(key)
-        self._refs.append(ref)
         info = self.blocks.get(key)
+        require(
+            info is None or not info.sealed, f"entry {ref.index} appended to sealed block {key}"
+        )
+        if ref.term != self.last_term:
+            self._run_starts.append(ref.index)
+            self._run_terms.append(ref.term)
         if info is None:
             info = self.blocks[key] = BlockInfo(key, first_index=ref.index)
+        block = self._ids.get(key)
+        if block is None:
+            block = self._ids[key] = len(self._keys)
+            self._keys.append(key)
+        self._recent.append(block, ref.offset, ref.length, ref.kind)
+        self._last = ref.index
         info.bytes += segment.HEADER_BYTES + ref.length
         info.entries += 1
         info.last_index = ref.index
-        info.refs.append(ref)
         if ref.kind == KIND_SEAL:
             info.seal_index = ref.index
+
+    def _cold_refs(self, key: BlockKey) -> _Scanned:
+        """A released block's records, scanned from its file once while a replica catches
+        up through them (kept for the next windows, COLD_CACHE_ENTRIES at most)."""
+        hit = self._cold.get(key)
+        if hit is not None:
+            self._cold.move_to_end(key)
+            return hit
+        scanned = self._cold[key] = _Scanned(key, self._scan_block(key))
+        self._cold_entries += len(scanned.index)
+        while self._cold_entries > COLD_CACHE_ENTRIES and len(self._cold) > 1:
+            _key, old = self._cold.popitem(last=False)
+            self._cold_entries -= len(old.index)
+        return scanned
+
+    def _scan_block(self, key: BlockKey) -> list[RecordRef]:
+        """Every record of a block's file (which holds no torn tail after start-up)."""
+        refs, _good = segment.scan(block_path(self.root, key).read_bytes())
+        return refs
+
+    def _forget_cold(self) -> None:
+        self._cold.clear()
+        self._cold_entries = 0
+
+    def _ref(self, index: int) -> RecordRef:
+        """Where a recent entry lies."""
+        require(self._base < index <= self._last, f"entry {index} is not a recent one")
+        at = index - self._base - 1
+        r = self._recent
+        shard, hour, part = self._keys[int(r.block[at])]
+        return RecordRef(
+            int(r.offset[at]),
+            int(r.length[at]),
+            int(r.kind[at]),
+            self.term_at(index),
+            index,
+            shard,
+            hour,
+            part,
+        )
+
+    def _block_refs(self, key: BlockKey, upto_index: int) -> list[RecordRef]:
+        """The records of a block up to ``upto_index``: a recent block's from memory, a
+        released one's by scanning its file."""
+        info = self.blocks.get(key)
+        if info is None:
+            return []
+        upto = min(upto_index, info.last_index)
+        if info.first_index <= self._base:  # some of it released
+            return [r for r in self._scan_block(key) if r.index <= upto]
+        r = self._recent
+        at = np.flatnonzero(r.block[: r.n] == self._ids[key])
+        return [self._ref(int(i) + self._base + 1) for i in at if int(i) + self._base + 1 <= upto]
 
     # ---- writes --------------------------------------------------------------
     def _append_unlocked(self, entries: Iterable[Entry]) -> int:
@@ -365,25 +520,36 @@ class ReplicaLog:
         require(0 <= index <= self.last_index, f"cannot truncate after {index}")
         if index == self.last_index:
             return
+        require(index >= self._base, f"cannot cut released entries (after {index})")
+        r, keep = self._recent, index - self._base
+        for block in set(r.block[keep : r.n].tolist()):
+            key = self._keys[block]
+            require(not self.blocks[key].released, f"a cut would reach released block {key}")
         # The write-ahead file must not bring the cut entries back after a crash.
         self._checkpoint()
         self._cut_files_after(index)
-        for i in range(self.last_index, index, -1):
-            key = self._where[i]
-            require(key is not None, "tracked entry without a block")
-            info = self.blocks[key]  # type: ignore[index]
-            ref = info.refs.pop()
-            require(ref.index == i, "block refs out of order")
-            info.bytes -= segment.HEADER_BYTES + ref.length
+        touched = set()
+        for pos in range(r.n - 1, keep - 1, -1):
+            key = self._keys[int(r.block[pos])]
+            info = self.blocks[key]
+            info.bytes -= segment.HEADER_BYTES + int(r.length[pos])
             info.entries -= 1
-            info.last_index = info.refs[-1].index if info.refs else 0
-            if info.seal_index == i:
+            if info.seal_index == self._base + pos + 1:
                 info.seal_index = 0
-            if not info.refs:
-                del self.blocks[key]  # type: ignore[arg-type]
-        del self._terms[index + 1 :]
-        del self._where[index + 1 :]
-        del self._refs[index + 1 :]
+            touched.add(key)
+        r.cut(keep)
+        self._forget_cold()  # the control block's file may have lost entries
+        for key in touched:
+            info = self.blocks[key]
+            if info.entries == 0:
+                del self.blocks[key]
+                continue
+            at = np.flatnonzero(r.block[: r.n] == self._ids[key])
+            info.last_index = int(at[-1]) + self._base + 1
+        self._last = index
+        while self._run_starts and self._run_starts[-1] > index:
+            self._run_starts.pop()
+            self._run_terms.pop()
 
     def _cut_files_after(self, index: int) -> None:
         for path in sorted((self.root / "blocks").glob("s*/*.seg")):
@@ -408,10 +574,8 @@ class ReplicaLog:
         size = 0
         fds: dict[BlockKey, int] = {}
         try:
-            for i in range(from_index, self.last_index + 1):
-                key, ref = self._where[i], self._refs[i]
-                require(key is not None and ref is not None, "tracked entry without a block")
-                assert key is not None and ref is not None  # for the type checker
+            for ref in self._refs_from(from_index):
+                key = (ref.shard, ref.hour, ref.part)
                 fd = fds.get(key)
                 if fd is None:
                     fd = fds[key] = os.open(block_path(self.root, key), os.O_RDONLY)
@@ -424,6 +588,46 @@ class ReplicaLog:
             for fd in fds.values():
                 os.close(fd)
         return out
+
+    def _refs_from(self, from_index: int) -> Iterable[RecordRef]:
+        """Records from ``from_index`` to the end: released ones by scanning the files of
+        the blocks that hold them (a replica catching up from far behind), then the
+        recent ones from memory."""
+        lo = from_index
+        while lo <= self._base:  # a window of released entries at a time
+            hi = min(self._base, lo + COLD_WINDOW - 1)
+            cold: list[RecordRef] = []
+            for key, info in self.blocks.items():
+                if info.first_index <= hi and info.last_index >= lo and info.released:
+                    refs = self._cold_refs(key)
+                    at = np.searchsorted(refs.index, [lo, hi + 1])
+                    cold += (refs.ref(int(i)) for i in range(int(at[0]), int(at[1])))
+            cold.sort(key=lambda r: r.index)
+            require(
+                [r.index for r in cold] == list(range(lo, hi + 1)),
+                "the block files lack released entries",
+            )
+            yield from cold
+            lo = hi + 1
+        for index in range(max(from_index, self._base + 1), self._last + 1):
+            yield self._ref(index)
+
+    def _release_unlocked(self, published_seal_index: int, commit_index: int) -> int:
+        """Forget where each entry up to some index lies, once every block holding one
+        is published (sealed at or before ``published_seal_index``) or is the control
+        block; only committed entries. Returns the new released index."""
+        for info in self.blocks.values():
+            if 0 < info.seal_index <= published_seal_index or info.key[0] == CONTROL_SHARD:
+                info.released = True
+        held = [
+            info.first_index for info in self.blocks.values() if not info.released
+        ]  # no entry of these may be released
+        base = min([commit_index, self._last, *(first - 1 for first in held)])
+        if base > self._base:
+            self._recent.drop_front(base - self._base)
+            self._base = base
+            self._forget_cold()
+        return self._base
 
     def append(self, entries: Iterable[Entry]) -> int:
         """Append entries that extend the log and fsync every touched file.
@@ -443,6 +647,13 @@ class ReplicaLog:
         with self._lock:
             return self._read_unlocked(from_index, bytes_max)
 
+    def release(self, published_seal_index: int, commit_index: int) -> int:
+        """The processor published every block sealed at or before
+        ``published_seal_index``: forget where their entries lie, up to the first
+        entry of a block not yet published (see _release_unlocked)."""
+        with self._lock:
+            return self._release_unlocked(published_seal_index, commit_index)
+
     def block_payloads(
         self, key: BlockKey, upto_index: int, slice_no: int = 0, slices: int = 1
     ) -> list[bytes]:
@@ -453,10 +664,9 @@ class ReplicaLog:
         """
         require(0 <= slice_no < slices, f"slice {slice_no} of {slices}")
         with self._lock:
-            info = self.blocks.get(key)
-            if info is None:
-                return []
-            refs = [r for r in info.refs if r.kind == KIND_DATA and r.index <= upto_index]
+            refs = [r for r in self._block_refs(key, upto_index) if r.kind == KIND_DATA]
+        if not refs:
+            return []
         # Read outside the lock, so appends go on meanwhile: committed records are
         # never rewritten, and only an uncommitted tail is ever cut.
         return segment.read_payloads(block_path(self.root, key), refs[slice_no::slices])
@@ -469,12 +679,7 @@ class ReplicaLog:
         read the file themselves (see segment.read_payloads)."""
         require(slices >= 1, f"{slices} slices")
         with self._lock:
-            info = self.blocks.get(key)
-            refs = (
-                []
-                if info is None
-                else [r for r in info.refs if r.kind == KIND_DATA and r.index <= upto_index]
-            )
+            refs = [r for r in self._block_refs(key, upto_index) if r.kind == KIND_DATA]
         return str(block_path(self.root, key)), [refs[k::slices] for k in range(slices)]
 
     def close(self) -> None:
