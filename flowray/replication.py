@@ -24,6 +24,17 @@ itself included, has it on disk, counting only entries of its own term; a new ma
 appends a no-op so earlier entries commit through it; a master that has not heard
 from a majority for an election timeout steps down (check quorum).
 
+A replica that lost its disk (Ray restarted it on another node, in an empty
+directory) has forgotten its term and vote, and its log: voting, it could vote twice
+in a term or help a candidate that lacks committed entries win. So it starts
+*abstaining* (``abstain``, kept in the hard state): it neither votes nor stands for
+election until its log holds every entry that was committed when it first heard
+from a master (that master's commit index, learned from its first append), and in
+that master's term it counts its vote as given to that master. Meanwhile it
+replicates as any follower, and its acknowledgements count. A group with a majority
+of intact replicas is not slowed; one without waits for an intact replica to come
+back, as with a majority down, instead of losing entries.
+
 Mastership can be handed over (:meth:`Node.transfer`, as in Raft's leadership
 transfer): the master stops taking proposals, brings the chosen follower up to date,
 and tells it to stand for election at once; its vote requests carry ``transfer`` so
@@ -45,6 +56,8 @@ from flowray.quorum import committed_index, majority
 from flowray.storage.segment import CONTROL_SHARD, KIND_NOOP, Entry
 
 APPEND_BYTES_MAX = 8 * 1024 * 1024
+# ``Node.abstain`` of a replica that lost its state and has not yet heard from a master.
+ABSTAIN_UNKNOWN = -1
 
 
 class Role(StrEnum):
@@ -98,6 +111,7 @@ class Ready:
     messages: list[Msg]
     commit_index: int
     send_first: bool = False  # the messages may be sent before the persisting
+    abstain: int | None = None  # part of the hard state (see Node.abstain)
 
 
 @dataclass
@@ -132,6 +146,7 @@ class Node:
         timing: Timing = Timing(),
         rng: random.Random | None = None,
         append_bytes_max: int = APPEND_BYTES_MAX,
+        abstain: int | None = None,
     ) -> None:
         require(node_id in peers, "a node is one of its group's peers")
         require(len(peers) % 2 == 1, "a group has an odd number of replicas")
@@ -157,6 +172,9 @@ class Node:
         self._pending = _Pending()
         self.transferee: int | None = None  # master: handing over to this peer
         self.transfer_elapsed = 0
+        # None: votes and stands for election. Else this replica lost its state, and
+        # abstains until its log holds this index (ABSTAIN_UNKNOWN: no master heard yet).
+        self.abstain = abstain
 
     # ---- the log: persisted part plus unstable tail ----------------------------------
     @property
@@ -232,6 +250,9 @@ class Node:
 
     def campaign(self, transfer: bool = False) -> None:
         """Stand for election under a new term (``transfer``: asked to by the master)."""
+        if self.abstain is not None:
+            self.elapsed = 0
+            return
         if len(self.peers) == 1:
             self._become_candidate()
             self._become_leader()
@@ -319,6 +340,7 @@ class Node:
             entries=list(self.unstable),
             messages=self._pending.messages,
             commit_index=self.commit_index,
+            abstain=self.abstain,
             send_first=self.role == Role.LEADER
             and not self._pending.hard_state_changed
             and not self.need_truncate,
@@ -399,7 +421,7 @@ class Node:
     def _on_vote(self, msg: Msg) -> None:
         up_to_date = (msg.log_term, msg.index) >= (self.last_term, self.last_index)
         free = self.voted_for in (None, msg.src)
-        grant = msg.term == self.term and free and up_to_date
+        grant = msg.term == self.term and free and up_to_date and self.abstain is None
         if grant:
             self._set_hard_state(self.term, msg.src)
             self.elapsed = 0
@@ -419,6 +441,12 @@ class Node:
         if self.role != Role.FOLLOWER or self.leader != msg.src:
             self._become_follower(msg.term, msg.src)
         self.elapsed = 0
+        if self.abstain == ABSTAIN_UNKNOWN:
+            # The first master heard: what it has committed, this replica must hold
+            # before it votes; and in this term its vote is the master's.
+            self.abstain = msg.commit
+            self._set_hard_state(self.term, msg.src)
+            self._pending.hard_state_changed = True
         if msg.index > self.last_index or self.term_at(msg.index) != msg.log_term:
             hint = min(self.last_index, max(msg.index - 1, 0))
             self._send(Msg("append_resp", self.id, msg.src, self.term, hint))
@@ -430,6 +458,9 @@ class Node:
             self._append(fresh)
         match = msg.index + len(msg.entries)
         self.commit_index = max(self.commit_index, min(msg.commit, match))
+        if self.abstain is not None and self.abstain != ABSTAIN_UNKNOWN and match >= self.abstain:
+            self.abstain = None  # persisted with the entries, before any vote is sent
+            self._pending.hard_state_changed = True
         self._send(Msg("append_resp", self.id, msg.src, self.term, match, ok=True))
 
     def _drop_known(self, entries: Sequence[Entry]) -> list[Entry]:
@@ -458,6 +489,10 @@ class Node:
             if pr.next <= self.last_index:
                 self._send_append(msg.src)
         else:
+            if msg.index < pr.match:
+                # The follower holds less than it acknowledged: it came back without its
+                # disk (see abstain). Send it everything from what it has.
+                pr.match = msg.index
             pr.next = max(pr.match + 1, min(pr.next - 1, msg.index + 1))
             self._send_append(msg.src)
 

@@ -2,8 +2,10 @@
 network and a fake disk, all driven by one seeded random generator.
 
 The network drops, delays, duplicates and reorders messages and partitions replicas;
-the disk loses the unsynced part of a write when a replica crashes mid-persist, and a
-replica whose disk is corrupted stays down. After every step the simulator checks:
+the disk loses the unsynced part of a write when a replica crashes mid-persist, a
+replica whose disk is corrupted stays down, and a replica may come back on a new,
+empty disk (its node lost: it abstains until caught up). After every step the
+simulator checks:
 
 - at most one master per term;
 - replicas agree on every committed index (same term, same payload);
@@ -22,7 +24,7 @@ import sys
 from dataclasses import dataclass, field
 
 from flowray.invariant import InvariantError, require
-from flowray.replication import Msg, Node, NotLeader, Ready, Role, Timing
+from flowray.replication import ABSTAIN_UNKNOWN, Msg, Node, NotLeader, Ready, Role, Timing
 from flowray.storage.segment import KIND_DATA, Entry
 
 # Each step re-checks the newest committed entries of every replica; the end of a run
@@ -37,10 +39,11 @@ class SimulationFailure(AssertionError):
 class MemLog:
     """The durable part of a replica's log (what survives a crash)."""
 
-    def __init__(self) -> None:
+    def __init__(self, abstain: int | None = None) -> None:
         self.entries: list[Entry] = []
         self.term = 0
         self.voted_for: int | None = None
+        self.abstain = abstain  # a new disk in place of a lost one: ABSTAIN_UNKNOWN
 
     @property
     def last_index(self) -> int:
@@ -62,7 +65,7 @@ class MemLog:
     def persist(self, rd: Ready, entries_kept: int | None = None) -> None:
         """Apply a Ready; ``entries_kept`` < len models a crash in the middle."""
         if rd.hard_state_changed:
-            self.term, self.voted_for = rd.term, rd.voted_for
+            self.term, self.voted_for, self.abstain = rd.term, rd.voted_for, rd.abstain
         if rd.truncate_after is not None:
             del self.entries[rd.truncate_after :]
         for entry in rd.entries[: len(rd.entries) if entries_kept is None else entries_kept]:
@@ -83,6 +86,7 @@ class Faults:
     corrupt: float = 0.002
     propose: float = 0.3
     transfer: float = 0.01  # the master is asked to hand mastership over
+    wipe: float = 0.2  # a replica comes back on a new, empty disk (its node was lost)
 
 
 @dataclass
@@ -119,6 +123,7 @@ class Simulation:
         self.acked: dict[int, tuple[int, bytes]] = {}
         self.proposals = 0
         self.transfers = 0
+        self.wipes = 0
 
     def _boot(self, i: int) -> Node:
         disk = self.disks[i]
@@ -130,6 +135,7 @@ class Simulation:
             disk.voted_for,
             self.timing,
             random.Random(self.rng.getrandbits(32)),
+            abstain=disk.abstain,
         )
 
     # ---- one step --------------------------------------------------------------------
@@ -155,8 +161,13 @@ class Simulation:
             self._crash(self.rng.choice(live))
         if down and self.rng.random() < f.restart:
             i = self.rng.choice(down)
+            if self.rng.random() < f.wipe and self._lost() == 0:
+                # One lost disk at a time: a second, before the first replica has caught
+                # up, would be a majority's data lost in a group of three.
+                self.disks[i] = MemLog(abstain=ABSTAIN_UNKNOWN)
+                self.wipes += 1
             self.nodes[i] = self._boot(i)
-        tolerable = len(self.dead_forever) + 1 < self.replicas // 2 + 1
+        tolerable = self._lost() + 1 < self.replicas // 2 + 1
         if live and tolerable and self.rng.random() < f.corrupt:
             victim = self.rng.choice(live)
             self._crash(victim)
@@ -178,6 +189,12 @@ class Simulation:
             node.transfer(self.rng.choice([p for p in self.ids if p != i]))  # type: ignore[union-attr]
             self.transfers += 1
             self._ready(i)
+
+    def _lost(self) -> int:
+        """Replicas not to be counted on: dead for good, or abstaining after a wipe."""
+        return len(self.dead_forever) + sum(
+            1 for i in self.ids if i not in self.dead_forever and self.disks[i].abstain is not None
+        )
 
     def _crash(self, i: int) -> None:
         self.nodes[i] = None
@@ -320,6 +337,7 @@ class Simulation:
             heal=1,
             corrupt=0,
             propose=0,
+            wipe=0,
         )
         self.blocked = set()
         for i in self.ids:

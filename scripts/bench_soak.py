@@ -1,14 +1,17 @@
 #!/usr/bin/env python3
 """Memory of every flowray process under minutes of batched HTTP ingest.
 
-    .venv/bin/python scripts/bench_soak.py [--minutes 6] [--conns 4]
+    .venv/bin/python scripts/bench_soak.py [--minutes 6] [--conns 4] [--fleet]
 
 A detached local cluster (`flowray up`: 2 groups x 3 replicas, 8 shards, two ingest
 gateways) takes wrk's batched requests (10,000 seed lines, or 10,000 NDJSON events,
 alternating minute by minute) without a pause. After each minute it reports the
 resident memory (RSS) and proportional set size (PSS) of each gateway, replica and
 the processor, found by their process titles in the cluster's session. Memory is
-flat when later minutes add (next to) nothing. scripts/bench_memory.py measures the
+flat when later minutes add (next to) nothing. With --fleet the load is the seed's
+fleet rate instead (11,600 events/s in requests of 100, open loop, with each
+minute's ack p50/p99): many small log entries, for long runs on little disk.
+scripts/bench_memory.py measures the
 replicas over hours of data through the in-process ingest path instead; this one
 covers the gateways, which parse every request.
 
@@ -19,6 +22,7 @@ replicas; a minute at 1.3 M events/s writes about 5 GB.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import platform
@@ -28,7 +32,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_ingest import Flowray, make_events, ndjson, seed_lines, wrk  # noqa: E402
+from bench_ingest import (  # noqa: E402
+    Flowray,
+    fleet_latency,
+    make_events,
+    ndjson,
+    seed_lines,
+    wrk,
+)
 
 KINDS = (b"ray::Gateway", b"ray::Replica", b"ray::Processor")
 
@@ -63,6 +74,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--minutes", type=int, default=6)
     parser.add_argument("--conns", type=int, default=4)
+    parser.add_argument("--fleet", action="store_true", help="the fleet rate, not wrk")
     args = parser.parse_args()
     start_ms = int(time.time() * 1000) - 3_600_000
     batch = make_events(10_000, start_ms)
@@ -76,17 +88,25 @@ def main() -> None:
         time.sleep(2)
         rows.append(("start", "", processes(session)))
         for minute in range(args.minutes):
-            path, body, ctype, name = bodies[minute % 2]
-            result = wrk(f"{fr.ingest}{path}", body, ctype, 60, args.conns)
-            rate = f"{name}: {result['rps'] * len(batch) / 1e6:.2f} M events/s"
-            if result["errors"]:
-                rate += f", {result['errors']:.0f} non-2xx"
+            if args.fleet:
+                acks = asyncio.run(fleet_latency(fr.ingest, 60, start_ms))
+                rate = f"fleet: ack p50 {acks['p50_ms']:.1f} / p99 {acks['p99_ms']:.1f} ms"
+                if acks["failures"]:
+                    rate += f", {acks['failures']:.0f} failed"
+            else:
+                path, body, ctype, name = bodies[minute % 2]
+                result = wrk(f"{fr.ingest}{path}", body, ctype, 60, args.conns)
+                rate = f"{name}: {result['rps'] * len(batch) / 1e6:.2f} M events/s"
+                if result["errors"]:
+                    rate += f", {result['errors']:.0f} non-2xx"
             rows.append((f"after minute {minute + 1}", rate, processes(session)))
             print(rows[-1], file=sys.stderr, flush=True)
     names = [name.split()[0] for name, _r, _p in rows[0][2]]
     lines = [
         f"Measured {datetime.now(UTC):%Y-%m-%d %H:%M} UTC on {platform.node()}: "
-        f"{os.cpu_count()} cores; wrk with {args.conns} connections; RSS / PSS in MiB.",
+        f"{os.cpu_count()} cores; "
+        + ("the fleet rate" if args.fleet else f"wrk with {args.conns} connections")
+        + "; RSS / PSS in MiB.",
         "",
         "| when | load | " + " | ".join(names) + " |",
         "|---|---|" + "---|" * len(names),

@@ -6,7 +6,10 @@ resume after a master dies; with a majority down nothing is acknowledged.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import random
+import shutil
 import threading
 import time
 from collections import Counter
@@ -227,5 +230,66 @@ def test_majority_down_refuses_and_minority_down_writes(ray_session: None, tmp_p
             ray.get(running.replicas[(0, f)].start.remote(), timeout=30)
         master = running.masters()[0]
         assert ray.get(running.replicas[(0, master)].propose.remote(piece), timeout=30) > 0
+    finally:
+        cluster.stop(running, serve_app=False)
+
+
+def test_a_replica_that_lost_its_disk_abstains_until_caught_up(
+    ray_session: None, tmp_path: Path
+) -> None:
+    """A follower's directory is deleted and its process killed: Ray restarts it with no
+    state. It must not vote before it holds what was committed (it could help a
+    candidate that lacks those entries win); it hears from the master, counts its vote
+    in that term as the master's, catches up and then takes part as before."""
+    settings = Settings(
+        data_dir=tmp_path, groups=1, replicas=3, shards=1, namespace="flowray-lostdisk"
+    )
+    running = cluster.start(settings, serve_app=False)
+    try:
+        master = running.masters()[0]
+        handle = running.replicas[(0, master)]
+        rows = [{"ts": 475_000 * 3_600_000 + i, "site": "d.example"} for i in range(50)]
+        piece = [(0, 475_000, to_ipc(pa.Table.from_pylist(rows, schema=EVENT_SCHEMA)))]
+        for _ in range(5):
+            assert ray.get(handle.propose.remote(piece), timeout=30) > 0
+        lost = next(r for r in range(3) if r != master)
+        victim = running.replicas[(0, lost)]
+        before = ray.get(victim.status.remote(), timeout=30)
+        assert before["abstaining"] is False
+        shutil.rmtree(settings.replica_dir(0, lost))
+        kill9(int(before["pid"]))
+        deadline = time.monotonic() + 60
+        while True:
+            with contextlib.suppress(Exception):
+                now = ray.get(victim.status.remote(), timeout=10)
+                commit = ray.get(handle.status.remote(), timeout=10)["commit_index"]
+                if now["pid"] != before["pid"] and not now["abstaining"]:
+                    assert now["last_index"] >= commit - 1  # the last proposal's no wait
+                    break
+            assert time.monotonic() < deadline, "the replica did not come back and catch up"
+            time.sleep(0.2)
+        state = json.loads((settings.replica_dir(0, lost) / "state.json").read_text())
+        master_term = ray.get(handle.status.remote(), timeout=30)["term"]
+        # Its vote in the master's term went to the master, as the rule says; it never
+        # voted itself (a fresh replica that simply caught up would have voted_for None).
+        assert state == {"term": master_term, "voted_for": master, "abstain": None}
+        assert ray.get(handle.propose.remote(piece), timeout=30) > 0
+        # Now the master dies; the two others elect one of them, and nothing is lost.
+        kill_for_good(handle)
+        survivors = [r for r in range(3) if r != master]
+        deadline = time.monotonic() + 60
+        while True:
+            roles = {
+                r: ray.get(running.replicas[(0, r)].leader.remote(), timeout=10)[2]
+                for r in survivors
+            }
+            new = next((r for r, role in roles.items() if role == "master"), None)
+            if new is not None:
+                break
+            assert time.monotonic() < deadline, f"no new master: {roles}"
+            time.sleep(0.2)
+        assert ray.get(running.replicas[(0, new)].propose.remote(piece), timeout=30) > 0
+        logs = [_log_on_disk(settings.replica_dir(0, r)) for r in range(3) if r != master]
+        assert len(logs[0]) >= 7 and logs[0] == logs[1]
     finally:
         cluster.stop(running, serve_app=False)

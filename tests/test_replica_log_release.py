@@ -14,7 +14,7 @@ from flowray.invariant import InvariantError
 from flowray.storage import replica_log
 from flowray.storage.replica_log import BlockKey, ReplicaLog
 from flowray.storage.segment import KIND_DATA, Entry
-from tests.test_replica_log import HOUR, check_against, data, noop, seal
+from tests.test_replica_log import CONTROL, HOUR, check_against, data, noop, seal
 
 A: BlockKey = (0, HOUR, 0)
 B: BlockKey = (1, HOUR, 0)
@@ -73,7 +73,8 @@ def test_release_stops_at_the_first_entry_of_an_unpublished_block(log: ReplicaLo
 
 def test_release_is_bounded_by_the_commit_index(log: ReplicaLog) -> None:
     log.append([noop(1, 1), data(1, 2, A), seal(1, 3, A), data(1, 4, B)])
-    assert log.release(published_seal_index=3, commit_index=2) == 2
+    # A's seal (3) is not committed yet: A is not published as far as this log knows.
+    assert log.release(published_seal_index=3, commit_index=2) == 1
     assert log.release(published_seal_index=3, commit_index=3) == 3
 
 
@@ -160,3 +161,25 @@ def test_memory_does_not_grow_with_released_entries(tmp_path: Path) -> None:
         assert len(log.read(index - 3, 1 << 20)) == 4
     finally:
         log.close()
+
+
+# Found in review: each of these once ended in an InvariantError (a replica crash).
+
+
+def test_an_uncommitted_no_op_after_a_release_can_be_cut(log: ReplicaLog) -> None:
+    log.append([noop(1, 1), data(1, 2, A)])
+    assert log.release(published_seal_index=0, commit_index=2) == 1
+    log.append([noop(2, 3)])  # a new master's no-op that never commits
+    log.truncate_after(2)
+    assert log.blocks[CONTROL].last_index == 1 and log.blocks[CONTROL].entries == 1
+    log.append([noop(3, 3)])
+    check_against(log, [noop(1, 1), data(1, 2, A), noop(3, 3)])
+
+
+def test_an_uncommitted_seal_does_not_release_its_block(log: ReplicaLog) -> None:
+    entries = [noop(1, 1), data(1, 2, A), data(1, 3, B), seal(1, 4, B), data(2, 5, A)]
+    log.append([*entries, seal(2, 6, A)])
+    log.release(published_seal_index=7, commit_index=4)  # A's seal is not committed
+    log.truncate_after(5)  # a divergent tail: A's seal goes
+    check_against(log, entries)
+    assert not log.blocks[A].sealed

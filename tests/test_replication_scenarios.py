@@ -11,8 +11,9 @@ delivers only what the script says, with fake disks. Commands (node ids are numb
     deliver [A->B]                  deliver pending messages (all, or A to B), until quiet
     drop [A->B]                     drop pending messages (all, or A to B)
     crash ID / restart ID           crash keeps only what was persisted
+    wipe ID                         the replica comes back on a new, empty disk
     expect role ID ROLE             master, follower or candidate
-    expect term ID T / expect commit ID C / expect last ID L
+    expect term ID T / expect commit ID C / expect last ID L / expect abstain ID A|None
     expect log ID T1 T2 ...         the persisted log, as the term of each entry
     expect payloads ID P1 P2 ...    payloads of the persisted data entries
 """
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from flowray.replication import Msg, Node, NotLeader, Timing
+from flowray.replication import ABSTAIN_UNKNOWN, Msg, Node, NotLeader, Timing
 from flowray.simulator import MemLog
 from flowray.storage.segment import KIND_DATA
 
@@ -57,6 +58,7 @@ class Harness:
             disk.voted_for,
             Timing(10, 2),
             append_bytes_max=self.append_bytes_max,
+            abstain=disk.abstain,
         )
 
     def node(self, i: int) -> Node:
@@ -110,6 +112,9 @@ class Harness:
             self.pending = [m for m in self.pending if m.src != int(args[0])]
         elif cmd == "restart":
             self.nodes[int(args[0])] = self._boot(int(args[0]))
+        elif cmd == "wipe":
+            self.disks[int(args[0])] = MemLog(abstain=ABSTAIN_UNKNOWN)
+            self.nodes[int(args[0])] = self._boot(int(args[0]))
         elif cmd == "expect":
             self._expect(args, where)
         else:
@@ -138,6 +143,7 @@ class Harness:
                 "term": node.term,
                 "commit": node.commit_index,
                 "last": node.last_index,
+                "abstain": node.abstain,
             }[what]
             got = [str(value)]
         assert got == rest, f"{where}: {what} of replica {i} is {got}, expected {rest}"

@@ -18,6 +18,7 @@ import random
 import socket
 import threading
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -31,7 +32,7 @@ from flowray.config import Settings
 from flowray.ingest import from_ipc
 from flowray.invariant import require
 from flowray.live import LiveCounts
-from flowray.replication import Msg, Node, NotLeader, Ready, Role, Timing
+from flowray.replication import ABSTAIN_UNKNOWN, Msg, Node, NotLeader, Ready, Role, Timing
 from flowray.storage.catalog import Catalog
 from flowray.storage.durable import write_json_atomic
 from flowray.storage.replica_log import BlockKey, ReplicaLog
@@ -105,6 +106,14 @@ class Replica:
         self.log = ReplicaLog(self.root)
         self.state_file = self.root / "state.json"
         state = json.loads(self.state_file.read_text()) if self.state_file.exists() else {}
+        # Restarted by Ray with no state: on another node, in an empty directory. It
+        # may have voted before, so it abstains until caught up (see replication).
+        with warnings.catch_warnings():  # Ray's own property uses a deprecated one
+            warnings.simplefilter("ignore", DeprecationWarning)
+            restarted = ray.get_runtime_context().was_current_actor_reconstructed
+        lost = not state and restarted
+        if lost:
+            log.warning("group %s replica %s restarts without its state", group, replica)
         self.node = Node(
             replica,
             list(range(s.replicas)),
@@ -113,6 +122,7 @@ class Replica:
             voted_for=state.get("voted_for"),
             timing=Timing(s.election_ticks, s.heartbeat_ticks),
             rng=random.Random(int.from_bytes(os.urandom(8), "little")),
+            abstain=state.get("abstain", ABSTAIN_UNKNOWN if lost else None),
         )
         self.blocks = BlockTable(
             SealPolicy(
@@ -238,7 +248,10 @@ class Replica:
     def _persist(self, rd: Ready) -> None:
         """Step 2 of the core's contract: hard state, cut, append, fsync."""
         if rd.hard_state_changed:
-            write_json_atomic(self.state_file, {"term": rd.term, "voted_for": rd.voted_for})
+            write_json_atomic(
+                self.state_file,
+                {"term": rd.term, "voted_for": rd.voted_for, "abstain": rd.abstain},
+            )
         if rd.truncate_after is not None:
             self.log.truncate_after(rd.truncate_after)
         if rd.entries:
@@ -392,10 +405,15 @@ class Replica:
         """The processor published every block sealed at or before this index: drop
         their live counts and forget where their entries lie (ReplicaLog.release)."""
 
+        # Read on the event loop, where the core runs: entries up to here are committed
+        # and on disk as committed. (The commit index alone may already cover entries
+        # that replace a divergent tail the disk still holds.)
+        committed = min(self.node.commit_index, self.node.stable_last)
+
         def drop() -> None:
             with self.live_lock:
                 self.live.published(upto_seal_index)
-            self.log.release(upto_seal_index, self.node.commit_index)
+            self.log.release(upto_seal_index, committed)
 
         self.live_worker.submit(drop)  # after the counting queued before it
 
@@ -537,6 +555,7 @@ class Replica:
             "role": node.role.value,
             "term": node.term,
             "leader": node.leader,
+            "abstaining": node.abstain is not None,  # lost its state, not caught up yet
             "last_index": node.last_index,
             "commit_index": node.commit_index,
             "pid": os.getpid(),

@@ -240,7 +240,8 @@ class ReplicaLog:
 
     @property
     def last_term(self) -> int:
-        return self._run_terms[-1] if self._run_terms else 0
+        with self._lock:
+            return self._run_terms[-1] if self._run_terms else 0
 
     @property
     def released_index(self) -> int:
@@ -545,7 +546,10 @@ class ReplicaLog:
                 del self.blocks[key]
                 continue
             at = np.flatnonzero(r.block[: r.n] == self._ids[key])
-            info.last_index = int(at[-1]) + self._base + 1
+            if len(at):
+                info.last_index = int(at[-1]) + self._base + 1
+            else:  # the control block: what is left of it is released (its file is cut)
+                info.last_index = self._scan_block(key)[-1].index
         self._last = index
         while self._run_starts and self._run_starts[-1] > index:
             self._run_starts.pop()
@@ -598,7 +602,7 @@ class ReplicaLog:
             hi = min(self._base, lo + COLD_WINDOW - 1)
             cold: list[RecordRef] = []
             for key, info in self.blocks.items():
-                if info.first_index <= hi and info.last_index >= lo and info.released:
+                if info.first_index <= hi and info.last_index >= lo:
                     refs = self._cold_refs(key)
                     at = np.searchsorted(refs.index, [lo, hi + 1])
                     cold += (refs.ref(int(i)) for i in range(int(at[0]), int(at[1])))
@@ -612,17 +616,23 @@ class ReplicaLog:
         for index in range(max(from_index, self._base + 1), self._last + 1):
             yield self._ref(index)
 
-    def _release_unlocked(self, published_seal_index: int, commit_index: int) -> int:
+    def _release_unlocked(self, published_seal_index: int, committed_index: int) -> int:
         """Forget where each entry up to some index lies, once every block holding one
-        is published (sealed at or before ``published_seal_index``) or is the control
-        block; only committed entries. Returns the new released index."""
+        is published (its seal committed, at or before ``published_seal_index``) or is
+        the control block. ``committed_index``: entries up to it are committed and on
+        this replica's disk as committed (no cut of them is pending). Returns the new
+        released index."""
+        upto = min(published_seal_index, committed_index)
         for info in self.blocks.values():
-            if 0 < info.seal_index <= published_seal_index or info.key[0] == CONTROL_SHARD:
-                info.released = True
+            if 0 < info.seal_index <= upto:
+                info.released = True  # sealed by a committed seal: never cut
         held = [
-            info.first_index for info in self.blocks.values() if not info.released
-        ]  # no entry of these may be released
-        base = min([commit_index, self._last, *(first - 1 for first in held)])
+            info.first_index
+            for info in self.blocks.values()
+            if not info.released and info.key[0] != CONTROL_SHARD
+        ]  # no entry of these may be released; the control block's no-ops only up to
+        # committed_index, as any entry
+        base = min([committed_index, self._last, *(first - 1 for first in held)])
         if base > self._base:
             self._recent.drop_front(base - self._base)
             self._base = base
