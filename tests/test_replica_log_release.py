@@ -4,6 +4,7 @@ with the log."""
 
 from __future__ import annotations
 
+import random
 import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,7 +14,7 @@ import pytest
 from flowray.invariant import InvariantError
 from flowray.storage import replica_log
 from flowray.storage.replica_log import BlockKey, ReplicaLog
-from flowray.storage.segment import KIND_DATA, Entry
+from flowray.storage.segment import KIND_DATA, KIND_SEAL, Entry
 from tests.test_replica_log import CONTROL, HOUR, check_against, data, noop, seal
 
 A: BlockKey = (0, HOUR, 0)
@@ -183,3 +184,96 @@ def test_an_uncommitted_seal_does_not_release_its_block(log: ReplicaLog) -> None
     log.truncate_after(5)  # a divergent tail: A's seal goes
     check_against(log, entries)
     assert not log.blocks[A].sealed
+
+
+def _walk(seed: int, tmp: Path, steps: int) -> tuple[int, int]:
+    """A random life of a log against a model: appends over rolling hours with seals
+    and new terms, commits, releases, cuts of the uncommitted tail, restarts. Returns
+    how many cuts it made and the highest released index (so the test can check that
+    it did both)."""
+    rng = random.Random(seed)
+    log = ReplicaLog(tmp)
+    entries: list[Entry] = []
+    term, commit, published, hour, cuts = 1, 0, 0, HOUR, 0
+    sealed: set[BlockKey] = set()
+    released: set[BlockKey] = set()
+    base = most = 0
+    try:
+        for _ in range(steps):
+            op = rng.random()
+            if op < 0.45:  # a proposal: a few pieces, sometimes a seal or a no-op
+                batch: list[Entry] = []
+                if rng.random() < 0.1:
+                    term += 1
+                    batch.append(noop(term, len(entries) + 1))
+                for _ in range(rng.randint(1, 6)):
+                    key = (rng.randrange(3), hour + rng.randrange(2), 0)
+                    index = len(entries) + len(batch) + 1
+                    if key in sealed:
+                        continue
+                    if rng.random() < 0.15:
+                        batch.append(seal(term, index, key))
+                        sealed.add(key)
+                    else:
+                        batch.append(data(term, index, key, bytes(rng.randrange(9))))
+                if batch:
+                    log.append(batch)
+                    entries += batch
+                if rng.random() < 0.2:  # the hour is over: its blocks get sealed
+                    hour += 1
+                    due = sorted({e.block for e in entries if e.block[1] < hour} - sealed)
+                    due = [key for key in due if key != CONTROL]
+                    closing = [seal(term, len(entries) + 1 + i, key) for i, key in enumerate(due)]
+                    if closing:
+                        log.append(closing)
+                        entries += closing
+                        sealed.update(due)
+            elif op < 0.6:
+                commit = rng.randint(commit, len(entries))
+            elif op < 0.75:  # the processor published every block sealed up to here
+                # (by the master's commit index, which may be ahead of this replica's)
+                ahead = commit if rng.random() < 0.7 else len(entries)
+                seals = [e.index for e in entries if e.kind == KIND_SEAL and e.index <= ahead]
+                published = max([published, *seals])
+                for e in entries:
+                    if e.kind == KIND_SEAL and e.index <= min(published, commit):
+                        released.add(e.block)
+                held = [
+                    min(e.index for e in entries if e.block == key) - 1
+                    for key in {e.block for e in entries}
+                    if key not in released and key != CONTROL
+                ]
+                base = max(base, min([commit, len(entries), *held]))
+                assert log.release(published, commit) == base == log.released_index
+                most = max(most, base)
+            elif op < 0.9 and len(entries) > commit:  # a divergent uncommitted tail
+                after = rng.randint(commit, len(entries) - 1)
+                log.truncate_after(after)
+                for e in entries[after:]:
+                    if e.kind == KIND_SEAL:
+                        sealed.discard(e.block)
+                del entries[after:]
+                term = max(term, entries[-1].term if entries else 1)
+                cuts += 1
+            elif op > 0.95:  # a restart: the log reads everything from its files again
+                log.close()
+                log = ReplicaLog(tmp)
+                base, released = 0, set()
+            check_against(log, entries)
+            for key in {e.block for e in entries}:
+                want = [e.payload for e in entries if e.block == key and e.kind == KIND_DATA]
+                assert log.block_payloads(key, len(entries)) == want
+    finally:
+        log.close()
+    return cuts, most
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_a_random_life_matches_the_model(
+    seed: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(replica_log, "COLD_WINDOW", 1 + seed % 5)
+    monkeypatch.setattr(replica_log, "COLD_CACHE_ENTRIES", 2 + seed * 3 if seed % 2 else 10**6)
+    monkeypatch.setattr(replica_log, "WAL_BYTES_MAX", 4096)  # checkpoints too
+    cuts, released = _walk(seed, tmp_path / "r", steps=150)
+    assert cuts > 0 and released > 0
