@@ -39,9 +39,13 @@ _THREADS_FROM_BYTES = 4 * 1024 * 1024
 
 def ndjson(body: bytes, limits: Limits) -> pa.Table | None:
     """NDJSON with integer ``ts`` (or none) and string fields: the tracker's usual form."""
-    if not body.strip() or b'"ts":"' in body or b'"ts": "' in body or not _utf8(body):
+    # RFC 3339 strings are seen in the first line (Arrow refuses any later one: a
+    # column that changes from number to string), bad bytes anywhere.
+    first = body[: body.find(b"\n")] if b"\n" in body[:4096] else body[:4096]
+    if not body.strip() or b'"ts":"' in first or b'"ts": "' in first or not _utf8(body):
         return None  # empty, RFC 3339 strings or bad bytes: the exact parser handles them
-    if _NOT_AN_OBJECT_LINE.search(b"\n" + body):
+    lines, blank, objects = _line_counts(body)
+    if not objects and _NOT_AN_OBJECT_LINE.search(b"\n" + body):
         # A line that is not an object goes to the exact parser, which names it; Arrow's
         # reader also crashes the process on a leading null (apache/arrow#47409).
         return None
@@ -57,7 +61,7 @@ def ndjson(body: bytes, limits: Limits) -> pa.Table | None:
         )
     except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
         return None
-    if table.num_rows != body.count(b"\n") + 1 - _blank_lines(body):
+    if table.num_rows != lines - blank:
         return None  # a line Arrow skipped or merged: let the exact parser judge
     return _finish(table.select(list(_JSON_SCHEMA.names)), limits)
 
@@ -96,14 +100,27 @@ def _utf8(body: bytes) -> bool:
     return True
 
 
-# A whitespace-only line (bytes.strip's whitespace), searched in b"\n" + body + b"\n".
-_BLANK_LINE = re.compile(rb"\n[ \t\r\x0b\x0c]*(?=\n)")
+# bytes.strip's whitespace, as a lookup table over byte values.
+_WHITESPACE = np.zeros(256, dtype=bool)
+_WHITESPACE[list(b" \t\n\r\x0b\x0c")] = True
+_BRACE = ord("{")
 
 
-def _blank_lines(body: bytes) -> int:
-    if not _BLANK_LINE.search(b"\n" + body + b"\n"):
-        return 0  # the usual case, found by one scan instead of a list of every line
-    return sum(1 for line in body.split(b"\n") if not line.strip())
+def _line_counts(body: bytes) -> tuple[int, int, bool]:
+    """(lines, blank lines, whether every line but an empty last one begins with "{")
+    of ``body``, lines and blank lines as ``body.split(b"\\n")`` and ``strip`` count
+    them. The usual body has no line that starts with whitespace, and is judged by
+    numpy from its newlines' positions: 0.15 ms for 600 KB on the reference machine,
+    against 1.7 ms for a count and two regular expressions."""
+    a = np.frombuffer(body, dtype=np.uint8)
+    starts = np.flatnonzero(a == 10) + 1  # where each line after the first begins
+    lines = len(starts) + 1
+    final = int(len(starts) > 0 and int(starts[-1]) == len(a))  # a trailing newline
+    starts = starts[: len(starts) - final]
+    if len(a) and not _WHITESPACE[a[0]] and not _WHITESPACE[a[starts]].any():
+        objects = bool(a[0] == _BRACE and (a[starts] == _BRACE).all())
+        return lines, final, objects  # every line (but an empty last one) has a start
+    return lines, sum(1 for line in body.split(b"\n") if not line.strip()), False
 
 
 def seed(body: bytes, limits: Limits) -> pa.Table | None:

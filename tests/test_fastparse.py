@@ -190,13 +190,24 @@ def _dumpable(e: dict[str, Any]) -> bool:
     return True
 
 
-def test_blank_lines_are_counted_as_a_line_split_would() -> None:
-    def by_split(body: bytes) -> int:
-        return sum(1 for line in body.split(b"\n") if not line.strip())
+def test_lines_and_blank_lines_are_counted_as_a_split_would() -> None:
+    def by_split(body: bytes) -> tuple[int, int, bool]:
+        lines = body.split(b"\n")
+        blank = sum(1 for line in lines if not line.strip())
+        if lines[-1] == b"" and len(lines) > 1:
+            lines = lines[:-1]
+        # "objects" may only be claimed when it is true (it skips a slower check).
+        return len(body.split(b"\n")), blank, all(line.startswith(b"{") for line in lines)
 
-    for parts in itertools.product([b"{}", b" ", b"", b"\r", b"\x0b", b"\t\x0c"], repeat=4):
-        body = b"\n".join(parts)
-        assert fastparse._blank_lines(body) == by_split(body), body
+    parts = [b"{}", b" ", b"", b"\r", b"\x0b", b"\t\x0c", b" {}", b"{} "]
+    for repeat in (1, 2, 4):
+        for chosen in itertools.product(parts, repeat=repeat):
+            for end in (b"", b"\n", b"\n\n"):
+                body = b"\n".join(chosen) + end
+                lines, blank, objects = fastparse._line_counts(body)
+                want = by_split(body)
+                assert (lines, blank) == want[:2], body
+                assert not objects or want[2], body
 
 
 DAY_MS = 86_400_000
@@ -216,3 +227,16 @@ def test_seed_times_agree_with_datetime_over_a_century() -> None:
     limits = ev.Limits(now_ms=want[0] + 200 * 365 * DAY_MS, future_skew_ms=0)
     table = fastparse.seed("\n".join(lines).encode(), limits)
     assert table is not None and table.column("ts").to_pylist() == want
+
+
+def test_a_string_time_after_the_first_line_goes_to_the_exact_parser() -> None:
+    """The fast path looks for RFC 3339 times in the first line only; Arrow refuses a
+    later one (the column changes from number to string), and the exact parser reads
+    the whole body."""
+    body = b'{"ts":1584170439595,"site":"a.com"}\n{"ts":"2020-03-14T07:20:40Z","site":"a.com"}'
+    assert fastparse.ndjson(body, LIMITS) is None
+    table = ev.parse_ndjson_body(body, LIMITS)
+    assert table.column("ts").to_pylist() == [1_584_170_439_595, 1_584_170_440_000]
+    first = b'{"ts":"2020-03-14T07:20:40Z","site":"a.com"}\n{"ts":1584170439595,"site":"a.com"}'
+    assert fastparse.ndjson(first, LIMITS) is None
+    assert ev.parse_ndjson_body(first, LIMITS).num_rows == 2
