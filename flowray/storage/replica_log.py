@@ -347,8 +347,12 @@ class ReplicaLog:
             info.seal_index = ref.index
 
     def _cold_refs(self, key: BlockKey) -> _Scanned:
-        """A released block's records, scanned from its file once while a replica catches
-        up through them (kept for the next windows, COLD_CACHE_ENTRIES at most)."""
+        """A released block's records, scanned from its file once and kept (the least
+        recently used go beyond COLD_CACHE_ENTRIES records): a released block is sealed
+        by a committed seal, so its file no longer changes. The control block, which
+        still grows, is scanned afresh each time (it holds a no-op per term)."""
+        if key[0] == CONTROL_SHARD:
+            return _Scanned(key, self._scan_block(key))
         hit = self._cold.get(key)
         if hit is not None:
             self._cold.move_to_end(key)
@@ -364,10 +368,6 @@ class ReplicaLog:
         """Every record of a block's file (which holds no torn tail after start-up)."""
         refs, _good = segment.scan(block_path(self.root, key).read_bytes())
         return refs
-
-    def _forget_cold(self) -> None:
-        self._cold.clear()
-        self._cold_entries = 0
 
     def _ref(self, index: int) -> RecordRef:
         """Where a recent entry lies."""
@@ -388,12 +388,18 @@ class ReplicaLog:
 
     def _block_refs(self, key: BlockKey, upto_index: int) -> list[RecordRef]:
         """The records of a block up to ``upto_index``: a recent block's from memory, a
-        released one's by scanning its file."""
+        released one's by scanning its file, once while the released index stays (a
+        processing job asks for a block's records, and every job that re-processes an
+        hour with late parts asks for all of its parts again)."""
         info = self.blocks.get(key)
         if info is None:
             return []
         upto = min(upto_index, info.last_index)
-        if info.first_index <= self._base:  # some of it released
+        if info.released:  # sealed by a committed seal: its file no longer changes
+            scanned = self._cold_refs(key)
+            end = int(np.searchsorted(scanned.index, upto, side="right"))
+            return [scanned.ref(i) for i in range(end)]
+        if info.first_index <= self._base:  # the control block: it still grows
             return [r for r in self._scan_block(key) if r.index <= upto]
         r = self._recent
         at = np.flatnonzero(r.block[: r.n] == self._ids[key])
@@ -539,7 +545,6 @@ class ReplicaLog:
                 info.seal_index = 0
             touched.add(key)
         r.cut(keep)
-        self._forget_cold()  # the control block's file may have lost entries
         for key in touched:
             info = self.blocks[key]
             if info.entries == 0:
@@ -636,7 +641,6 @@ class ReplicaLog:
         if base > self._base:
             self._recent.drop_front(base - self._base)
             self._base = base
-            self._forget_cold()
         return self._base
 
     def append(self, entries: Iterable[Entry]) -> int:
