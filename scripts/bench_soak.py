@@ -40,15 +40,9 @@ from bench_ingest import (  # noqa: E402
     seed_lines,
     wrk,
 )
+from bench_memory import _kib  # noqa: E402
 
 KINDS = (b"ray::Gateway", b"ray::Replica", b"ray::Processor")
-
-
-def _kib(pid: int, path: str, field: str) -> int:
-    for line in Path(f"/proc/{pid}/{path}").read_text().splitlines():
-        if line.startswith(field):
-            return int(line.split()[1])
-    return 0
 
 
 def processes(session: int) -> list[tuple[str, int, int]]:

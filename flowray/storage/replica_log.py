@@ -182,21 +182,17 @@ class _Recent:
     def drop_front(self, k: int) -> None:
         """Forget the first ``k`` entries (released); give the space back."""
         require(0 <= k <= self.n, f"drop {k} of {self.n}")
-        keep = self.n - k
-        capacity = max(1024, 2 * keep)
+        self._resize(max(1024, 2 * (self.n - k)), start=k)
+
+    def _resize(self, capacity: int, start: int = 0) -> None:
+        """New arrays of ``capacity`` holding entries ``start`` .. n-1."""
+        keep = self.n - start
         for name in ("block", "offset", "length", "kind"):
             old = getattr(self, name)
             new = np.empty(capacity, old.dtype)
-            new[:keep] = old[k : self.n]
+            new[:keep] = old[start : self.n]
             setattr(self, name, new)
         self.n = keep
-
-    def _resize(self, capacity: int) -> None:
-        for name in ("block", "offset", "length", "kind"):
-            old = getattr(self, name)
-            new = np.empty(capacity, old.dtype)
-            new[: self.n] = old[: self.n]
-            setattr(self, name, new)
 
 
 class ReplicaLog:
