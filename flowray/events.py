@@ -38,23 +38,9 @@ import pyarrow.compute as pc
 from flowray import fastparse
 from flowray.invariant import InvariantError
 from flowray.router import normalize_site
+from flowray.schema import EVENT_SCHEMA, PATH_CHARS_MAX, TS_MIN_MS, VISITOR_CHARS_MAX
 
-EVENT_SCHEMA: pa.Schema = pa.schema(
-    [
-        pa.field("ts", pa.int64(), nullable=False),
-        pa.field("site", pa.string(), nullable=False),
-        pa.field("path", pa.string()),
-        pa.field("referrer", pa.string()),
-        pa.field("ua", pa.string()),
-        pa.field("visitor", pa.string()),
-        pa.field("id", pa.string()),
-    ]
-)
-
-TS_MIN_MS: int = 946_684_800_000  # 2000-01-01T00:00:00Z
 ERRORS_LISTED_MAX = 1000
-PATH_CHARS_MAX = 2048
-VISITOR_CHARS_MAX = 128
 # The optional string fields of an event and the longest value each may hold.
 _OPTIONAL_FIELDS: tuple[tuple[str, int], ...] = (
     ("path", PATH_CHARS_MAX),

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import re
+import types
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -21,6 +22,13 @@ import pyarrow.json as pjson
 
 from flowray.invariant import require
 from flowray.router import SiteError, normalize_site
+from flowray.schema import EVENT_SCHEMA, PATH_CHARS_MAX, TS_MIN_MS, VISITOR_CHARS_MAX
+
+_native: types.ModuleType | None
+try:  # the C parser, built at install where a compiler is found (see setup.py)
+    from flowray import _native
+except ImportError:  # pragma: no cover - exercised by the pure path's tests
+    _native = None
 
 if TYPE_CHECKING:
     from flowray.events import Limits
@@ -44,6 +52,10 @@ def ndjson(body: bytes, limits: Limits) -> pa.Table | None:
     first = body[:4096].split(b"\n", 1)[0]
     if not body.strip() or b'"ts":"' in first or b'"ts": "' in first or not _utf8(body):
         return None  # empty, RFC 3339 strings or bad bytes: the exact parser handles them
+    if _native is not None:
+        table = native_ndjson(body, limits)
+        if table is not None:
+            return table
     lines, blank, objects = _line_counts(body)
     if not objects and _NOT_AN_OBJECT_LINE.search(b"\n" + body):
         # A line that is not an object goes to the exact parser, which names it; Arrow's
@@ -64,6 +76,39 @@ def ndjson(body: bytes, limits: Limits) -> pa.Table | None:
     if table.num_rows != lines - blank:
         return None  # a line Arrow skipped or merged: let the exact parser judge
     return _finish(table.select(list(_JSON_SCHEMA.names)), limits)
+
+
+_STRING_COLUMNS = ("site", *_STRINGS)
+
+
+def native_ndjson(body: bytes, limits: Limits) -> pa.Table | None:
+    """NDJSON by the C parser (flowray/_native.c), which answers None at any doubt —
+    an escape, a nested value, a number for a string — for the Arrow path to judge.
+    ``body`` must be UTF-8 (the caller checks it)."""
+    if _native is None:
+        raise RuntimeError("flowray._native is not built (no C compiler at install)")
+    parsed = _native.ndjson(
+        body,
+        limits.now_ms,
+        TS_MIN_MS,
+        limits.now_ms + limits.future_skew_ms,
+        PATH_CHARS_MAX,
+        VISITOR_CHARS_MAX,
+        limits.batch_events_max,
+    )
+    if parsed is None:
+        return None
+    n, ts, columns = parsed
+    arrays = [pa.Array.from_buffers(pa.int64(), n, [None, pa.py_buffer(ts)])]
+    for offsets, data, valid, nulls in columns:
+        buffers = [None if valid is None else pa.py_buffer(valid)]
+        buffers += [pa.py_buffer(offsets), pa.py_buffer(data)]
+        arrays.append(pa.Array.from_buffers(pa.string(), n, buffers, null_count=nulls))
+    site = _normalized_sites(pa.chunked_array([arrays[1]]))
+    if site is None:
+        return None
+    arrays[1] = site
+    return pa.table(arrays, schema=EVENT_SCHEMA)
 
 
 _ARRAY_SCHEMA = pa.schema(
@@ -234,8 +279,6 @@ def _seed_ms(head: np.ndarray) -> np.ndarray | None:
 
 def _finish(table: pa.Table, limits: Limits) -> pa.Table | None:
     """Checks shared by every fast path; None sends the batch to the exact parser."""
-    from flowray.events import EVENT_SCHEMA, PATH_CHARS_MAX, TS_MIN_MS, VISITOR_CHARS_MAX
-
     n = table.num_rows
     if n == 0 or n > limits.batch_events_max:
         return None

@@ -43,6 +43,10 @@ _IPC_END = b"\xff\xff\xff\xff\x00\x00\x00\x00"  # the stream's end-of-stream mar
 # bytes against 1,104).
 COMPRESS_ROWS_MIN = 32
 _LZ4 = pa.ipc.IpcWriteOptions(compression="lz4", use_threads=False)
+# Decompressing on Arrow's thread pool costs a hand-off per buffer: reading a piece of
+# 125 compressed events took 137 µs with threads and 20 µs without on the reference
+# machine, and a group's master reads every committed piece for its live counts.
+_READ = pa.ipc.IpcReadOptions(use_threads=False)
 
 
 @functools.lru_cache(maxsize=16)
@@ -72,7 +76,7 @@ def to_ipc(table: pa.Table, compress: bool = False) -> bytes:
 
 
 def from_ipc(payload: bytes) -> pa.Table:
-    return pa.ipc.open_stream(payload).read_all()
+    return pa.ipc.open_stream(payload, options=_READ).read_all()
 
 
 def route(events: Events, shard_map: ShardMap) -> dict[int, Events]:

@@ -99,6 +99,17 @@ def test_ndjson_fast_path_agrees(events: list[dict[str, Any]]) -> None:
 
 @settings(max_examples=300, deadline=None)
 @given(st.lists(event(), min_size=0, max_size=8))
+def test_ndjson_arrow_path_agrees_without_the_c_parser(events: list[dict[str, Any]]) -> None:
+    body = b"\n".join(orjson.dumps(e) for e in events if _dumpable(e))
+    mp = pytest.MonkeyPatch()
+    with mp.context() as m:
+        m.setattr(fastparse, "_native", None)
+        fast = fastparse.ndjson(body, LIMITS)
+    _agree(fast, _exact(ev.parse_ndjson_body, body, mp))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(event(), min_size=0, max_size=8))
 def test_json_array_fast_path_agrees(events: list[dict[str, Any]]) -> None:
     items = [e for e in events if _dumpable(e)]
     body = orjson.dumps(items)

@@ -1,0 +1,260 @@
+"""The C NDJSON parser (flowray/_native.c) agrees with the exact parser, differentially.
+
+Whenever it answers, the exact parser must accept the body and give the very same
+table; it may decline anything (the Arrow path and the exact parser then judge). The
+bodies here stress JSON's syntax — spacing, key order, unknown keys of every type,
+escapes, nesting, repeats, torn lines — and random byte mutations of good bodies.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+import sysconfig
+from typing import Any
+
+import orjson
+import pyarrow as pa
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from flowray import events as ev
+from flowray import fastparse
+
+NOW_MS = 1_795_600_000_000
+LIMITS = ev.Limits(now_ms=NOW_MS, batch_events_max=50)
+
+native = pytest.mark.skipif(fastparse._native is None, reason="the C parser is not built")
+
+
+def test_the_c_parser_is_built_where_a_compiler_is() -> None:
+    """setup.py builds it as optional: a machine with a compiler must not quietly lose it."""
+    compiler = (sysconfig.get_config_var("CC") or "cc").split()[0]
+    if shutil.which(compiler) is None:
+        pytest.skip(f"no C compiler ({compiler}) on this machine")
+    assert fastparse._native is not None, "flowray._native was not built: pip install -e ."
+
+
+def _exact(body: bytes) -> pa.Table | None:
+    with pytest.MonkeyPatch.context() as m:
+        for name in ("ndjson", "seed", "json_array"):
+            m.setattr(fastparse, name, lambda *_a, **_k: None)
+        try:
+            return ev.parse_ndjson_body(body, LIMITS)
+        except ev.BatchRejected:
+            return None
+
+
+def _native(body: bytes) -> pa.Table | None:
+    try:
+        body.decode("utf-8")
+    except UnicodeDecodeError:
+        return None  # the caller's check: the C parser takes UTF-8 only
+    return fastparse.native_ndjson(body, LIMITS)
+
+
+def _agree(body: bytes) -> pa.Table | None:
+    fast = _native(body)
+    if fast is not None:
+        exact = _exact(body)
+        assert exact is not None, f"the C parser accepted a body the exact parser rejects: {body!r}"
+        assert fast.equals(exact), (body, fast.to_pylist()[:3], exact.to_pylist()[:3])
+    return fast
+
+
+# ---- bodies written token by token, in every spelling JSON allows and some it does not
+
+SPACE = st.sampled_from(["", "", " ", "\t", "  ", "\r", " \r"])
+STRING_VALUES = st.sampled_from(
+    [
+        "",
+        "/",
+        "/a/b?q=1",
+        "é",
+        "日本",
+        "🙂",
+        'a\\"b',  # an escape: the C parser declines
+        "\\u00e9",
+        "x" * 129,
+        "x" * 2049,
+        "tab\there",  # a raw control character: invalid JSON
+    ]
+)
+SITES = st.sampled_from(["a.com", "B.com", "shop.example.", " a.com", "bad site", "", "ok-1.io"])
+NUMBERS = st.sampled_from(
+    [
+        "0",
+        "-0",
+        "7",
+        "1.5",
+        "-2.5e3",
+        "1e400",
+        "01",
+        "1.",
+        "-",
+        "123456789012345678901234567890",
+        str(NOW_MS),
+        str(NOW_MS + 400_000),
+        str(NOW_MS - 1),
+        f"{NOW_MS}.0",
+        f"{NOW_MS}e0",
+        "946684799999",
+        "946684800000",
+    ]
+)
+LITERALS = st.sampled_from(["true", "false", "null", "nul", "True", "[]", "{}", '{"a":1}', "[1,2]"])
+
+
+GOOD_STRINGS = st.sampled_from(["", "/", "/a/b?q=1", "é", "日本", "🙂", "v" * 128])
+GOOD_TS = st.integers(NOW_MS - 10_000_000, NOW_MS + 300_000).map(str)
+
+
+@st.composite
+def value(draw: st.DrawFn, field: str) -> str:
+    """Mostly what the field takes, sometimes anything at all."""
+    kind = draw(st.integers(0, 19))
+    if field == "site" and kind < 17:
+        return orjson.dumps(draw(SITES)).decode()
+    if field == "ts" and kind < 17:
+        return draw(GOOD_TS) if kind < 12 else draw(NUMBERS)
+    if field in ("path", "referrer", "ua", "visitor", "id") and kind < 15:
+        return "null" if kind == 0 else '"' + draw(GOOD_STRINGS) + '"'
+    if kind < 8:
+        return '"' + draw(STRING_VALUES) + '"'
+    if kind < 14:
+        return draw(NUMBERS)
+    return draw(LITERALS)
+
+
+FIELDS = st.sampled_from(["ts", "path", "referrer", "ua", "visitor", "id"]) | st.sampled_from(
+    ["extra", "Site", "s\\u0069te", "ts"]
+)
+
+
+@st.composite
+def line(draw: st.DrawFn) -> str:
+    names = draw(st.lists(FIELDS, max_size=4, unique=True))
+    if draw(st.integers(0, 3)):
+        names = ["site", *names]  # usually a site
+    members = []
+    for name in names:
+        s = [draw(SPACE) for _ in range(4)]
+        members.append(f'{s[0]}"{name}"{s[1]}:{s[2]}{draw(value(name))}{s[3]}')
+    text = draw(SPACE) + "{" + ",".join(members) + "}" + draw(SPACE)
+    damage = draw(st.integers(0, 39))
+    if damage == 0 and text:
+        text = text[: draw(st.integers(0, len(text) - 1))]  # a torn line
+    elif damage == 1:
+        text += draw(st.sampled_from(["x", ",", "}", "{}", " 1"]))  # something after
+    elif damage == 3 and members:
+        text = text.replace("}", "," + members[0] + "}", 1)  # a repeated field
+    elif damage == 2:
+        text = draw(st.sampled_from(["", " ", "\t", "\r", "\x0b", "\x0c", "null", "[]", "1"]))
+    return text
+
+
+@settings(max_examples=1500, deadline=None)
+@given(st.lists(line(), min_size=1, max_size=4), st.sampled_from(["\n", "\r\n"]), st.booleans())
+@native
+def test_the_c_parser_agrees_on_any_spelling(lines: list[str], eol: str, final: bool) -> None:
+    body = (eol.join(lines) + (eol if final else "")).encode()
+    _agree(body)
+
+
+@native
+def test_random_mutations_of_good_bodies_agree() -> None:
+    """Bytes dropped, doubled or replaced by JSON's significant characters: 30,000
+    mutants of a good body, each either declined or parsed exactly as the exact parser."""
+    rng = random.Random(20261126)
+    rows = [
+        {
+            "ts": NOW_MS - i,
+            "site": f"s{i % 3}.com",
+            "path": "/p",
+            "ua": "Mozilla/5.0",
+            "id": f"e{i}",
+        }
+        for i in range(4)
+    ]
+    rows[1]["extra"] = 1.25
+    rows[2]["visitor"] = None
+    rows[3].pop("ts")
+    good = b"\n".join(orjson.dumps(r) for r in rows) + b"\n"
+    alphabet = b'{}[]":,\\ \t\r\n-+.0123456789eEtrufalsn\x00\x1f\xc3\xa9'
+    accepted = 0
+    for _ in range(30_000):
+        body = bytearray(good)
+        for _ in range(rng.randint(1, 3)):
+            at = rng.randrange(len(body))
+            op = rng.randrange(3)
+            if op == 0:
+                del body[at]
+            elif op == 1:
+                body.insert(at, body[at])
+            else:
+                body[at] = rng.choice(alphabet)
+        accepted += _agree(bytes(body)) is not None
+    assert accepted > 1000  # mutants inside values still parse: the comparison is real
+
+
+@native
+def test_the_usual_tracker_bodies_take_the_c_path() -> None:
+    """Not a vacuous agreement: ordinary bodies are parsed in C, with what they hold."""
+    rows: list[dict[str, Any]] = [
+        {"ts": NOW_MS - 5, "site": "a.com", "path": "/é", "referrer": None, "visitor": "v1"},
+        {"site": "B.com", "path": "/", "ua": "Mozilla/5.0 (X11; Linux x86_64)", "id": ""},
+        {"ts": NOW_MS, "site": "c.io", "id": "e-3", "screen": 1.5, "dnt": False, "tags": None},
+    ]
+    body = b"\n".join(orjson.dumps(r) for r in rows) + b"\n\n"
+    table = _agree(body)
+    assert table is not None
+    assert table.to_pylist() == [
+        {"ts": NOW_MS - 5, "site": "a.com", "path": "/é", "referrer": None, "ua": None,
+         "visitor": "v1", "id": None},
+        {"ts": NOW_MS, "site": "b.com", "path": "/", "referrer": None,
+         "ua": "Mozilla/5.0 (X11; Linux x86_64)", "visitor": None, "id": None},
+        {"ts": NOW_MS, "site": "c.io", "path": None, "referrer": None, "ua": None,
+         "visitor": None, "id": "e-3"},
+    ]  # fmt: skip
+    spaced = b' { "site" : "a.com" , "ts" : %d } \r\n' % (NOW_MS - 1)
+    assert _agree(spaced) is not None
+
+
+@pytest.mark.parametrize(
+    ("body", "why"),
+    [
+        (b'{"site":"a.com","path":"a\\"b"}', "an escape"),
+        (b'{"site":"a.com","ts":"2020-03-14T07:20:39Z"}', "a string time"),
+        (b'{"site":"a.com","ts":1.5}', "a fractional time"),
+        (b'{"site":"a.com","id":7}', "a numeric id (the exact parser keeps it as text)"),
+        (b'{"site":"a.com","site":"b.com"}', "a repeated field"),
+        (b'{"site":"a.com","x":{"y":1}}', "a nested object"),
+        (b'{"ts":%d}' % NOW_MS, "no site"),
+        (b'{"site":null}', "a null site"),
+        (b'{"site":"a.com","x":1e400}', "a number JSON readers refuse"),
+        (b'{"site":"a.com","ts":%d}' % (NOW_MS + 400_000), "a time too far ahead"),
+        (b'{"site":"a.com"}\n\x0c\n', "a blank line of form feeds"),
+        (b'{"site":"a.com","visitor":"%s"}' % (b"v" * 129), "a visitor too long"),
+    ],
+)
+@native
+def test_the_c_parser_declines(body: bytes, why: str) -> None:
+    assert _native(body) is None, why
+
+
+@native
+def test_more_events_than_the_batch_limit_are_declined() -> None:
+    body = b"\n".join(b'{"site":"a.com"}' for _ in range(LIMITS.batch_events_max + 1))
+    assert _native(body) is None
+    assert _agree(body.rsplit(b"\n", 1)[0]) is not None
+
+
+def test_without_the_c_parser_the_arrow_path_still_parses() -> None:
+    """A machine without a compiler: the same bodies through Arrow and the exact parser."""
+    rows = [{"ts": NOW_MS - i, "site": f"s{i % 3}.com", "path": "/"} for i in range(40)]
+    body = b"\n".join(orjson.dumps(r) for r in rows)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(fastparse, "_native", None)
+        table = fastparse.ndjson(body, LIMITS)
+    assert table is not None and table.equals(_exact(body))
