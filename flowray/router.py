@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from flowray.invariant import require
 
 SITE_BYTES_MAX = 253
-_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
+_LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")  # fullmatch: "$" would pass "a\n"
 
 
 class SiteError(ValueError):
@@ -56,7 +56,7 @@ def _normalize_site(raw: str) -> str:
     if len(site) > SITE_BYTES_MAX:
         raise SiteError(f"site is longer than {SITE_BYTES_MAX} characters")
     labels = site.split(".")
-    if not all(_LABEL.match(label) for label in labels):
+    if not all(_LABEL.fullmatch(label) for label in labels):
         raise SiteError(f"site {raw!r} is not a valid host name")
     return site
 

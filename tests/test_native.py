@@ -20,7 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flowray import events as ev
-from flowray import fastparse
+from flowray import fastparse, router
 
 NOW_MS = 1_795_600_000_000
 LIMITS = ev.Limits(now_ms=NOW_MS, batch_events_max=50)
@@ -258,3 +258,30 @@ def test_without_the_c_parser_the_arrow_path_still_parses() -> None:
         m.setattr(fastparse, "_native", None)
         table = fastparse.ndjson(body, LIMITS)
     assert table is not None and table.equals(_exact(body))
+
+
+@settings(max_examples=2000, deadline=None)
+@given(
+    st.text(alphabet="abz09-.A Zé\t", max_size=12)
+    | st.builds(lambda n, m: "a" * n + "." + "b" * m, st.integers(0, 70), st.integers(0, 200))
+)
+@native
+def test_sites_the_c_parser_calls_normal_are_normal(site: str) -> None:
+    """The C parser skips normalize_site for sites it finds already normal: only where
+    normalize_site would return them unchanged (else the exact parser disagrees)."""
+    body = orjson.dumps({"site": site, "ts": NOW_MS})
+    _agree(body)
+    parsed = fastparse._native.ndjson(  # type: ignore[union-attr]
+        body, NOW_MS, 0, NOW_MS, 2048, 128, 10
+    )
+    if parsed is not None and parsed[3]:
+        assert router.normalize_site(site) == site
+
+
+@native
+def test_usual_sites_are_found_normal_in_c() -> None:
+    for site in ("a.com", "shop-1.example.co.uk", "x" * 63 + ".io", "1.2.3.4"):
+        parsed = fastparse._native.ndjson(  # type: ignore[union-attr]
+            orjson.dumps({"site": site}), NOW_MS, 0, NOW_MS, 2048, 128, 10
+        )
+        assert parsed is not None and parsed[3], site

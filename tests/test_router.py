@@ -164,6 +164,7 @@ def test_idna_and_ascii_forms_route_the_same() -> None:
         ".".join(["a" * 63] * 4),  # 255 characters
         "bü cher.de",
         "x" * 70 + "ü.de",  # an IDNA label over 63 characters
+        "a\n.com",  # a newline inside (a regex "$" once let it through)
     ],
 )
 def test_bad_sites_raise(raw: str) -> None:
