@@ -43,7 +43,8 @@ typedef struct {
     Py_ssize_t chars_max[NCOLS];
 } Rules;
 
-static int is_space(char c) { return c == ' ' || c == '\t' || c == '\r'; }
+/* JSON's whitespace ("\n" never occurs inside an NDJSON line: lines are cut first). */
+static int is_space(char c) { return c == ' ' || c == '\t' || c == '\r' || c == '\n'; }
 
 static const char *skip_space(const char *p, const char *end) {
     while (p < end && is_space(*p)) p++;
@@ -137,38 +138,40 @@ static int field_of(const char *key, size_t n) {
     }
 }
 
-/* One line holding one event object: 1 and the event in *line, or 0 on any doubt. */
-static int parse_line(const char *p, const char *end, const Rules *rules, Line *line) {
+/* One event object at p (after any whitespace): the byte after its "}" with the event
+ * in *line, or NULL on any doubt. */
+static const char *parse_object(const char *p, const char *end, const Rules *rules,
+                                Line *line) {
     unsigned seen = 0;
     memset(line, 0, sizeof(*line));
     p = skip_space(p, end);
-    if (p >= end || *p != '{') return 0;
+    if (p >= end || *p != '{') return NULL;
     p = skip_space(p + 1, end);
-    if (p < end && *p == '}') return 0; /* {}: no site */
+    if (p < end && *p == '}') return NULL; /* {}: no site */
     for (;;) {
         size_t chars;
         const char *key, *key_end;
         int field, integer, safe;
         int64_t number;
-        if (p >= end || *p != '"') return 0;
+        if (p >= end || *p != '"') return NULL;
         key = p + 1;
         key_end = scan_string(key, end, &chars);
-        if (key_end == NULL) return 0;
+        if (key_end == NULL) return NULL;
         field = field_of(key, (size_t)(key_end - key));
         if (field >= 0) {
-            if (seen & (1u << field)) return 0; /* a repeated field */
+            if (seen & (1u << field)) return NULL; /* a repeated field */
             seen |= 1u << field;
         }
         p = skip_space(key_end + 1, end);
-        if (p >= end || *p != ':') return 0;
+        if (p >= end || *p != ':') return NULL;
         p = skip_space(p + 1, end);
-        if (p >= end) return 0;
+        if (p >= end) return NULL;
         if (*p == '"') {
             const char *value = p + 1, *value_end = scan_string(value, end, &chars);
-            if (value_end == NULL) return 0;
-            if (field == FIELD_TS) return 0; /* an RFC 3339 or quoted time */
+            if (value_end == NULL) return NULL;
+            if (field == FIELD_TS) return NULL; /* an RFC 3339 or quoted time */
             if (field >= 0) {
-                if ((Py_ssize_t)chars > rules->chars_max[field]) return 0;
+                if ((Py_ssize_t)chars > rules->chars_max[field]) return NULL;
                 if (!(field == COL_ID && value_end == value)) { /* "" is no id */
                     line->value[field] = value;
                     line->length[field] = (size_t)(value_end - value);
@@ -176,23 +179,23 @@ static int parse_line(const char *p, const char *end, const Rules *rules, Line *
             }
             p = value_end + 1;
         } else if (*p == 'n') {
-            if ((p = scan_literal(p, end, "null")) == NULL) return 0;
-            if (field == COL_SITE) return 0;
+            if ((p = scan_literal(p, end, "null")) == NULL) return NULL;
+            if (field == COL_SITE) return NULL;
         } else if (*p == '-' || (*p >= '0' && *p <= '9')) {
-            if ((p = scan_number(p, end, &integer, &safe, &number)) == NULL) return 0;
-            if (!safe) return 0;
+            if ((p = scan_number(p, end, &integer, &safe, &number)) == NULL) return NULL;
+            if (!safe) return NULL;
             if (field == FIELD_TS) {
-                if (!integer || number < rules->ts_lo || number > rules->ts_hi) return 0;
+                if (!integer || number < rules->ts_lo || number > rules->ts_hi) return NULL;
                 line->ts = number;
                 line->has_ts = 1;
             } else if (field >= 0) {
-                return 0; /* a number where a string belongs */
+                return NULL; /* a number where a string belongs */
             }
         } else if (*p == 't' || *p == 'f') {
-            if ((p = scan_literal(p, end, *p == 't' ? "true" : "false")) == NULL) return 0;
-            if (field >= 0) return 0;
+            if ((p = scan_literal(p, end, *p == 't' ? "true" : "false")) == NULL) return NULL;
+            if (field >= 0) return NULL;
         } else {
-            return 0; /* an object or array: not the flat form */
+            return NULL; /* an object or array: not the flat form */
         }
         p = skip_space(p, end);
         if (p < end && *p == ',') {
@@ -200,12 +203,17 @@ static int parse_line(const char *p, const char *end, const Rules *rules, Line *
             continue;
         }
         if (p < end && *p == '}') break;
-        return 0;
+        return NULL;
     }
-    if (skip_space(p + 1, end) != end) return 0; /* something after the object */
-    if (line->value[COL_SITE] == NULL) return 0;
+    if (line->value[COL_SITE] == NULL) return NULL;
     if (!line->has_ts) line->ts = rules->now_ms;
-    return 1;
+    return p + 1;
+}
+
+/* One NDJSON line holding one event object: 1 and the event in *line, or 0. */
+static int parse_line(const char *p, const char *end, const Rules *rules, Line *line) {
+    p = parse_object(p, end, rules, line);
+    return p != NULL && skip_space(p, end) == end; /* nothing after the object */
 }
 
 /* Whether flowray.router.normalize_site returns this site unchanged: 1 to 253 bytes of
@@ -238,38 +246,74 @@ static void free_columns(Column *columns) {
     }
 }
 
-/* Parse the body into ts and the string columns; the event count, or -1 on doubt,
- * -2 out of memory. Runs without the GIL: it touches no Python object. */
-static Py_ssize_t parse_body(const char *body, size_t size, const Rules *rules,
-                             Py_ssize_t events_max, int64_t *ts, Column *columns,
-                             int *sites_normal) {
+typedef struct {
+    int64_t *ts;
+    Column columns[NCOLS];
+    Py_ssize_t n, rows_max;
+    int sites_normal;
+} Out;
+
+/* Append one parsed event; 0 when the buffers are full (never, for the sizes the
+ * caller gives: a last check). */
+static int add_event(Out *out, const Line *line) {
+    Py_ssize_t n = out->n;
+    if (n >= out->rows_max) return 0;
+    out->ts[n] = line->ts;
+    if (out->sites_normal)
+        out->sites_normal = site_is_normal(line->value[COL_SITE], line->length[COL_SITE]);
+    for (int c = 0; c < NCOLS; c++) {
+        Column *col = &out->columns[c];
+        if (line->value[c] != NULL) {
+            memcpy(col->data + col->used, line->value[c], line->length[c]);
+            col->used += line->length[c];
+            col->valid[n >> 3] |= (uint8_t)(1u << (n & 7));
+        } else {
+            col->nulls++;
+        }
+        col->offsets[n + 1] = (int32_t)col->used;
+    }
+    out->n = n + 1;
+    return 1;
+}
+
+/* An NDJSON body: 1, or 0 on doubt. Blank lines are skipped, as the exact parser does.
+ * Runs without the GIL: it touches no Python object. */
+static int parse_ndjson(const char *body, size_t size, const Rules *rules,
+                        Py_ssize_t events_max, Out *out) {
     const char *p = body, *end = body + size;
-    Py_ssize_t n = 0;
     Line line;
     while (p < end) {
         const char *eol = memchr(p, '\n', (size_t)(end - p));
         if (eol == NULL) eol = end;
         if (!blank(p, eol)) {
-            if (n >= events_max || !parse_line(p, eol, rules, &line)) return -1;
-            ts[n] = line.ts;
-            if (*sites_normal)
-                *sites_normal = site_is_normal(line.value[COL_SITE], line.length[COL_SITE]);
-            for (int c = 0; c < NCOLS; c++) {
-                Column *col = &columns[c];
-                if (line.value[c] != NULL) {
-                    memcpy(col->data + col->used, line.value[c], line.length[c]);
-                    col->used += line.length[c];
-                    col->valid[n >> 3] |= (uint8_t)(1u << (n & 7));
-                } else {
-                    col->nulls++;
-                }
-                col->offsets[n + 1] = (int32_t)col->used;
-            }
-            n++;
+            if (out->n >= events_max || !parse_line(p, eol, rules, &line)) return 0;
+            if (!add_event(out, &line)) return 0;
         }
         p = eol + 1;
     }
-    return n;
+    return 1;
+}
+
+/* A JSON body: an array of event objects, or one object. 1, or 0 on doubt. */
+static int parse_json(const char *body, size_t size, const Rules *rules,
+                      Py_ssize_t events_max, Out *out) {
+    const char *p = skip_space(body, body + size), *end = body + size;
+    Line line;
+    if (p < end && *p == '{') {
+        p = parse_object(p, end, rules, &line);
+        return p != NULL && skip_space(p, end) == end && add_event(out, &line);
+    }
+    if (p >= end || *p != '[') return 0;
+    for (;;) {
+        if (out->n >= events_max) return 0;
+        p = parse_object(p + 1, end, rules, &line); /* also refuses "[]": an empty batch */
+        if (p == NULL || !add_event(out, &line)) return 0;
+        p = skip_space(p, end);
+        if (p < end && *p == ',') continue;
+        if (p < end && *p == ']') break;
+        return 0;
+    }
+    return skip_space(p + 1, end) == end;
 }
 
 static PyObject *column_tuple(const Column *col, Py_ssize_t n) {
@@ -287,25 +331,17 @@ static PyObject *column_tuple(const Column *col, Py_ssize_t n) {
     return Py_BuildValue("(NNNn)", offsets, data, valid, col->nulls);
 }
 
-PyDoc_STRVAR(ndjson_doc,
-"ndjson(body, now_ms, ts_lo, ts_hi, path_chars_max, visitor_chars_max, events_max)\n"
-"--\n\n"
-"Columns of a UTF-8 NDJSON body of flat event objects, or None at the first doubt.\n\n"
-"Returns (n, ts, columns, sites_normal): ts the int64 times (a missing or null ts is\n"
-"now_ms) as bytes, columns the (offsets, data, validity or None, null count) of site,\n"
-"path, referrer, ua, visitor and id as Arrow string buffers (an empty id is null),\n"
-"sites_normal whether every site is already in normalize_site's form.");
+typedef int (*Parser)(const char *, size_t, const Rules *, Py_ssize_t, Out *);
 
-static PyObject *ndjson(PyObject *self, PyObject *args) {
+/* Parse a body with ``parse``; the tuple documented below, or None on doubt. */
+static PyObject *columns_of(PyObject *args, Parser parse, int json) {
     Py_buffer body;
     long long now_ms, ts_lo, ts_hi;
-    Py_ssize_t path_max, visitor_max, events_max, n = -2, lines = 1;
-    int sites_normal = 1;
-    int64_t *ts = NULL;
-    Column columns[NCOLS];
+    Py_ssize_t path_max, visitor_max, events_max, lines = 1;
+    Out out;
     Rules rules;
     PyObject *result = NULL;
-    (void)self;
+    int ok = 0;
     if (!PyArg_ParseTuple(args, "y*LLLnnn", &body, &now_ms, &ts_lo, &ts_hi, &path_max,
                           &visitor_max, &events_max))
         return NULL;
@@ -315,58 +351,96 @@ static PyObject *ndjson(PyObject *self, PyObject *args) {
     for (int c = 0; c < NCOLS; c++)
         rules.chars_max[c] = (c == COL_VISITOR || c == COL_ID) ? visitor_max : path_max;
     rules.chars_max[COL_SITE] = PY_SSIZE_T_MAX; /* the site rules are Python's */
-    memset(columns, 0, sizeof(columns));
+    memset(&out, 0, sizeof(out));
+    out.sites_normal = 1;
     if (body.len > INT32_MAX) goto doubt; /* 32-bit offsets */
-    for (const char *p = body.buf, *end = p + body.len;
-         (p = memchr(p, '\n', (size_t)(end - p))) != NULL; p++)
-        lines++;
-    ts = malloc((size_t)lines * sizeof(int64_t));
-    for (int c = 0; c < NCOLS; c++) {
-        columns[c].data = malloc((size_t)body.len + 1);
-        columns[c].offsets = calloc((size_t)lines + 1, sizeof(int32_t));
-        columns[c].valid = calloc(((size_t)lines + 7) / 8, 1);
-        if (!columns[c].data || !columns[c].offsets || !columns[c].valid) ts = (free(ts), NULL);
+    if (json) {
+        lines = body.len / 12 + 1; /* {"site":"a"}: no event is shorter */
+    } else {
+        for (const char *p = body.buf, *end = p + body.len;
+             (p = memchr(p, '\n', (size_t)(end - p))) != NULL; p++)
+            lines++;
     }
-    if (ts == NULL) {
+    out.rows_max = lines;
+    out.ts = malloc((size_t)lines * sizeof(int64_t));
+    for (int c = 0; c < NCOLS; c++) {
+        out.columns[c].data = malloc((size_t)body.len + 1);
+        out.columns[c].offsets = calloc((size_t)lines + 1, sizeof(int32_t));
+        out.columns[c].valid = calloc(((size_t)lines + 7) / 8, 1);
+        if (!out.columns[c].data || !out.columns[c].offsets || !out.columns[c].valid)
+            out.ts = (free(out.ts), NULL);
+    }
+    if (out.ts == NULL) {
         PyErr_NoMemory();
         goto done;
     }
     Py_BEGIN_ALLOW_THREADS
-    n = parse_body(body.buf, (size_t)body.len, &rules, events_max, ts, columns, &sites_normal);
+    ok = parse(body.buf, (size_t)body.len, &rules, events_max, &out);
     Py_END_ALLOW_THREADS
-    if (n <= 0) goto doubt;
+    if (!ok || out.n == 0) goto doubt;
     {
-        PyObject *ts_bytes = PyBytes_FromStringAndSize((const char *)ts, n * (Py_ssize_t)sizeof(int64_t));
+        Py_ssize_t n = out.n;
+        PyObject *ts = PyBytes_FromStringAndSize((const char *)out.ts, n * (Py_ssize_t)sizeof(int64_t));
         PyObject *list = PyTuple_New(NCOLS);
-        if (ts_bytes == NULL || list == NULL) {
-            Py_XDECREF(ts_bytes);
+        if (ts == NULL || list == NULL) {
+            Py_XDECREF(ts);
             Py_XDECREF(list);
             goto done;
         }
         for (int c = 0; c < NCOLS; c++) {
-            PyObject *col = column_tuple(&columns[c], n);
+            PyObject *col = column_tuple(&out.columns[c], n);
             if (col == NULL) {
-                Py_DECREF(ts_bytes);
+                Py_DECREF(ts);
                 Py_DECREF(list);
                 goto done;
             }
             PyTuple_SET_ITEM(list, c, col);
         }
-        result = Py_BuildValue("(nNNO)", n, ts_bytes, list, sites_normal ? Py_True : Py_False);
+        result = Py_BuildValue("(nNNO)", n, ts, list, out.sites_normal ? Py_True : Py_False);
     }
     goto done;
 doubt:
     result = Py_None;
     Py_INCREF(result);
 done:
-    free(ts);
-    free_columns(columns);
+    free(out.ts);
+    free_columns(out.columns);
     PyBuffer_Release(&body);
     return result;
 }
 
+#define COLUMNS_DOC                                                                        \
+    "Returns (n, ts, columns, sites_normal): ts the int64 times (a missing or null ts\n"   \
+    "is now_ms) as bytes, columns the (offsets, data, validity or None, null count) of\n" \
+    "site, path, referrer, ua, visitor and id as Arrow string buffers (an empty id is\n"  \
+    "null), sites_normal whether every site is already in normalize_site's form."
+
+PyDoc_STRVAR(ndjson_doc,
+"ndjson(body, now_ms, ts_lo, ts_hi, path_chars_max, visitor_chars_max, events_max)\n"
+"--\n\n"
+"Columns of a UTF-8 NDJSON body of flat event objects, or None at the first doubt.\n\n"
+COLUMNS_DOC);
+
+static PyObject *ndjson(PyObject *self, PyObject *args) {
+    (void)self;
+    return columns_of(args, parse_ndjson, 0);
+}
+
+PyDoc_STRVAR(json_doc,
+"json(body, now_ms, ts_lo, ts_hi, path_chars_max, visitor_chars_max, events_max)\n"
+"--\n\n"
+"Columns of a UTF-8 JSON body (an array of flat event objects, or one), or None at\n"
+"the first doubt.\n\n"
+COLUMNS_DOC);
+
+static PyObject *json(PyObject *self, PyObject *args) {
+    (void)self;
+    return columns_of(args, parse_json, 1);
+}
+
 static PyMethodDef methods[] = {
     {"ndjson", ndjson, METH_VARARGS, ndjson_doc},
+    {"json", json, METH_VARARGS, json_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -6,7 +6,8 @@
 Measures, each on this machine in this run:
 - raw append + fsync of the same bytes (one file, and three files in turn as three
   replicas on one disk would do): what the disk allows;
-- flowray batched ingest (NDJSON bodies of 1,000 and 10,000 events, seed lines) and
+- flowray batched ingest (NDJSON bodies of 1,000 and 10,000 events, a JSON array of
+  1,000, seed lines) and
   single-event requests through the ingest gateway, with wrk, every answer after a
   majority fsync in 3-replica groups;
 - acknowledgement latency p50/p99 at the seed's fleet rate (11,600 events/s in
@@ -459,6 +460,7 @@ def main() -> None:
         results["fleet_latency"] = asyncio.run(fleet_latency(fr.ingest, 2 * s, start_ms))
         results["rss_mib_after_fleet"] = fr.rss_mib()
         results["flowray_ndjson_1k"] = wrk(url, ndjson(batch1k), "application/x-ndjson", s, 16)
+        results["flowray_json_1k"] = wrk(url, orjson.dumps(batch1k), "application/json", s, 16)
         results["flowray_ndjson_10k"] = wrk(url, ndjson(batch10k), "application/x-ndjson", s, 8)
         results["flowray_seed_10k"] = wrk(
             f"{fr.ingest}/v1/logs", seed_lines(batch10k), "text/plain", s, 8
@@ -497,6 +499,7 @@ def render(r: dict[str, Any]) -> str:
         f"| {raw1 * 1000:,.0f} events/s ({raw1:,.0f} fsyncs/s) |",
         f"| raw append+fsync, 3 files in turn | {raw3 * 1000:,.0f} events/s |",
         f"| flowray NDJSON, 1,000 events/request | {ev(r['flowray_ndjson_1k']['rps'], 1000)} |",
+        f"| flowray JSON array, 1,000 events/request | {ev(r['flowray_json_1k']['rps'], 1000)} |",
         f"| flowray NDJSON, 10,000 events/request | {ev(r['flowray_ndjson_10k']['rps'], 10_000)} |",
         f"| flowray seed lines, 10,000 events/request | "
         f"{ev(r['flowray_seed_10k']['rps'], 10_000)} |",

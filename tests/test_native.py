@@ -36,28 +36,29 @@ def test_the_c_parser_is_built_where_a_compiler_is() -> None:
     assert fastparse._native is not None, "flowray._native was not built: pip install -e ."
 
 
-def _exact(body: bytes) -> pa.Table | None:
+def _exact(body: bytes, form: str = "ndjson") -> pa.Table | None:
     with pytest.MonkeyPatch.context() as m:
         for name in ("ndjson", "seed", "json_array"):
             m.setattr(fastparse, name, lambda *_a, **_k: None)
+        m.setattr(fastparse, "_native", None)
+        parse = ev.parse_ndjson_body if form == "ndjson" else ev.parse_json_body
         try:
-            return ev.parse_ndjson_body(body, LIMITS)
+            return parse(body, LIMITS)
         except ev.BatchRejected:
             return None
 
 
-def _native(body: bytes) -> pa.Table | None:
-    try:
-        body.decode("utf-8")
-    except UnicodeDecodeError:
+def _native(body: bytes, form: str = "ndjson") -> pa.Table | None:
+    if not fastparse.utf8(body):
         return None  # the caller's check: the C parser takes UTF-8 only
-    return fastparse.native_ndjson(body, LIMITS)
+    parse = fastparse.native_ndjson if form == "ndjson" else fastparse.native_json
+    return parse(body, LIMITS)
 
 
-def _agree(body: bytes) -> pa.Table | None:
-    fast = _native(body)
+def _agree(body: bytes, form: str = "ndjson") -> pa.Table | None:
+    fast = _native(body, form)
     if fast is not None:
-        exact = _exact(body)
+        exact = _exact(body, form)
         assert exact is not None, f"the C parser accepted a body the exact parser rejects: {body!r}"
         assert fast.equals(exact), (body, fast.to_pylist()[:3], exact.to_pylist()[:3])
     return fast
@@ -162,8 +163,25 @@ def test_the_c_parser_agrees_on_any_spelling(lines: list[str], eol: str, final: 
     _agree(body)
 
 
+@settings(max_examples=1500, deadline=None)
+@given(
+    st.lists(line(), min_size=1, max_size=4),
+    st.sampled_from([",", ", ", ",\n", "\n,\n", " ,\t"]),
+    st.sampled_from(["", " ", "\n", "\r\n "]),
+    st.booleans(),
+)
 @native
-def test_random_mutations_of_good_bodies_agree() -> None:
+def test_the_c_parser_agrees_on_any_spelling_of_a_json_array(
+    lines: list[str], comma: str, space: str, bare: bool
+) -> None:
+    inner = comma.join(lines)
+    text = inner if bare and len(lines) == 1 else "[" + space + inner + space + "]"
+    _agree((space + text + space).encode(), "json")
+
+
+@pytest.mark.parametrize("form", ["ndjson", "json"])
+@native
+def test_random_mutations_of_good_bodies_agree(form: str) -> None:
     """Bytes dropped, doubled or replaced by JSON's significant characters: 30,000
     mutants of a good body, each either declined or parsed exactly as the exact parser."""
     rng = random.Random(20261126)
@@ -181,6 +199,8 @@ def test_random_mutations_of_good_bodies_agree() -> None:
     rows[2]["visitor"] = None
     rows[3].pop("ts")
     good = b"\n".join(orjson.dumps(r) for r in rows) + b"\n"
+    if form == "json":
+        good = orjson.dumps(rows, option=orjson.OPT_INDENT_2)
     alphabet = b'{}[]":,\\ \t\r\n-+.0123456789eEtrufalsn\x00\x1f\xc3\xa9'
     accepted = 0
     for _ in range(30_000):
@@ -194,7 +214,7 @@ def test_random_mutations_of_good_bodies_agree() -> None:
                 body.insert(at, body[at])
             else:
                 body[at] = rng.choice(alphabet)
-        accepted += _agree(bytes(body)) is not None
+        accepted += _agree(bytes(body), form) is not None
     assert accepted > 1000  # mutants inside values still parse: the comparison is real
 
 
@@ -219,6 +239,21 @@ def test_the_usual_tracker_bodies_take_the_c_path() -> None:
     ]  # fmt: skip
     spaced = b' { "site" : "a.com" , "ts" : %d } \r\n' % (NOW_MS - 1)
     assert _agree(spaced) is not None
+    array = _agree(orjson.dumps(rows, option=orjson.OPT_INDENT_2), "json")
+    assert array is not None and array.equals(table)
+    assert _agree(orjson.dumps(rows[0]), "json") is not None  # one object, no array
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"[]", b'[{"site":"a.com"},]', b'[{"site":"a.com"}] x', b'{"site":"a.com"}{"site":"b.com"}',
+     b'[[{"site":"a.com"}]]', b'[{"site":"a.com"}', b'[{"site":"a.com"} {"site":"b.com"}]',
+     b'"a.com"', b"null"],
+)  # fmt: skip
+@native
+def test_the_c_parser_declines_json_it_does_not_know(body: bytes) -> None:
+    assert _native(body, "json") is None
+    _agree(body, "json")
 
 
 @pytest.mark.parametrize(
