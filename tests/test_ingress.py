@@ -106,6 +106,41 @@ async def test_the_queue_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     await asyncio.gather(first, *queued)
 
 
+def test_a_proposal_lingers_only_while_the_ingress_is_busy() -> None:
+    busy, idle = deployment.BUSY_GAP_S / 2, deployment.BUSY_GAP_S * 2
+    assert deployment.should_linger(1000, busy)
+    assert not deployment.should_linger(1000, idle), "at low load a write leaves at once"
+    assert not deployment.should_linger(1000, float("inf")), "the first proposal ever"
+    assert not deployment.should_linger(deployment.LINGER_BYTES_MAX, busy), "full enough"
+
+
+@pytest.mark.anyio
+async def test_writes_after_a_recent_proposal_wait_for_each_other(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Right after a proposal, the next one waits LINGER_S, so writes that arrive a
+    moment apart share it; long after, a lone write is proposed at once."""
+    monkeypatch.setattr(deployment, "LINGER_S", 0.2)  # wide, so the test is not a race
+    monkeypatch.setattr(deployment, "BUSY_GAP_S", 0.5)
+    gate = asyncio.Event()
+    gate.set()
+    handle = _Link(gate)
+    ingress = deployment.RayIngest(Settings(), _Directory(handle))  # type: ignore[arg-type]
+    await ingress.commit({0: _rows(1)})  # the first proposal ever leaves at once
+    assert len(handle.calls) == 1
+    first = asyncio.ensure_future(ingress.commit({0: _rows(1)}))
+    await asyncio.sleep(0.05)
+    assert len(handle.calls) == 1, "the second proposal lingers"
+    second = asyncio.ensure_future(ingress.commit({0: _rows(2)}))
+    await asyncio.gather(first, second)
+    assert len(handle.calls) == 2, "the two writes shared one proposal"
+    await asyncio.sleep(0.6)  # idle now: longer than BUSY_GAP_S since the last proposal
+    lone = asyncio.ensure_future(ingress.commit({0: _rows(1)}))
+    await asyncio.sleep(0.05)
+    assert len(handle.calls) == 3, "a lone write at low load is proposed at once"
+    await lone
+
+
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import uuid
 from collections.abc import Callable
@@ -88,6 +89,19 @@ LIVE_TIMEOUT_S = 1.0
 # 119 / 223, 16 gave 199 / 346 ms, and 1 also gave the most events/s: a master's cost
 # is per proposal, so fewer, larger proposals win.
 INFLIGHT_PER_GROUP = 1
+# Linger: while the ingress is busy (the group's last proposal ended less than
+# BUSY_GAP_S ago), a new proposal waits LINGER_S for more writes, unless its batch
+# already holds LINGER_BYTES_MAX. Busy clients' requests arrive spread out, and the
+# first of them used to leave alone in a proposal, whose cost at the replicas is
+# mostly per proposal. At low load nothing ended that recently and a write leaves at
+# once. A/B on fresh clusters on the reference machine, 1,000-event NDJSON from 16
+# connections: 965-1,093 -> 1,266-1,383 requests/s, the replicas' CPU per request
+# down a third; at the fleet rate ack p50 2.8-3.6 -> 3.7-4.7 ms, p99 8.0-10.1 ->
+# 9.2-10.8 ms. (A 2 ms gap made no difference: proposals follow each other 2-10 ms
+# apart.)
+LINGER_S = 0.001
+BUSY_GAP_S = 0.010
+LINGER_BYTES_MAX = 1024 * 1024
 # Writes waiting for a group's next proposal, at most: beyond it, 503 (back off).
 QUEUED_BYTES_MAX = 256 * 1024 * 1024
 ROW_BYTES_ESTIMATE = 128  # what a queued row costs, for that bound
@@ -129,6 +143,11 @@ class _Batch:
         return tables[0] if len(tables) == 1 else pa.concat_tables(tables)
 
 
+def should_linger(queued_bytes: int, since_last_proposal_s: float) -> bool:
+    """Whether a group's next proposal waits LINGER_S for more writes (see LINGER_S)."""
+    return since_last_proposal_s < BUSY_GAP_S and queued_bytes < LINGER_BYTES_MAX
+
+
 def _split(batch: _Batch, shards: int) -> list[Piece]:
     return split_pieces(batch.table(), shards)
 
@@ -149,6 +168,7 @@ class RayIngest:
         self.directory = directory
         self._queued: dict[int, _Batch] = {}
         self._slots: dict[int, asyncio.Semaphore] = {}
+        self._ended: dict[int, float] = {}  # when each group's last proposal ended
 
     async def commit(self, groups: dict[int, Events]) -> None:
         await asyncio.gather(*(self._submit(g, events) for g, events in groups.items()))
@@ -169,6 +189,12 @@ class RayIngest:
     async def _drain(self, group: int) -> None:
         slots = self._slots.setdefault(group, asyncio.Semaphore(INFLIGHT_PER_GROUP))
         async with slots:
+            loop = asyncio.get_running_loop()
+            waiting = self._queued.get(group)
+            if waiting is not None and should_linger(
+                waiting.bytes, loop.time() - self._ended.get(group, -math.inf)
+            ):
+                await asyncio.sleep(LINGER_S)
             batch = self._queued.pop(group, None)
             if batch is None:
                 return  # an earlier drain took these writes along
@@ -188,6 +214,8 @@ class RayIngest:
                     if not f.done():
                         f.set_exception(exc)
                 raise
+            finally:
+                self._ended[group] = loop.time()
             for f in batch.futures:
                 if not f.done():
                     f.set_result(None)
