@@ -107,6 +107,10 @@ class Settings:
             raise ValueError(f"gateways must be 1..{GATEWAYS_MAX}, got {self.gateways}")
         if not 1 <= self.port <= 65535:
             raise ValueError(f"port must be 1..65535, got {self.port}")
+        if self.batch_events_max < 1:
+            raise ValueError(f"batch_events_max must be at least 1, got {self.batch_events_max}")
+        if not self.future_skew_s >= 0:  # also refuses NaN
+            raise ValueError(f"future_skew_s must be 0 or more, got {self.future_skew_s}")
         if self.auth not in AUTH_MODES:
             raise ValueError(f"auth must be one of {', '.join(AUTH_MODES)}, got {self.auth!r}")
         return self

@@ -278,6 +278,33 @@ def test_the_c_parser_declines(body: bytes, why: str) -> None:
     assert _native(body) is None, why
 
 
+@pytest.mark.parametrize("form", ["ndjson", "json"])
+@native
+def test_a_missing_time_is_the_time_of_receipt_only_when_that_is_in_range(form: str) -> None:
+    """From a review: the time of receipt stood in for a missing ts unchecked."""
+    for limits in (
+        ev.Limits(now_ms=1000, batch_events_max=5),  # a clock before 2000
+        ev.Limits(now_ms=NOW_MS, future_skew_ms=-1, batch_events_max=5),
+    ):
+        parse = fastparse.native_ndjson if form == "ndjson" else fastparse.native_json
+        assert parse(b'{"site":"a.com"}', limits) is None
+        assert parse(b'{"site":"a.com","ts":null}', limits) is None
+
+
+@native
+def test_a_lone_json_object_counts_against_the_batch_limit() -> None:
+    assert fastparse.native_json(b'{"site":"a.com"}', ev.Limits(NOW_MS, batch_events_max=0)) is None
+    assert fastparse.native_json(b'{"site":"a.com"}', ev.Limits(NOW_MS, batch_events_max=1))
+
+
+@native
+def test_blank_lines_cost_no_buffers() -> None:
+    """Buffers are sized by the batch limit, not by a body's (blank) lines."""
+    body = b'{"site":"a.com"}' + b"\n" * (8 * 1024 * 1024)
+    table = fastparse.native_ndjson(body, LIMITS)
+    assert table is not None and table.num_rows == 1
+
+
 @native
 def test_more_events_than_the_batch_limit_are_declined() -> None:
     body = b"\n".join(b'{"site":"a.com"}' for _ in range(LIMITS.batch_events_max + 1))
