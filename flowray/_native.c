@@ -117,6 +117,68 @@ static const char *scan_literal(const char *p, const char *end, const char *word
     return p + n;
 }
 
+/* Days from 1970-01-01 to a proleptic Gregorian date (Howard Hinnant's algorithm). */
+static int64_t days_from_civil(int64_t y, int64_t m, int64_t d) {
+    y -= m <= 2;
+    int64_t era = (y >= 0 ? y : y - 399) / 400;
+    int64_t yoe = y - era * 400;
+    int64_t doy = (153 * (m + (m > 2 ? -3 : 9)) + 2) / 5 + d - 1;
+    int64_t doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    return era * 146097 + doe - 719468;
+}
+
+/* n ASCII digits at p as a number, or -1. */
+static int64_t digits(const char *p, size_t n) {
+    int64_t v = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (p[i] < '0' || p[i] > '9') return -1;
+        v = v * 10 + (p[i] - '0');
+    }
+    return v;
+}
+
+/* A quoted time, as the exact parser reads it (events.parse_timestamp): ASCII digits
+ * are epoch milliseconds; else the usual RFC 3339 form, exactly
+ * YYYY-MM-DDTHH:MM:SS[.f{1,9}](Z|+HH:MM|-HH:MM), which datetime.fromisoformat reads
+ * the same way (fraction truncated to microseconds, then to milliseconds). Anything
+ * else it accepts (lower case, a space, basic format, offsets with seconds...) is a
+ * doubt. 1 and the epoch milliseconds in *ms, or 0. */
+static int string_time(const char *p, size_t n, int64_t *ms) {
+    static const int month_days[12] = {31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31};
+    int64_t y, mo, d, h, mi, s, frac = 0, offset = 0;
+    size_t i = 19, f = 0;
+    if (n >= 1 && n <= 18 && digits(p, n) >= 0) {
+        *ms = digits(p, n);
+        return 1;
+    }
+    if (n < 20 || p[4] != '-' || p[7] != '-' || p[10] != 'T' || p[13] != ':' || p[16] != ':')
+        return 0;
+    y = digits(p, 4), mo = digits(p + 5, 2), d = digits(p + 8, 2);
+    h = digits(p + 11, 2), mi = digits(p + 14, 2), s = digits(p + 17, 2);
+    if (y < 1 || mo < 1 || mo > 12 || d < 1 || h < 0 || h > 23 || mi < 0 || mi > 59 || s < 0 ||
+        s > 59)
+        return 0;
+    int leap = (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
+    if (d > month_days[mo - 1] + (mo == 2 && leap)) return 0;
+    if (p[i] == '.') {
+        for (i++; i < n && p[i] >= '0' && p[i] <= '9'; i++, f++)
+            if (f < 3) frac = frac * 10 + (p[i] - '0');
+        if (f < 1 || f > 9) return 0;
+        for (; f < 3; f++) frac *= 10;
+    }
+    if (i + 1 == n && p[i] == 'Z') {
+        offset = 0;
+    } else if (i + 6 == n && (p[i] == '+' || p[i] == '-') && p[i + 3] == ':') {
+        int64_t oh = digits(p + i + 1, 2), om = digits(p + i + 4, 2);
+        if (oh < 0 || oh > 23 || om < 0 || om > 59) return 0;
+        offset = (p[i] == '+' ? 1 : -1) * (oh * 60 + om) * 60000;
+    } else {
+        return 0;
+    }
+    *ms = days_from_civil(y, mo, d) * 86400000 + ((h * 60 + mi) * 60 + s) * 1000 + frac - offset;
+    return 1;
+}
+
 /* The field a key names, or -1 for a key the schema does not have. */
 static int field_of(const char *key, size_t n) {
     switch (n) {
@@ -169,8 +231,12 @@ static const char *parse_object(const char *p, const char *end, const Rules *rul
         if (*p == '"') {
             const char *value = p + 1, *value_end = scan_string(value, end, &chars);
             if (value_end == NULL) return NULL;
-            if (field == FIELD_TS) return NULL; /* an RFC 3339 or quoted time */
-            if (field >= 0) {
+            if (field == FIELD_TS) {
+                if (!string_time(value, (size_t)(value_end - value), &number)) return NULL;
+                if (number < rules->ts_lo || number > rules->ts_hi) return NULL;
+                line->ts = number;
+                line->has_ts = 1;
+            } else if (field >= 0) { /* a string column: field < NCOLS */
                 if ((Py_ssize_t)chars > rules->chars_max[field]) return NULL;
                 if (!(field == COL_ID && value_end == value)) { /* "" is no id */
                     line->value[field] = value;

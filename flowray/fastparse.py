@@ -49,13 +49,15 @@ def ndjson(body: bytes, limits: Limits) -> pa.Table | None:
     """NDJSON with integer ``ts`` (or none) and string fields: the tracker's usual form."""
     # RFC 3339 strings are seen in the first line (Arrow refuses any later one: a
     # column that changes from number to string), bad bytes anywhere.
-    first = body[:4096].split(b"\n", 1)[0]
-    if not body.strip() or b'"ts":"' in first or b'"ts": "' in first or not utf8(body):
-        return None  # empty, RFC 3339 strings or bad bytes: the exact parser handles them
+    if not body.strip() or not utf8(body):
+        return None  # empty or bad bytes: the exact parser says so
     if _native is not None:
         table = native_ndjson(body, limits)
         if table is not None:
             return table
+    first = body[:4096].split(b"\n", 1)[0]
+    if b'"ts":"' in first or b'"ts": "' in first:
+        return None  # RFC 3339 strings (which Arrow's reader does not take)
     lines, blank, objects = _line_counts(body)
     if not objects and _NOT_AN_OBJECT_LINE.search(b"\n" + body):
         # A line that is not an object goes to the exact parser, which names it; Arrow's
@@ -76,9 +78,6 @@ def ndjson(body: bytes, limits: Limits) -> pa.Table | None:
     if table.num_rows != lines - blank:
         return None  # a line Arrow skipped or merged: let the exact parser judge
     return _finish(table.select(list(_JSON_SCHEMA.names)), limits)
-
-
-_STRING_COLUMNS = ("site", *_STRINGS)
 
 
 def c_parser_built() -> bool:

@@ -8,9 +8,14 @@ escapes, nesting, repeats, torn lines — and random byte mutations of good bodi
 
 from __future__ import annotations
 
+import os
 import random
 import shutil
+import subprocess
+import sys
 import sysconfig
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -108,7 +113,22 @@ LITERALS = st.sampled_from(["true", "false", "null", "nul", "True", "[]", "{}", 
 
 
 GOOD_STRINGS = st.sampled_from(["", "/", "/a/b?q=1", "é", "日本", "🙂", "v" * 128])
-GOOD_TS = st.integers(NOW_MS - 10_000_000, NOW_MS + 300_000).map(str)
+GOOD_TS = st.integers(NOW_MS - 10_000_000, NOW_MS + 300_000).map(str) | st.integers(
+    NOW_MS - 10_000_000, NOW_MS + 300_000
+).map(lambda ms: '"' + _rfc3339(ms) + '"')
+
+
+def _rfc3339(ms: int, offset_minutes: int = 0, fraction: str | None = None) -> str:
+    """An RFC 3339 time of ``ms`` in a zone ``offset_minutes`` east of UTC."""
+    zone = timezone(timedelta(minutes=offset_minutes))
+    moment = datetime.fromtimestamp(ms / 1000, tz=UTC).astimezone(zone)
+    if fraction is None:
+        fraction = f".{ms % 1000:03d}"
+    text = moment.strftime("%Y-%m-%dT%H:%M:%S") + fraction
+    if offset_minutes == 0:
+        return text + "Z"
+    sign, minutes = ("+" if offset_minutes > 0 else "-"), abs(offset_minutes)
+    return f"{text}{sign}{minutes // 60:02d}:{minutes % 60:02d}"
 
 
 @st.composite
@@ -218,6 +238,73 @@ def test_random_mutations_of_good_bodies_agree(form: str) -> None:
     assert accepted > 1000  # mutants inside values still parse: the comparison is real
 
 
+TIME_TEXTS = st.one_of(
+    st.builds(
+        _rfc3339,
+        st.integers(NOW_MS - 400 * 86_400_000, NOW_MS + 400_000),
+        st.integers(-23 * 60 - 59, 23 * 60 + 59),
+        st.sampled_from(["", ".5", ".12", ".123", ".1234", ".123456", ".1234567", ".123456789"])
+        | st.sampled_from([".", ",5", ".1234567890", ".12a"]),
+    ),
+    st.sampled_from(
+        [
+            "2024-02-29T00:00:00Z",
+            "2023-02-29T00:00:00Z",
+            "2100-02-29T00:00:00Z",
+            "2000-02-29T12:00:00Z",
+            "2020-03-14T07:20:60Z",
+            "2020-03-14T24:00:00Z",
+            "2020-13-14T07:20:39Z",
+            "2020-00-14T07:20:39Z",
+            "2020-03-00T07:20:39Z",
+            "2020-04-31T07:20:39Z",
+            "2020-03-14t07:20:39z",
+            "2020-03-14 07:20:39Z",
+            "2020-03-14T07:20:39",
+            "2020-03-14T07:20:39+24:00",
+            "2020-03-14T07:20:39+05:30:15",
+            "2020-03-14T07:20:39+0530",
+            "2020-03-14T07:20Z",
+            "20200314T072039Z",
+            " 2020-03-14T07:20:39Z",
+            "2020-03-14T07:20:39Z ",
+            str(NOW_MS),
+            "0" + str(NOW_MS),
+            str(NOW_MS) + "0",
+            "",
+            "１７９５６０００００００",
+        ]
+    ),
+)
+
+
+@settings(max_examples=3000, deadline=None)
+@given(TIME_TEXTS, st.sampled_from(["ndjson", "json"]))
+@native
+def test_quoted_times_are_read_as_the_exact_parser_reads_them(text: str, form: str) -> None:
+    body = orjson.dumps({"site": "a.com", "ts": text})
+    limits = ev.Limits(now_ms=NOW_MS, batch_events_max=5)
+    parse = fastparse.native_ndjson if form == "ndjson" else fastparse.native_json
+    fast = parse(body, limits)
+    if fast is not None:
+        exact = _exact(body, form)
+        assert exact is not None, f"the C parser took a time the exact parser refuses: {text}"
+        assert fast.equals(exact), text
+
+
+@native
+def test_the_usual_quoted_times_take_the_c_path() -> None:
+    for text, ms in [
+        ("2026-11-25T09:00:00Z", 1_795_597_200_000),
+        ("2026-11-25T09:00:00.123Z", 1_795_597_200_123),
+        ("2026-11-25T09:00:00.5+01:00", 1_795_593_600_500),
+        ("2026-11-25T03:30:00-05:30", 1_795_597_200_000),
+        (str(NOW_MS - 1), NOW_MS - 1),
+    ]:
+        table = _agree(orjson.dumps({"site": "a.com", "ts": text}))
+        assert table is not None and table.column("ts").to_pylist() == [ms], text
+
+
 @native
 def test_the_usual_tracker_bodies_take_the_c_path() -> None:
     """Not a vacuous agreement: ordinary bodies are parsed in C, with what they hold."""
@@ -260,7 +347,8 @@ def test_the_c_parser_declines_json_it_does_not_know(body: bytes) -> None:
     ("body", "why"),
     [
         (b'{"site":"a.com","path":"a\\"b"}', "an escape"),
-        (b'{"site":"a.com","ts":"2020-03-14T07:20:39Z"}', "a string time"),
+        (b'{"site":"a.com","ts":"2020-03-14t07:20:39z"}', "a time in lower case"),
+        (b'{"site":"a.com","ts":"2020-03-14T07:20:39"}', "a time without a zone"),
         (b'{"site":"a.com","ts":1.5}', "a fractional time"),
         (b'{"site":"a.com","id":7}', "a numeric id (the exact parser keeps it as text)"),
         (b'{"site":"a.com","site":"b.com"}', "a repeated field"),
@@ -375,3 +463,37 @@ def test_the_c_parser_frees_what_it_allocates() -> None:
     for _ in range(3):
         parse_many()
     assert resident_mib() - before < 16
+
+
+def _sanitizer_runtime() -> str | None:
+    cc = shutil.which("gcc")
+    if cc is None:
+        return None
+    found = subprocess.run(
+        [cc, "-print-file-name=libasan.so"], capture_output=True, text=True, timeout=30
+    ).stdout.strip()
+    return found if found.startswith("/") and Path(found).exists() else None
+
+
+def test_the_c_parser_under_address_and_undefined_behaviour_sanitizers(tmp_path: Path) -> None:
+    """Built with ASan and UBSan, every prefix of a few bodies and seconds of random
+    mutations: an overread or overflow that does not crash the normal build (a field
+    index past a fixed array once did only that) aborts this one."""
+    runtime = _sanitizer_runtime()
+    if runtime is None:
+        pytest.skip("no gcc with AddressSanitizer on this machine")
+    root = Path(__file__).resolve().parent.parent
+    include = sysconfig.get_paths()["include"]
+    suffix = sysconfig.get_config_var("EXT_SUFFIX")
+    flags = ["-g", "-O1", "-fsanitize=address,undefined", "-fno-sanitize-recover=all"]
+    subprocess.run(
+        ["gcc", *flags, "-fno-omit-frame-pointer", "-shared", "-fPIC", f"-I{include}",
+         str(root / "flowray" / "_native.c"), "-o", str(tmp_path / f"_native{suffix}")],
+        check=True, timeout=120,
+    )  # fmt: skip
+    env = dict(os.environ, LD_PRELOAD=runtime, ASAN_OPTIONS="detect_leaks=0")
+    run = subprocess.run(
+        [sys.executable, str(root / "tests" / "native_fuzz.py"), str(tmp_path), "4"],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-3000:]
