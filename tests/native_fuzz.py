@@ -23,6 +23,21 @@ GOOD = {"ndjson": b"\n".join(ROWS) + b"\n", "json": b"[\n  " + b",\n  ".join(ROW
 ALPHABET = b'{}[]":,\\ \t\r\n-+.0123456789eEtrufalsnTZ\x00\x0b\x1f\xc3\xa9\xef\xbb\xbf'
 
 
+def mutate(good: bytes, rng: random.Random, alphabet: bytes) -> bytes:
+    """``good`` with 1 to 3 bytes dropped, doubled or replaced from ``alphabet``."""
+    body = bytearray(good)
+    for _ in range(rng.randint(1, 3)):
+        at = rng.randrange(len(body))
+        op = rng.randrange(3)
+        if op == 0:
+            del body[at]
+        elif op == 1:
+            body.insert(at, body[at])
+        else:
+            body[at] = rng.choice(alphabet)
+    return bytes(body)
+
+
 def main() -> None:
     path = next(Path(sys.argv[1]).glob("_native*.so"))
     spec = importlib.util.spec_from_file_location("_native", path)
@@ -44,17 +59,8 @@ def main() -> None:
     deadline = time.monotonic() + float(sys.argv[2])
     while time.monotonic() < deadline:
         form = rng.choice(["ndjson", "json"])
-        body = bytearray(GOOD[form])
-        for _ in range(rng.randint(1, 4)):
-            at = rng.randrange(len(body))
-            op = rng.randrange(3)
-            if op == 0:
-                del body[at]
-            elif op == 1:
-                body.insert(at, body[at])
-            else:
-                body[at] = rng.choice(ALPHABET)
-        parse(form, bytes(body), rng.choice([1, 2, 3, 100]))
+        body = mutate(GOOD[form], rng, ALPHABET)
+        parse(form, body, rng.choice([1, 2, 3, 100]))
     print("ok")
 
 
