@@ -4,8 +4,9 @@
  * A batch of tracker events (one flat JSON object per line) becomes the columns of
  * an Arrow table in one pass over the body, with the GIL released. Like every fast
  * path in flowray.fastparse it is strict: it accepts the usual form exactly and
- * answers None at the first doubt — a backslash in a string, a nested value, a
- * repeated or missing field, a number where a string belongs, a time out of range —
+ * answers None at the first doubt — a nested value, a repeated or missing field, a
+ * number where a string belongs, a bad escape, a time out of range or in an unusual
+ * spelling —
  * and the Python parsers then judge the body and name every bad item. It never
  * accepts what they would reject, and gives the same table for what it accepts
  * (tests/test_native.py checks both, differentially).
@@ -36,6 +37,7 @@ typedef struct {
     int has_ts;
     const char *value[NCOLS]; /* NULL: absent or null */
     size_t length[NCOLS];
+    int escaped[NCOLS]; /* the value has escapes: decoded when it is copied */
 } Line;
 
 typedef struct {
@@ -51,22 +53,107 @@ static const char *skip_space(const char *p, const char *end) {
     return p;
 }
 
+/* Four hex digits at p (p + 4 <= end checked by the caller) as a number, or -1. */
+static long hex4(const char *p) {
+    long v = 0;
+    for (int i = 0; i < 4; i++) {
+        char c = p[i];
+        int d = c >= '0' && c <= '9' ? c - '0'
+              : c >= 'a' && c <= 'f' ? c - 'a' + 10
+              : c >= 'A' && c <= 'F' ? c - 'A' + 10
+                                     : -1;
+        if (d < 0) return -1;
+        v = v * 16 + d;
+    }
+    return v;
+}
+
+/* The code point of the \u escape at p (at its backslash), and in *size its length:
+ * 6 bytes, or 12 for a surrogate pair. -1 for a bad escape, a lone surrogate (orjson
+ * refuses both) or U+0000 (a doubt). */
+static long unicode_escape(const char *p, const char *end, size_t *size) {
+    long cp, low;
+    if (end - p < 6 || (cp = hex4(p + 2)) <= 0 || (cp >= 0xDC00 && cp <= 0xDFFF)) return -1;
+    *size = 6;
+    if (cp < 0xD800 || cp > 0xDBFF) return cp;
+    if (end - p < 12 || p[6] != '\\' || p[7] != 'u') return -1;
+    low = hex4(p + 8);
+    if (low < 0xDC00 || low > 0xDFFF) return -1;
+    *size = 12;
+    return 0x10000 + ((cp - 0xD800) << 10) + (low - 0xDC00);
+}
+
 /* A string's bytes (after the opening quote) up to its closing quote, or NULL for a
- * backslash, a control character or no closing quote on the line. Counts its
- * characters (UTF-8 was checked by the caller: every byte but 10xxxxxx starts one). */
-static const char *scan_string(const char *p, const char *end, size_t *chars) {
-    size_t n = 0;
+ * bad escape, a control character or no closing quote on the line. Counts its
+ * characters as they decode (UTF-8 was checked by the caller: every byte but
+ * 10xxxxxx starts one; an escape is one), and sets *escaped if it has escapes. */
+static const char *scan_string(const char *p, const char *end, size_t *chars, int *escaped) {
+    size_t n = 0, size;
+    *escaped = 0;
     while (p < end) {
         unsigned char c = (unsigned char)*p;
         if (c == '"') {
             *chars = n;
             return p;
         }
-        if (c == '\\' || c < 0x20) return NULL;
+        if (c < 0x20) return NULL;
+        if (c == '\\') {
+            *escaped = 1;
+            if (p + 1 >= end) return NULL;
+            if (p[1] == 'u') {
+                if (unicode_escape(p, end, &size) < 0) return NULL;
+                p += size;
+            } else if (strchr("\"\\/bfnrt", p[1]) != NULL && p[1] != '\0') {
+                p += 2;
+            } else {
+                return NULL;
+            }
+            n++;
+            continue;
+        }
         n += (c & 0xC0) != 0x80;
         p++;
     }
     return NULL;
+}
+
+/* Decode a scanned string's n bytes at src (escapes valid: scan_string checked them)
+ * into dst as UTF-8; returns the bytes written, never more than n. */
+static size_t unescape(char *dst, const char *src, size_t n) {
+    const char *end = src + n;
+    char *out = dst;
+    size_t size;
+    while (src < end) {
+        if (*src != '\\') {
+            *out++ = *src++;
+            continue;
+        }
+        char e = src[1];
+        if (e == 'u') {
+            long cp = unicode_escape(src, end, &size);
+            src += size;
+            if (cp < 0x80) {
+                *out++ = (char)cp;
+            } else if (cp < 0x800) {
+                *out++ = (char)(0xC0 | (cp >> 6));
+                *out++ = (char)(0x80 | (cp & 0x3F));
+            } else if (cp < 0x10000) {
+                *out++ = (char)(0xE0 | (cp >> 12));
+                *out++ = (char)(0x80 | ((cp >> 6) & 0x3F));
+                *out++ = (char)(0x80 | (cp & 0x3F));
+            } else {
+                *out++ = (char)(0xF0 | (cp >> 18));
+                *out++ = (char)(0x80 | ((cp >> 12) & 0x3F));
+                *out++ = (char)(0x80 | ((cp >> 6) & 0x3F));
+                *out++ = (char)(0x80 | (cp & 0x3F));
+            }
+            continue;
+        }
+        *out++ = e == 'b' ? '\b' : e == 'f' ? '\f' : e == 'n' ? '\n' : e == 'r' ? '\r'
+               : e == 't' ? '\t' : e; /* \" \\ \/ stand for themselves */
+        src += 2;
+    }
+    return (size_t)(out - dst);
 }
 
 /* A JSON number. *integer is set when it has no fraction or exponent and fits in 18
@@ -213,12 +300,12 @@ static const char *parse_object(const char *p, const char *end, const Rules *rul
     for (;;) {
         size_t chars;
         const char *key, *key_end;
-        int field, integer, safe;
+        int field, integer, safe, escaped;
         int64_t number;
         if (p >= end || *p != '"') return NULL;
         key = p + 1;
-        key_end = scan_string(key, end, &chars);
-        if (key_end == NULL) return NULL;
+        key_end = scan_string(key, end, &chars, &escaped);
+        if (key_end == NULL || escaped) return NULL; /* an escaped key: a doubt */
         field = field_of(key, (size_t)(key_end - key));
         if (field >= 0) {
             if (seen & (1u << field)) return NULL; /* a repeated field */
@@ -229,8 +316,9 @@ static const char *parse_object(const char *p, const char *end, const Rules *rul
         p = skip_space(p + 1, end);
         if (p >= end) return NULL;
         if (*p == '"') {
-            const char *value = p + 1, *value_end = scan_string(value, end, &chars);
+            const char *value = p + 1, *value_end = scan_string(value, end, &chars, &escaped);
             if (value_end == NULL) return NULL;
+            if (escaped && (field == FIELD_TS || field == COL_SITE)) return NULL; /* rare */
             if (field == FIELD_TS) {
                 if (!string_time(value, (size_t)(value_end - value), &number)) return NULL;
                 if (number < rules->ts_lo || number > rules->ts_hi) return NULL;
@@ -241,6 +329,7 @@ static const char *parse_object(const char *p, const char *end, const Rules *rul
                 if (!(field == COL_ID && value_end == value)) { /* "" is no id */
                     line->value[field] = value;
                     line->length[field] = (size_t)(value_end - value);
+                    line->escaped[field] = escaped;
                 }
             }
             p = value_end + 1;
@@ -332,7 +421,10 @@ static int add_event(Out *out, const Line *line) {
         out->sites_normal = site_is_normal(line->value[COL_SITE], line->length[COL_SITE]);
     for (int c = 0; c < NCOLS; c++) {
         Column *col = &out->columns[c];
-        if (line->value[c] != NULL) {
+        if (line->value[c] != NULL && line->escaped[c]) {
+            col->used += unescape(col->data + col->used, line->value[c], line->length[c]);
+            col->valid[n >> 3] |= (uint8_t)(1u << (n & 7));
+        } else if (line->value[c] != NULL) {
             memcpy(col->data + col->used, line->value[c], line->length[c]);
             col->used += line->length[c];
             col->valid[n >> 3] |= (uint8_t)(1u << (n & 7));

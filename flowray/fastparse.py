@@ -86,7 +86,7 @@ def c_parser_built() -> bool:
 
 def native_ndjson(body: bytes, limits: Limits) -> pa.Table | None:
     """NDJSON by the C parser (flowray/_native.c), which answers None at any doubt —
-    an escape, a nested value, a number for a string — for the Arrow path to judge.
+    a nested value, a number for a string, a bad escape — for the Arrow path to judge.
     ``body`` must be UTF-8 (the caller checks it)."""
     return _native_table("ndjson", body, limits)
 

@@ -17,10 +17,11 @@ NOW_MS = 1_795_600_000_000
 ROWS = [
     b'{"ts":1795599999000,"site":"s1.com","path":"/p","ua":"Mozilla/5.0","id":"e1"}',
     b'{"site":"B.com","ts":"2026-11-25T09:00:00.123+01:00","referrer":null,"x":1.25}',
+    b'{"site":"d.io","path":"\\/caf\\u00e9 \\ud83d\\ude00 \\"q\\"\\t","ua":"\\\\"}',
     b'{"site":"c.io","ts":"1795599999999","visitor":"v","id":"","y":[1,{"a":null}]}',
 ]
 GOOD = {"ndjson": b"\n".join(ROWS) + b"\n", "json": b"[\n  " + b",\n  ".join(ROWS) + b"\n]"}
-ALPHABET = b'{}[]":,\\ \t\r\n-+.0123456789eEtrufalsnTZ\x00\x0b\x1f\xc3\xa9\xef\xbb\xbf'
+ALPHABET = b'{}[]":,\\ \t\r\n-+.0123456789eEtrufalsnTZudcbDC\x00\x0b\x1f\xc3\xa9\xef\xbb\xbf'
 
 
 def mutate(good: bytes, rng: random.Random, alphabet: bytes) -> bytes:

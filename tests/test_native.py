@@ -8,6 +8,7 @@ escapes, nesting, repeats, torn lines — and random byte mutations of good bodi
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -284,6 +285,39 @@ def test_quoted_times_are_read_as_the_exact_parser_reads_them(text: str, form: s
         assert fast.equals(exact), text
 
 
+@settings(max_examples=2000, deadline=None)
+@given(
+    st.lists(st.text(max_size=20), min_size=1, max_size=3),
+    st.booleans(),
+    st.sampled_from(["ndjson", "json"]),
+)
+@native
+def test_escaped_strings_decode_as_the_exact_parser_decodes_them(
+    values: list[str], slashes: bool, form: str
+) -> None:
+    """Python's json.dumps escapes every non-ASCII character (surrogate pairs beyond
+    the BMP) and control character; some encoders escape "/" too."""
+    rows = [{"site": "a.com", "ts": NOW_MS, "path": v, "ua": v[::-1], "x": v} for v in values]
+    text = "\n".join(json.dumps(r) for r in rows) if form == "ndjson" else json.dumps(rows)
+    if slashes:
+        text = text.replace("/", "\\/")
+    _agree(text.encode(), form)
+
+
+@native
+def test_the_usual_escapes_take_the_c_path() -> None:
+    values = ["/blog/post", "café", "😀", '"quoted"', "tab\tnew\nline", "back\\slash", "é" * 128]
+    body = "\n".join(
+        json.dumps({"site": "a.com", "ts": NOW_MS, "path": v, "visitor": v[:128]}).replace(
+            "/", "\\/"
+        )
+        for v in values
+    ).encode()
+    assert b"\\u00e9" in body and b"\\ud83d\\ude00" in body and b"\\/" in body
+    table = _agree(body)
+    assert table is not None and table.column("path").to_pylist() == values
+
+
 @native
 def test_the_usual_quoted_times_take_the_c_path() -> None:
     for text, ms in [
@@ -338,7 +372,11 @@ def test_the_c_parser_declines_json_it_does_not_know(body: bytes) -> None:
 @pytest.mark.parametrize(
     ("body", "why"),
     [
-        (b'{"site":"a.com","path":"a\\"b"}', "an escape"),
+        (b'{"site":"a.com","path":"\\ud800"}', "a lone surrogate"),
+        (b'{"site":"a.com","path":"\\x"}', "a bad escape"),
+        (b'{"site":"a.com","path":"\\u0000"}', "an escaped NUL (the exact parser takes it)"),
+        (b'{"site":"a\\u002ecom"}', "an escaped site"),
+        (b'{"s\\u0069te":"a.com"}', "an escaped key"),
         (b'{"site":"a.com","ts":"2020-03-14t07:20:39z"}', "a time in lower case"),
         (b'{"site":"a.com","ts":"2020-03-14T07:20:39"}', "a time without a zone"),
         (b'{"site":"a.com","ts":1.5}', "a fractional time"),
