@@ -1,8 +1,8 @@
 /*
- * flowray._native: the NDJSON ingest parser in C.
+ * flowray._native: the NDJSON and JSON-array ingest parser in C.
  *
- * A batch of tracker events (one flat JSON object per line) becomes the columns of
- * an Arrow table in one pass over the body, with the GIL released. Like every fast
+ * A batch of tracker events (flat JSON objects, one a line or in an array) becomes
+ * the columns of an Arrow table in one pass over the body, with the GIL released. Like every fast
  * path in flowray.fastparse it is strict: it accepts the usual form exactly and
  * answers None at the first doubt — a nested value, a repeated or missing field, a
  * number where a string belongs, a bad escape, a time out of range or in an unusual
@@ -492,7 +492,7 @@ static PyObject *column_tuple(const Column *col, Py_ssize_t n) {
 typedef int (*Parser)(const char *, size_t, const Rules *, Out *);
 
 /* The most events a body can hold, at most cap: NDJSON one a line, a JSON array one
- * per 12 bytes (an event and its comma take at least that: {"site":"a"},). */
+ * per 12 bytes (an event and its comma take at least that: {"site":""},). */
 static Py_ssize_t rows_bound(const char *body, Py_ssize_t size, int json, Py_ssize_t cap) {
     Py_ssize_t lines = 1;
     if (json) return size / 12 + 1 < cap ? size / 12 + 1 : cap;
