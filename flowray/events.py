@@ -415,10 +415,9 @@ def parse_json_events(body: bytes, limits: Limits) -> Events:
 
 
 def _parse_json(body: bytes, limits: Limits, fast: bool) -> Events:
-    if fast and fastparse.c_parser_built() and fastparse.utf8(body):
-        table = fastparse.native_json(body, limits)
-        if table is not None:
-            return table
+    table = fastparse.json_body(body, limits) if fast else None
+    if table is not None:
+        return table
     try:
         decoded = orjson.loads(body)
     except orjson.JSONDecodeError as exc:

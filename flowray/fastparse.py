@@ -47,17 +47,17 @@ _THREADS_FROM_BYTES = 4 * 1024 * 1024
 
 def ndjson(body: bytes, limits: Limits) -> pa.Table | None:
     """NDJSON with integer ``ts`` (or none) and string fields: the tracker's usual form."""
-    # RFC 3339 strings are seen in the first line (Arrow refuses any later one: a
-    # column that changes from number to string), bad bytes anywhere.
     if not body.strip() or not utf8(body):
         return None  # empty or bad bytes: the exact parser says so
     if _native is not None:
         table = native_ndjson(body, limits)
         if table is not None:
             return table
+    # RFC 3339 strings are seen in the first line (Arrow refuses any later one: a
+    # column that changes from number to string).
     first = body[:4096].split(b"\n", 1)[0]
     if b'"ts":"' in first or b'"ts": "' in first:
-        return None  # RFC 3339 strings (which Arrow's reader does not take)
+        return None  # Arrow's reader does not take them: the exact parser does
     lines, blank, objects = _line_counts(body)
     if not objects and _NOT_AN_OBJECT_LINE.search(b"\n" + body):
         # A line that is not an object goes to the exact parser, which names it; Arrow's
@@ -80,15 +80,20 @@ def ndjson(body: bytes, limits: Limits) -> pa.Table | None:
     return _finish(table.select(list(_JSON_SCHEMA.names)), limits)
 
 
-def c_parser_built() -> bool:
-    return _native is not None
-
-
 def native_ndjson(body: bytes, limits: Limits) -> pa.Table | None:
     """NDJSON by the C parser (flowray/_native.c), which answers None at any doubt —
     a nested value, a number for a string, a bad escape — for the Arrow path to judge.
     ``body`` must be UTF-8 (the caller checks it)."""
     return _native_table("ndjson", body, limits)
+
+
+def json_body(body: bytes, limits: Limits) -> pa.Table | None:
+    """A JSON body (an array of events, or one) before it is decoded: by the C parser
+    when it is built and the body is UTF-8, else None (then it is decoded and
+    :func:`json_array` or the exact parser reads it)."""
+    if _native is None or not utf8(body):
+        return None
+    return native_json(body, limits)
 
 
 def native_json(body: bytes, limits: Limits) -> pa.Table | None:

@@ -92,14 +92,9 @@ def route(events: Events, shard_map: ShardMap) -> dict[int, Events]:
     out: dict[int, Events] = {}
     count = shard_map.shard_count
     for row in events:
-        group = shard_map.group_of_shard(_shard_of(row[1], count))
+        group = shard_map.group_of_shard(shard_for_site(row[1], count))
         out.setdefault(group, []).append(row)  # type: ignore[union-attr]
     return out
-
-
-@functools.lru_cache(maxsize=1 << 16)
-def _shard_of(site: str, shard_count: int) -> int:
-    return shard_for_site(site, shard_count)
 
 
 # site -> shard, per shard count: a dict's lookups cost a fifth of an lru_cache call's

@@ -412,7 +412,8 @@ def test_a_missing_time_is_the_time_of_receipt_only_when_that_is_in_range(form: 
 @native
 def test_a_lone_json_object_counts_against_the_batch_limit() -> None:
     assert fastparse.native_json(b'{"site":"a.com"}', ev.Limits(NOW_MS, batch_events_max=0)) is None
-    assert fastparse.native_json(b'{"site":"a.com"}', ev.Limits(NOW_MS, batch_events_max=1))
+    one = fastparse.native_json(b'{"site":"a.com"}', ev.Limits(NOW_MS, batch_events_max=1))
+    assert one is not None and one.num_rows == 1
 
 
 @native
