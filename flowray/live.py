@@ -11,10 +11,12 @@ and publication cursors.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterable
 
 import numpy as np
 import pyarrow as pa
 
+from flowray.ingest import from_ipc
 from flowray.invariant import require
 from flowray.storage.replica_log import BlockKey
 
@@ -86,17 +88,18 @@ class LiveCounts:
         self.codes: dict[str, int] = {}
 
     def apply(self, key: BlockKey, events: pa.Table) -> None:
-        """Count one committed batch of events of block ``key``."""
-        block = self.blocks.get(key)
-        if block is None:
-            block = self.blocks[key] = _Block()
-        ids = events.column("id")
+        """Count one committed batch of events of block ``key``. A batch it cannot count
+        (a column missing or of another type) raises before anything changes."""
+        ids, site_column = events.column("id"), events.column("site")
+        minutes = events.column("ts").to_numpy() // MINUTE_MS
+        require(
+            len(minutes) == 0 or (minutes.min() >= 0 and minutes.max() <= MINUTE_MASK),
+            "a minute out of range",
+        )
         if ids.null_count < len(ids):
             seen = self.seen_ids[(key[0], key[1])]
             keep = []
-            for site, event_id in zip(
-                events.column("site").to_pylist(), ids.to_pylist(), strict=True
-            ):
+            for site, event_id in zip(site_column.to_pylist(), ids.to_pylist(), strict=True):
                 if event_id is None:
                     keep.append(True)
                 elif (site, event_id) in seen:
@@ -104,22 +107,55 @@ class LiveCounts:
                 else:
                     seen.add((site, event_id))
                     keep.append(True)
-            events = events.filter(pa.array(keep))
-        if events.num_rows == 0:
+            mask = np.array(keep, dtype=bool)
+            site_column, minutes = site_column.filter(pa.array(mask)), minutes[mask]
+        if len(minutes) == 0:
             return
+        block = self.blocks.get(key)
+        if block is None:
+            block = self.blocks[key] = _Block()
         # Counted with numpy on (site code, minute number) keys: Arrow's group_by has a
         # large fixed cost per call, and this runs for every committed entry.
-        encoded = events.column("site").combine_chunks().dictionary_encode()
+        encoded = site_column.combine_chunks().dictionary_encode()
         codes = self.codes
         code_of_value = np.array(
             [codes.setdefault(name, len(codes)) for name in encoded.dictionary.to_pylist()],
             dtype=np.int64,
         )
         sites = code_of_value[encoded.indices.to_numpy(zero_copy_only=False)]
-        minutes = events.column("ts").to_numpy() // MINUTE_MS
-        require(minutes.min() >= 0 and minutes.max() <= MINUTE_MASK, "a minute out of range")
         keys, counts = np.unique((sites << MINUTE_BITS) | minutes, return_counts=True)
         block.add(keys, counts.astype(np.int64))
+
+    def apply_payloads(self, key: BlockKey, payloads: Iterable[bytes]) -> list[str]:
+        """Count committed payloads (Arrow IPC streams, in commit order) of block ``key``
+        in one go; returns why each payload that does not decode was skipped.
+
+        Decoded together and counted once: on the 2-core reference machine counting
+        cost about 120 µs per call whatever its size (a master's pieces hold about 125
+        events), so a master counting piece by piece spent more on it than on
+        replicating them. A batch that does not count as a whole (a payload with
+        another schema) is counted payload by payload, skipping only the bad ones.
+        """
+        errors: list[str] = []
+        tables = []
+        for payload in payloads:
+            try:
+                tables.append(from_ipc(payload))
+            except (pa.ArrowException, ValueError) as exc:
+                errors.append(f"{type(exc).__name__}: {exc}")
+        if not tables:
+            return errors
+        try:
+            self.apply(key, tables[0] if len(tables) == 1 else pa.concat_tables(tables))
+        except (pa.ArrowException, KeyError, ValueError) as exc:
+            if len(tables) == 1:
+                return [*errors, f"{type(exc).__name__}: {exc}"]
+            for table in tables:  # apply changes nothing before it raises (see apply)
+                try:
+                    self.apply(key, table)
+                except (pa.ArrowException, KeyError, ValueError) as one:
+                    errors.append(f"{type(one).__name__}: {one}")
+        return errors
 
     def sealed(self, key: BlockKey, seal_index: int) -> None:
         if key in self.blocks:

@@ -7,8 +7,8 @@ from typing import Any
 import httpx
 from fastapi import FastAPI
 
-from flowray.events import Events, events_table
-from flowray.ingest import Piece, split_pieces
+from flowray.events import events_table
+from flowray.ingest import GroupEvents, Piece, Routed, merge_pieces, split_pieces
 from flowray.serve.app import IngestFastPath
 
 
@@ -18,9 +18,14 @@ def client_for(app: FastAPI, front: str = "fastapi") -> httpx.AsyncClient:
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=asgi), base_url="http://t")
 
 
-def as_pieces(groups: dict[int, Events], shard_count: int) -> dict[int, list[Piece]]:
+def as_pieces(groups: dict[int, GroupEvents], shard_count: int) -> dict[int, list[Piece]]:
     """What the ingress would send each group's master for one request's events."""
-    return {g: split_pieces(events_table(e), shard_count) for g, e in groups.items()}
+    return {
+        g: merge_pieces([e])
+        if isinstance(e, Routed)
+        else split_pieces(events_table(e), shard_count)
+        for g, e in groups.items()
+    }
 
 
 class FakeAdmin:

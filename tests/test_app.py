@@ -27,8 +27,8 @@ from fastapi import FastAPI
 from fastapi.routing import APIRoute
 
 from flowray.config import Settings
-from flowray.events import EVENT_SCHEMA, TS_MIN_MS, Events
-from flowray.ingest import HOUR_MS, Piece, from_ipc, split_batch
+from flowray.events import EVENT_SCHEMA, TS_MIN_MS
+from flowray.ingest import HOUR_MS, GroupEvents, Piece, from_ipc, split_batch
 from flowray.router import ShardMap, shard_for_site
 from flowray.serve.app import Unavailable, create_app
 from flowray.serve.cache import Cache, MemoryCache, RedisCache
@@ -81,7 +81,7 @@ class RecordingIngest:
         self.commits: list[dict[int, list[Piece]]] = []
         self.error: Exception | None = None
 
-    async def commit(self, groups: dict[int, Events]) -> None:
+    async def commit(self, groups: dict[int, GroupEvents]) -> None:
         pieces = as_pieces(groups, SHARD_MAP.shard_count)
         if self.error is not None:
             raise self.error

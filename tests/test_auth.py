@@ -21,8 +21,8 @@ from typer.testing import CliRunner
 
 from flowray.cli import app as cli_app
 from flowray.config import Settings
-from flowray.events import EVENT_SCHEMA, Events
-from flowray.ingest import Piece, from_ipc, split_batch
+from flowray.events import EVENT_SCHEMA
+from flowray.ingest import GroupEvents, Piece, from_ipc, split_batch
 from flowray.router import ShardMap
 from flowray.serve.app import create_app
 from flowray.serve.auth import (
@@ -65,7 +65,7 @@ class RecordingIngest:
     def __init__(self) -> None:
         self.commits: list[dict[int, list[Piece]]] = []
 
-    async def commit(self, groups: dict[int, Events]) -> None:
+    async def commit(self, groups: dict[int, GroupEvents]) -> None:
         pieces = as_pieces(groups, SHARD_MAP.shard_count)
         self.commits.append(pieces)
 

@@ -11,7 +11,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flowray.events import EVENT_SCHEMA
-from flowray.ingest import COMPRESS_ROWS_MIN, HOUR_MS, Piece, from_ipc, split_batch, to_ipc
+from flowray.ingest import (
+    COMPRESS_ROWS_MIN,
+    HOUR_MS,
+    Piece,
+    Routed,
+    from_ipc,
+    merge_pieces,
+    route_table,
+    split_batch,
+    to_ipc,
+)
 from flowray.router import ShardMap, shard_for_site
 
 SEED_MAP = ShardMap.round_robin(10, 5)
@@ -167,3 +177,41 @@ def test_compressed_ipc_round_trip(n: int) -> None:
         [{"ts": T0 + i, "site": SITES[i % len(SITES)], "ua": "x" * (i % 7)} for i in range(n)]
     )
     assert from_ipc(to_ipc(table, compress=True)).equals(table)
+
+
+owner_maps = st.lists(st.integers(0, 3), min_size=1, max_size=12).map(
+    lambda owners: ShardMap(tuple(owners))
+)
+
+
+@given(requests=st.lists(event_rows, min_size=1, max_size=4), shard_map=owner_maps)
+@settings(max_examples=80, deadline=None)
+def test_requests_routed_then_merged_keep_arrival_order(
+    requests: list[list[dict[str, Any]]], shard_map: ShardMap
+) -> None:
+    """What the ingress does: each request routed once (route_table), a group's queued
+    requests merged into one proposal's pieces (merge_pieces). Each piece holds exactly
+    its (shard, hour)'s events, in arrival order across the requests, under any
+    assignment of shards to groups (moved shards included)."""
+    tables = [events(rows) for rows in requests]
+    routed: dict[int, list[Routed]] = {}
+    for table in tables:
+        for group, item in route_table(table, shard_map).items():
+            assert item.num_rows > 0
+            routed.setdefault(group, []).append(item)
+    arrived = [row for table in tables for row in table.to_pylist()]
+    for group, items in routed.items():
+        pieces = merge_pieces(items)
+        assert len({(p.shard, p.hour) for p in pieces}) == len(pieces)
+        for piece in pieces:
+            assert shard_map.group_of_shard(piece.shard) == group
+            expected = [
+                tuple(row.values())
+                for row in arrived
+                if shard_for_site(row["site"], shard_map.shard_count) == piece.shard
+                and row["ts"] // HOUR_MS == piece.hour
+            ]
+            assert rows_of(from_ipc(piece.payload)) == expected
+            assert piece.events == len(expected)
+    total = sum(p.events for items in routed.values() for p in merge_pieces(items))
+    assert total == len(arrived)

@@ -11,7 +11,7 @@ import pytest
 
 from flowray.config import Settings
 from flowray.events import Row, rows_table
-from flowray.ingest import HOUR_MS, from_ipc
+from flowray.ingest import HOUR_MS, Routed, from_ipc, ordered
 from flowray.router import shard_for_site
 from flowray.serve import deployment
 from flowray.serve.app import Unavailable
@@ -49,8 +49,11 @@ def _rows(n: int, site: str = "a.com") -> list[Row]:
     return [(1_700_000_000_000 + i, site, None, None, None, None, None) for i in range(n)]
 
 
-def _table(n: int, site: str = "b.com") -> pa.Table:
-    return rows_table(_rows(n, site))
+def _table(n: int, site: str = "b.com") -> Routed:
+    """A parsed table's events as the app hands them over: routed, in (shard, hour) runs."""
+    routed = ordered(rows_table(_rows(n, site)), Settings().shards)
+    assert routed is not None
+    return routed
 
 
 @pytest.mark.anyio

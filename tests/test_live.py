@@ -13,10 +13,13 @@ from typing import Any
 import httpx
 import pyarrow as pa
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from flowray import cluster
 from flowray import live as live_module
 from flowray.events import EVENT_SCHEMA
+from flowray.ingest import from_ipc, to_ipc
 from flowray.live import LiveCounts
 from tests.helpers import cluster_settings, kill9, replica_pid, running_cluster
 
@@ -62,6 +65,61 @@ def test_live_counts_follow_the_processing_rules() -> None:
     assert live.minutes("a.com", 0, 200 * HOUR_MS, published_upto=0)[1].tolist() == [2, 1]
     live.published(9)
     assert live.minutes("a.com", 0, 200 * HOUR_MS, published_upto=0)[1].tolist() == [1]
+
+
+def _all_minutes(live: LiveCounts, sites: list[str]) -> dict[str, list[tuple[int, int]]]:
+    out = {}
+    for site in sites:
+        minutes, counts = live.minutes(site, 0, 200 * HOUR_MS, published_upto=0)
+        out[site] = list(zip(minutes.tolist(), counts.tolist(), strict=True))
+    return out
+
+
+@given(st.integers(0, 2**32 - 1))
+@settings(max_examples=60, deadline=None)
+def test_payloads_counted_together_count_as_one_by_one(seed: int) -> None:
+    """What a master counts a block's payloads at a time equals counting each alone:
+    duplicate ids across payloads, and across the parts of an hour, count once."""
+    rng = random.Random(seed)
+    sites = ["a.com", "b.com", "c.com"]
+    payloads = []
+    for _ in range(rng.randint(1, 6)):
+        rows = [
+            {
+                "ts": 100 * HOUR_MS + rng.randrange(0, 5 * 60_000),
+                "site": rng.choice(sites),
+                "id": rng.choice([None, "x", "y", f"u{rng.random()}"]),
+            }
+            for _ in range(rng.randint(1, 20))
+        ]
+        payloads.append(to_ipc(_table(rows), compress=rng.random() < 0.5))
+    cut = rng.randint(0, len(payloads))  # payloads before the cut are part 0, after part 1
+    alone, together = LiveCounts(), LiveCounts()
+    for i, payload in enumerate(payloads):
+        alone.apply((0, 100, int(i >= cut)), from_ipc(payload))
+    assert together.apply_payloads((0, 100, 0), payloads[:cut]) == []
+    assert together.apply_payloads((0, 100, 1), payloads[cut:]) == []
+    assert _all_minutes(together, sites) == _all_minutes(alone, sites)
+
+
+def test_bad_payloads_are_skipped_and_the_rest_counted() -> None:
+    good = to_ipc(_table([{"ts": 100 * HOUR_MS, "site": "a.com", "id": "x"}]))
+    other_schema = to_ipc(pa.table({"ts": [100 * HOUR_MS], "id": ["y"]}))  # no site
+    live = LiveCounts()
+    errors = live.apply_payloads((0, 100, 0), [b"not arrow", good, other_schema, good])
+    assert len(errors) == 2
+    assert "site" in errors[1]
+    # the good payload counted, its repeat (same id) once; the bad ones left no trace
+    assert _all_minutes(live, ["a.com"]) == {"a.com": [(100 * HOUR_MS, 1)]}
+    assert live.seen_ids[(0, 100)] == {("a.com", "x")}
+
+
+def test_a_batch_that_cannot_count_changes_nothing() -> None:
+    live = LiveCounts()
+    no_ts = pa.table({"site": ["a.com"], "id": ["x"]})
+    with pytest.raises(KeyError):
+        live.apply((0, 100, 0), no_ts)
+    assert not live.blocks and not live.seen_ids.get((0, 100))
 
 
 @pytest.fixture(scope="module")

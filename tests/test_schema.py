@@ -30,8 +30,8 @@ from hypothesis import HealthCheck, settings
 from schemathesis.specs.openapi.checks import status_code_conformance
 
 from flowray.config import Settings
-from flowray.events import EVENT_SCHEMA, TS_MIN_MS, Events
-from flowray.ingest import Piece, split_batch
+from flowray.events import EVENT_SCHEMA, TS_MIN_MS
+from flowray.ingest import GroupEvents, Piece, split_batch
 from flowray.router import ShardMap
 from flowray.serve.app import create_app
 from flowray.serve.cache import MemoryCache
@@ -58,7 +58,7 @@ class RecordingIngest:
     def __init__(self) -> None:
         self.commits: list[dict[int, list[Piece]]] = []
 
-    async def commit(self, groups: dict[int, Events]) -> None:
+    async def commit(self, groups: dict[int, GroupEvents]) -> None:
         pieces = as_pieces(groups, SHARD_MAP.shard_count)
         self.commits.append(pieces)
 

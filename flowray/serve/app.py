@@ -29,7 +29,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from flowray import events as ev
 from flowray import series
 from flowray.config import Settings
-from flowray.ingest import route
+from flowray.ingest import GroupEvents, route
 from flowray.router import ShardMap, SiteError, normalize_site
 from flowray.serve.auth import Authorizer, Decision, Grant, allow_sites
 from flowray.serve.cache import Cache
@@ -64,7 +64,7 @@ class Denied(Exception):
 
 
 class Ingest(Protocol):
-    async def commit(self, groups: dict[int, ev.Events]) -> None:
+    async def commit(self, groups: dict[int, GroupEvents]) -> None:
         """Return once the events of every group are committed by a majority, or raise
         Unavailable."""
 

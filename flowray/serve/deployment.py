@@ -16,7 +16,6 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 import ray
 from fastapi import FastAPI
 from ray import serve
@@ -26,8 +25,8 @@ from flowray.actors.directory import Directory, NoMaster
 from flowray.actors.replica import NoQuorum, NotMaster, Overloaded
 from flowray.actors.restarter import RESTARTER_NAME, Restarter
 from flowray.config import Settings
-from flowray.events import Events, Row, rows_table
-from flowray.ingest import Piece, split_pieces
+from flowray.events import Row, rows_table
+from flowray.ingest import GroupEvents, Piece, Routed, merge_pieces, ordered
 from flowray.router import ShardMap
 from flowray.serve.app import Unavailable, create_app
 from flowray.serve.auth import ADMIN_TOKEN_ENV, Authorizer, TokenStore
@@ -120,27 +119,32 @@ class _Batch:
 
     def __init__(self) -> None:
         self.rows: list[Row] = []
-        self.tables: list[pa.Table] = []
+        self.routed: list[Routed] = []
         self.futures: list[asyncio.Future[None]] = []
         self.bytes = 0
 
     @staticmethod
-    def size_of(events: Events) -> int:
-        if isinstance(events, pa.Table):  # nbytes walks the offsets: 12 µs for 1,000 rows
-            return int(events.get_total_buffer_size())
+    def size_of(events: GroupEvents) -> int:
+        if isinstance(events, Routed):
+            return events.bytes
         return ROW_BYTES_ESTIMATE * len(events)
 
-    def add(self, events: Events, future: asyncio.Future[None]) -> None:
+    def add(self, events: GroupEvents, future: asyncio.Future[None]) -> None:
         self.bytes += self.size_of(events)
-        if isinstance(events, pa.Table):
-            self.tables.append(events)
+        if isinstance(events, Routed):
+            self.routed.append(events)
         else:
             self.rows.extend(events)
         self.futures.append(future)
 
-    def table(self) -> pa.Table:
-        tables = ([rows_table(self.rows)] if self.rows else []) + self.tables
-        return tables[0] if len(tables) == 1 else pa.concat_tables(tables)
+    def pieces(self, shard_count: int) -> list[Piece]:
+        """The proposal's pieces: each request's runs sliced, those of one (shard,
+        hour) together; rows from the exact parser are ordered here first."""
+        routed = self.routed
+        if self.rows:
+            rows = ordered(rows_table(self.rows), shard_count)
+            routed = [*([rows] if rows is not None else []), *routed]
+        return merge_pieces(routed)
 
 
 def should_linger(queued_bytes: int, since_last_proposal_s: float) -> bool:
@@ -148,19 +152,16 @@ def should_linger(queued_bytes: int, since_last_proposal_s: float) -> bool:
     return since_last_proposal_s < BUSY_GAP_S and queued_bytes < LINGER_BYTES_MAX
 
 
-def _split(batch: _Batch, shards: int) -> list[Piece]:
-    return split_pieces(batch.table(), shards)
-
-
 class RayIngest:
     """Micro-batches writes per group into few proposals and waits for their commits.
 
     Requests that arrive while a group's proposal is in flight are queued and sent
     together once the slot frees up: group commit at the ingress. A request costs
-    only its parsing and routing; the Arrow table, the split into (shard, hour)
-    pieces and their encoding are made once per proposal, so a thousand single-event
-    requests cost one table and one call to the master. Every request is still
-    answered only after its own events are committed.
+    its parsing and routing (a table's rows come ordered in (shard, hour) runs); the
+    pieces are cut and encoded once per proposal, and single events from the exact
+    parser become a table only then, so a thousand single-event requests cost one
+    table and one call to the master. Every request is still answered only after its
+    own events are committed.
     """
 
     def __init__(self, settings: Settings, directory: Directory) -> None:
@@ -170,10 +171,10 @@ class RayIngest:
         self._slots: dict[int, asyncio.Semaphore] = {}
         self._ended: dict[int, float] = {}  # when each group's last proposal ended
 
-    async def commit(self, groups: dict[int, Events]) -> None:
+    async def commit(self, groups: dict[int, GroupEvents]) -> None:
         await asyncio.gather(*(self._submit(g, events) for g, events in groups.items()))
 
-    async def _submit(self, group: int, events: Events) -> None:
+    async def _submit(self, group: int, events: GroupEvents) -> None:
         batch = self._queued.setdefault(group, _Batch())
         if batch.bytes and batch.bytes + batch.size_of(events) > QUEUED_BYTES_MAX:
             raise Unavailable(
@@ -200,9 +201,9 @@ class RayIngest:
                 return  # an earlier drain took these writes along
             try:
                 if batch.bytes > SPLIT_INLINE_BYTES_MAX:  # off the event loop, as parsing
-                    pieces = await asyncio.to_thread(_split, batch, self.settings.shards)
+                    pieces = await asyncio.to_thread(batch.pieces, self.settings.shards)
                 else:
-                    pieces = _split(batch, self.settings.shards)
+                    pieces = batch.pieces(self.settings.shards)
                 await self._propose(group, pieces)
             except Unavailable as exc:
                 for f in batch.futures:
