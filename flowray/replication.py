@@ -248,6 +248,24 @@ class Node:
         if self.elapsed >= self.timeout:
             self.campaign()
 
+    def leader_gone(self, peer: int) -> None:
+        """The shell saw ``peer``'s connection end (its process died, most likely).
+
+        If ``peer`` is this follower's master, stop honouring its lease and stand for
+        election soon instead of after a whole election timeout: the other followers
+        see the same connection end, so they grant their votes. The followers wait
+        in turn, by id (heartbeat_ticks + 1 ticks times their rank among the group
+        without the master), so that two of them never split the vote: the first
+        stands, and the next, whose wait is longer, votes for it. A master that is in
+        fact alive heartbeats within the shortest wait, which makes it the leader
+        again and cancels the election. Timing only: safety never rests on it."""
+        if self.role != Role.FOLLOWER or self.leader != peer:
+            return
+        self.leader = None
+        rank = sorted(p for p in self.peers if p != peer).index(self.id)
+        wait = (self.timing.heartbeat_ticks + 1) * (rank + 1)
+        self.elapsed = max(self.elapsed, self.timeout - wait)
+
     def campaign(self, transfer: bool = False) -> None:
         """Stand for election under a new term (``transfer``: asked to by the master)."""
         if self.abstain is not None:

@@ -87,6 +87,10 @@ class Faults:
     propose: float = 0.3
     transfer: float = 0.01  # the master is asked to hand mastership over
     wipe: float = 0.2  # a replica comes back on a new, empty disk (its node was lost)
+    # A replica is told a peer's connection ended (Node.leader_gone): after a crash,
+    # the survivors mostly are; at other times, spuriously (a connection that broke).
+    gone_on_crash: float = 0.8
+    gone_spurious: float = 0.02
 
 
 @dataclass
@@ -179,6 +183,9 @@ class Simulation:
             }
         elif self.blocked and self.rng.random() < f.heal:
             self.blocked = set()
+        up = [n for n in self.nodes.values() if n is not None]
+        if up and self.replicas > 1 and self.rng.random() < f.gone_spurious:
+            self.rng.choice(up).leader_gone(self.rng.choice(self.ids))
         masters = [
             i for i in self.ids if (n := self.nodes[i]) is not None and n.role == Role.LEADER
         ]
@@ -199,6 +206,9 @@ class Simulation:
     def _crash(self, i: int) -> None:
         self.nodes[i] = None
         self.pending = [p for p in self.pending if p[0] != i]
+        for node in self.nodes.values():
+            if node is not None and self.rng.random() < self.faults.gone_on_crash:
+                node.leader_gone(i)
 
     def _ready(self, i: int) -> None:
         node = self.nodes[i]

@@ -143,10 +143,15 @@ class Server:
         on_msgs: Callable[[list[Msg]], None],
         on_call: Handler,
         errors: Mapping[str, type[BaseException]],
+        on_gone: Callable[[int], None] | None = None,
     ) -> None:
+        """``on_gone(peer)``: a connection that brought messages from ``peer`` ended
+        (the peer closed it, or its process died and the kernel did)."""
         self.host = host
         self.token = secrets.token_hex(16)
         self.on_msgs, self.on_call, self.errors = on_msgs, on_call, errors
+        self.on_gone = on_gone
+        self._closing = False
         self.port = 0
         self._server: asyncio.Server | None = None
         self._conns: set[asyncio.StreamWriter] = set()
@@ -162,6 +167,7 @@ class Server:
         return self.host, self.port, self.token
 
     async def close(self) -> None:
+        self._closing = True
         if self._server is not None:
             self._server.close()
         for writer in list(self._conns):
@@ -169,6 +175,7 @@ class Server:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._conns.add(writer)
+        sender: int | None = None  # whose messages this connection brings
         try:
             kind, body = await asyncio.wait_for(read_frame(reader), HELLO_TIMEOUT_S)
             if kind != HELLO or not hmac.compare_digest(body, self.token.encode()):
@@ -177,7 +184,10 @@ class Server:
             while True:
                 kind, body = await read_frame(reader)
                 if kind == MSGS:
-                    self.on_msgs(decode_msgs(body))
+                    msgs = decode_msgs(body)
+                    if msgs:
+                        sender = msgs[0].src
+                    self.on_msgs(msgs)
                 elif kind == CALL:
                     call_id, method, args = msgpack.unpackb(body)
                     task = asyncio.create_task(self._answer(writer, call_id, method, args))
@@ -186,8 +196,13 @@ class Server:
                 else:
                     log.warning("an unknown frame type %s; closing the connection", kind)
                     return
-        except (ConnectionError, asyncio.IncompleteReadError, TimeoutError, ValueError):
-            pass  # the peer went away or sent garbage: it reconnects if it wants to
+        except (ConnectionError, asyncio.IncompleteReadError):
+            # The peer went away; it reconnects if it wants to. If it cut the
+            # connection (not our own close()), tell whose messages it brought.
+            if sender is not None and self.on_gone is not None and not self._closing:
+                self.on_gone(sender)
+        except (TimeoutError, ValueError):
+            pass  # no token in time, or garbage: the peer reconnects if it wants to
         finally:
             self._conns.discard(writer)
             writer.close()

@@ -7,6 +7,7 @@ delivers only what the script says, with fake disks. Commands (node ids are numb
     tick ID [COUNT]                 tick one replica (elections start only by 'campaign':
                                     timeouts are 19 ticks, leases 10)
     campaign ID                     the replica stands for election now
+    gone ID PEER                    the replica saw PEER's connection end (leader_gone)
     propose ID NAME [fails]         propose a payload on a replica (or expect refusal)
     deliver [A->B]                  deliver pending messages (all, or A to B), until quiet
     drop [A->B]                     drop pending messages (all, or A to B)
@@ -57,6 +58,7 @@ class Harness:
             disk.term,
             disk.voted_for,
             Timing(10, 2),
+            _LateRng(),
             append_bytes_max=self.append_bytes_max,
             abstain=disk.abstain,
         )
@@ -95,6 +97,9 @@ class Harness:
             self.flush(int(args[0]))
         elif cmd == "campaign":
             self.node(int(args[0])).campaign()
+            self.flush(int(args[0]))
+        elif cmd == "gone":  # gone NODE PEER: NODE saw PEER's connection end
+            self.node(int(args[0])).leader_gone(int(args[1]))
             self.flush(int(args[0]))
         elif cmd == "transfer":  # transfer FROM TO
             self.node(int(args[0])).transfer(int(args[1]))

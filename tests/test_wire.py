@@ -6,6 +6,7 @@ Real sockets on loopback, no Ray: the server and the links are plain asyncio.
 from __future__ import annotations
 
 import asyncio
+import sys
 from typing import Any
 
 import pytest
@@ -192,3 +193,58 @@ async def test_an_oversized_frame_closes_the_connection() -> None:
         assert await reader.read() == b"", "the server hung up"
     writer.close()
     await peer.server.close()
+
+
+_SENDER = """
+import asyncio, sys, time
+from flowray import wire
+from flowray.actors.replica import WIRE_ERRORS
+from flowray.replication import Msg
+
+async def main():
+    address = (sys.argv[1], int(sys.argv[2]), sys.argv[3])
+    async def resolve():
+        return address
+    link = wire.Link(resolve, WIRE_ERRORS)
+    link.send(wire.MSGS, wire.encode_msgs([Msg("append", 2, 1, 1, 0, 0)]))
+    await asyncio.sleep(60)
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.anyio
+async def test_a_peer_killed_ends_its_connection_and_is_named() -> None:
+    """kill -9 of a process that sent messages: the server names it (on_gone) at once,
+    which a follower takes as a sign that its master died. Our own close names none."""
+    gone: list[int] = []
+    peer = Peer()
+    peer.server = wire.Server("127.0.0.1", peer.on_msgs, peer.on_call, WIRE_ERRORS, gone.append)
+    host, port, token = await peer.server.start()
+    sender = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _SENDER, host, str(port), token
+    )
+    try:
+        await peer.wait_for(1)
+        assert peer.received[0].src == 2 and gone == []
+        sender.kill()  # SIGKILL: the kernel closes its sockets
+        async with asyncio.timeout(10):
+            while not gone:
+                await asyncio.sleep(0.01)
+        assert gone == [2]
+    finally:
+        if sender.returncode is None:
+            sender.kill()
+        await sender.wait()
+
+    # a live sender's connection, closed by our own close(): nobody is named
+    async def resolve() -> wire.Address:
+        return host, port, token
+
+    link = wire.Link(resolve, WIRE_ERRORS)
+    link.send(wire.MSGS, wire.encode_msgs([Msg("append", 0, 1, 1, 0, 0)]))
+    await peer.wait_for(2)
+    await peer.server.close()
+    await asyncio.sleep(0.2)
+    assert gone == [2]
+    link.close()

@@ -172,7 +172,11 @@ class Replica:
     async def _serve_wire(self) -> None:
         """Listen for peers' messages and the ingress's proposals on this node's address."""
         self.wire = Server(
-            ray.util.get_node_ip_address(), self._receive, self._on_call, WIRE_ERRORS
+            ray.util.get_node_ip_address(),
+            self._receive,
+            self._on_call,
+            WIRE_ERRORS,
+            on_gone=self._peer_gone,
         )
         await self.wire.start()
         self._wire_ready.set()  # type: ignore[union-attr]
@@ -429,6 +433,12 @@ class Replica:
     def _receive(self, msgs: list[Msg]) -> None:
         for msg in msgs:
             self.node.step(msg)
+        self._kick()
+
+    def _peer_gone(self, peer: int) -> None:
+        """A peer's connection ended: if it was the master's, an election comes sooner
+        (Node.leader_gone). kill -9 of a master ends its connections at once."""
+        self.node.leader_gone(peer)
         self._kick()
 
     # ---- proposals -------------------------------------------------------------------
