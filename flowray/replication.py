@@ -328,7 +328,14 @@ class Node:
             return  # a live master is known: do not let a stray candidate depose it
         if msg.term > self.term:
             leader = msg.src if msg.kind == "append" else None
+            waited = (self.elapsed, self.timeout) if self.role != Role.LEADER else None
             self._become_follower(msg.term, leader)
+            if leader is None and waited is not None:
+                # A higher term without a master (a candidate's vote request) does not
+                # restart the election clock, as in Raft: a candidate whose log is
+                # behind would otherwise push back the election of one that is not
+                # (by a whole timeout after leader_gone hastened it).
+                self.elapsed, self.timeout = waited
         if msg.kind == "vote":
             self._on_vote(msg)
         elif msg.kind == "vote_resp":

@@ -210,12 +210,21 @@ class Flowray:
             total += int(match.group(1)) if match else 0
         return total / 1024
 
-    def master_pid(self, group: int) -> int:
-        status = httpx.get(f"{self.ingest}/v1/admin/status", timeout=30).json()
-        for r in status["groups"][group]["replicas"]:
-            if r.get("role") == "master":
-                return int(r["pid"])
-        raise LookupError("no master")
+    def master_pid(self, group: int, wait_s: float = 30.0) -> int:
+        """The pid of the group's master. A replica too busy to answer the status call
+        in time shows as down (after the throughput runs, processing loads them):
+        ask again, for up to ``wait_s``."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            status = httpx.get(f"{self.ingest}/v1/admin/status", timeout=30).json()
+            replicas = status["groups"][group]["replicas"]
+            for r in replicas:
+                if r.get("role") == "master":
+                    return int(r["pid"])
+            if time.monotonic() > deadline:
+                raise LookupError(f"no master in group {group}: {replicas}")
+            print(f"no master in group {group} yet: {replicas}", file=sys.stderr)
+            time.sleep(0.5)
 
 
 class RawHttp:
