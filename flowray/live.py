@@ -28,6 +28,9 @@ MINUTE_MS = 60_000
 MINUTE_BITS = 32
 MINUTE_MASK = (1 << MINUTE_BITS) - 1
 TAIL_KEYS_MAX = 1 << 16  # keys added since the last merge, at most
+# A batch is counted on a dense (site, minute) grid when it has at most this many
+# cells per row (plus a few): beyond, the grid costs more than sorting the keys.
+DENSE_CELLS_PER_ROW = 4
 
 
 class _Block:
@@ -122,8 +125,20 @@ class LiveCounts:
             [codes.setdefault(name, len(codes)) for name in encoded.dictionary.to_pylist()],
             dtype=np.int64,
         )
-        sites = code_of_value[encoded.indices.to_numpy(zero_copy_only=False)]
-        keys, counts = np.unique((sites << MINUTE_BITS) | minutes, return_counts=True)
+        values = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+        first = int(minutes.min())
+        span = int(minutes.max()) - first + 1
+        if len(code_of_value) * span <= DENSE_CELLS_PER_ROW * len(values) + 256:
+            # A batch spans a minute or two: count (site, minute) cells with one
+            # bincount over a dense grid instead of sorting the keys (np.unique).
+            cells = np.bincount(values * span + (minutes - first), minlength=0)
+            used = np.flatnonzero(cells)
+            keys = (code_of_value[used // span] << MINUTE_BITS) | (used % span + first)
+            counts = cells[used]
+        else:
+            keys, counts = np.unique(
+                (code_of_value[values] << MINUTE_BITS) | minutes, return_counts=True
+            )
         block.add(keys, counts.astype(np.int64))
 
     def apply_payloads(self, key: BlockKey, payloads: Iterable[bytes]) -> list[str]:

@@ -102,6 +102,33 @@ def test_payloads_counted_together_count_as_one_by_one(seed: int) -> None:
     assert _all_minutes(together, sites) == _all_minutes(alone, sites)
 
 
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(["a.com", "b.com", "c.com", "d.com"]), st.integers(0, 3 * 60)),
+        min_size=1,
+        max_size=300,
+    ),
+    st.integers(0, 3),
+)
+@settings(max_examples=200, deadline=None)
+def test_counts_are_exact_whatever_the_minutes_spread(
+    rows: list[tuple[str, int]], spread_shift: int
+) -> None:
+    """(site, minute) counts equal a plain count of the rows, whether a batch is
+    counted on the dense grid (a minute or two) or by sorting (minutes far apart)."""
+    scale = [1, 7, 60_000, 3_600_000][spread_shift]  # ms between the rows' times
+    live = LiveCounts()
+    table = _table([{"ts": 100 * HOUR_MS + t * scale, "site": s} for s, t in rows])
+    live.apply((0, 100, 0), table)
+    expected: dict[str, Counter[int]] = {}
+    for s, t in rows:
+        minute_ms = (100 * HOUR_MS + t * scale) // 60_000 * 60_000
+        expected.setdefault(s, Counter())[minute_ms] += 1
+    for site, counts in expected.items():
+        minutes, got = live.minutes(site, 0, 400 * HOUR_MS, published_upto=0)
+        assert dict(zip(minutes.tolist(), got.tolist(), strict=True)) == dict(counts)
+
+
 def test_bad_payloads_are_skipped_and_the_rest_counted() -> None:
     good = to_ipc(_table([{"ts": 100 * HOUR_MS, "site": "a.com", "id": "x"}]))
     other_schema = to_ipc(pa.table({"ts": [100 * HOUR_MS], "id": ["y"]}))  # no site
