@@ -107,7 +107,17 @@ async def scenario(settings: Settings, running: cluster.Cluster, nodes: Cluster)
         if time.monotonic() > deadline:
             raise TimeoutError("the lost replica did not come back and catch up")
         await asyncio.sleep(1.0)
-    summary = ray.get(running.processor.run.remote("closed"), timeout=300)
+    # The processor may have been on the lost node too: Ray restarts it elsewhere, and
+    # until it is back a call finds it restarting.
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            summary = ray.get(running.processor.run.remote("closed"), timeout=300)
+            break
+        except ray.exceptions.ActorUnavailableError:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(1.0)
     catalog = Catalog(settings.warehouse_dir / "catalog.sqlite")
     paths = [u.path for u in catalog.units(catalog.current_version())]
     rows = duckdb.sql(
