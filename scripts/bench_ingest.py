@@ -441,9 +441,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--markdown", type=Path, help="append the results to this file")
+    parser.add_argument(
+        "--kills-only",
+        type=int,
+        metavar="N",
+        help="only kill -9 group 0's master N times on an idle cluster; print the seconds "
+        "from each kill to the next acknowledged write",
+    )
     args = parser.parse_args()
     s = args.seconds
     start_ms = int(time.time() * 1000) - 3 * 3_600_000
+    if args.kills_only:
+        with Flowray() as fr:
+            time.sleep(2)
+            gaps = unavailability_after_master_kill(fr, start_ms, tries=args.kills_only)
+        print("writes unavailable after kill -9 of a master (s):", *(f"{g:.2f}" for g in gaps))
+        return
     batch1k, batch10k = make_events(1000, start_ms), make_events(10_000, start_ms)
     results: dict[str, Any] = {
         "machine": f"{platform.node()}: {os.cpu_count()} cores, {platform.platform()}",
