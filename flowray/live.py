@@ -93,8 +93,10 @@ class LiveCounts:
     def apply(self, key: BlockKey, events: pa.Table) -> None:
         """Count one committed batch of events of block ``key``. A batch it cannot count
         (a column missing or of another type) raises before anything changes."""
-        ids, site_column = events.column("id"), events.column("site")
-        minutes = events.column("ts").to_numpy() // MINUTE_MS
+        ids, site_column, ts = events.column("id"), events.column("site"), events.column("ts")
+        if site_column.null_count or ts.null_count:  # IPC does not enforce "not null"
+            raise ValueError("a committed batch with a missing site or time")
+        minutes = ts.to_numpy() // MINUTE_MS
         require(
             len(minutes) == 0 or (minutes.min() >= 0 and minutes.max() <= MINUTE_MASK),
             "a minute out of range",

@@ -254,16 +254,19 @@ class Node:
         If ``peer`` is this follower's master, stop honouring its lease and stand for
         election soon instead of after a whole election timeout: the other followers
         see the same connection end, so they grant their votes. The followers wait
-        in turn, by id (heartbeat_ticks + 1 ticks times their rank among the group
-        without the master), so that two of them never split the vote: the first
-        stands, and the next, whose wait is longer, votes for it. A master that is in
-        fact alive heartbeats within the shortest wait, which makes it the leader
-        again and cancels the election. Timing only: safety never rests on it."""
+        in turn, by id (2 * heartbeat_ticks + 1 ticks times their rank among the
+        group without the master), so that two of them never split the vote: the
+        first stands, and the next, whose wait is longer, votes for it. A master that
+        is in fact alive (only a connection broke) has two heartbeats within the
+        shortest wait to be heard again over a new connection, which makes it the
+        leader again and cancels the election; if both are lost, this follower's
+        higher term deposes it, an election as after a timeout. Timing only: safety
+        never rests on it."""
         if self.role != Role.FOLLOWER or self.leader != peer:
             return
         self.leader = None
         rank = sorted(p for p in self.peers if p != peer).index(self.id)
-        wait = (self.timing.heartbeat_ticks + 1) * (rank + 1)
+        wait = (2 * self.timing.heartbeat_ticks + 1) * (rank + 1)
         self.elapsed = max(self.elapsed, self.timeout - wait)
 
     def campaign(self, transfer: bool = False) -> None:

@@ -146,7 +146,19 @@ def test_a_batch_that_cannot_count_changes_nothing() -> None:
     no_ts = pa.table({"site": ["a.com"], "id": ["x"]})
     with pytest.raises(KeyError):
         live.apply((0, 100, 0), no_ts)
+    # Arrow IPC does not enforce the schema's "not null": a null site is refused
+    # before its batch's ids are marked seen.
+    null_site = pa.table(
+        {"ts": [100 * HOUR_MS, 100 * HOUR_MS], "site": ["a.com", None], "id": ["x", "y"]}
+    )
+    with pytest.raises(ValueError):
+        live.apply((0, 100, 0), null_site)
     assert not live.blocks and not live.seen_ids.get((0, 100))
+    # Counted with a good payload, the bad one is reported and the good one counted.
+    good = to_ipc(_table([{"ts": 100 * HOUR_MS, "site": "a.com", "id": "x"}] * 2))
+    errors = live.apply_payloads((0, 100, 0), [good, to_ipc(null_site)])
+    assert len(errors) == 1 and "missing site" in errors[0]
+    assert _all_minutes(live, ["a.com"]) == {"a.com": [(100 * HOUR_MS, 1)]}
 
 
 @pytest.fixture(scope="module")

@@ -427,7 +427,11 @@ def create_app(
                 metrics.denied.labels("403").inc()
                 return _denied(decision)
         try:
-            await ingest.commit(route(events, current_map()))
+            if len(body) > PARSE_INLINE_BYTES_MAX:  # its sort and take too, as its parse
+                groups = await asyncio.to_thread(route, events, current_map())
+            else:
+                groups = route(events, current_map())
+            await ingest.commit(groups)
         except Unavailable as exc:
             metrics.rejected.labels("503").inc()
             return JSONResponse(
