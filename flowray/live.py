@@ -133,7 +133,7 @@ class LiveCounts:
         if len(code_of_value) * span <= DENSE_CELLS_PER_ROW * len(values) + 256:
             # A batch spans a minute or two: count (site, minute) cells with one
             # bincount over a dense grid instead of sorting the keys (np.unique).
-            cells = np.bincount(values * span + (minutes - first), minlength=0)
+            cells = np.bincount(values * span + (minutes - first))
             used = np.flatnonzero(cells)
             keys = (code_of_value[used // span] << MINUTE_BITS) | (used % span + first)
             counts = cells[used]

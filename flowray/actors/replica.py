@@ -377,7 +377,7 @@ class Replica:
     def _live_apply(self, live: LiveCounts, key: BlockKey, payloads: list[bytes]) -> None:
         """Count committed payloads; one that does not decode is counted as an error
         (processing will report it too), never a reason to stop replicating."""
-        for error in live.apply_payloads(key, payloads) if payloads else ():
+        for error in live.apply_payloads(key, payloads):
             self.live_errors += 1
             log.warning("group %s: live counts skip an entry of %s: %s", self.group, key, error)
 
