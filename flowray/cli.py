@@ -317,10 +317,16 @@ def down(
     # 'up --detach' runs in a session of its own: whatever is left in it (Ray agents
     # that outlive their raylet) was started by us, and nothing else is in it.
     leftovers = set(_session_pids(pid)) | {int(p) for p in record.get("ray_pids", [])}
+    leftovers.discard(os.getpid())
     for child in sorted(leftovers):
-        if child != os.getpid() and _pid_alive(child):
+        if _pid_alive(child):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(child, signal.SIGKILL)
+    # A killed process holds its ports and files until it has exited: 'down' returns
+    # when they are free, so an 'up' right after it can bind the same ports.
+    deadline = time.monotonic() + DOWN_TIMEOUT_S
+    while any(_pid_alive(child) for child in leftovers) and time.monotonic() < deadline:
+        time.sleep(0.05)
     with contextlib.suppress(FileNotFoundError):
         (data_dir / "cluster.json").unlink()
     console.print("flowray is down")

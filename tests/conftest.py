@@ -12,21 +12,16 @@ import os
 # Read by Ray when it is imported: a single-node Ray then listens on loopback only.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
-import socket
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.ports import free_port
+
 REDIS_URL_ENV = "FLOWRAY_TEST_REDIS_URL"
 DEFAULT_TEST_REDIS = "redis://127.0.0.1:6379/0"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture(scope="session")

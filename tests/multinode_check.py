@@ -14,7 +14,6 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 import asyncio  # noqa: E402
 import json  # noqa: E402
-import socket  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -36,15 +35,12 @@ from flowray.serve.app import Unavailable  # noqa: E402
 from flowray.serve.deployment import RayIngest  # noqa: E402
 from flowray.storage.catalog import Catalog  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tests.ports import free_port  # noqa: E402
+
 HOUR_MS = 3_600_000
 BATCH = 50
 NODE_ARGS = {"num_cpus": 2, "node_ip_address": "127.0.0.1", "include_dashboard": False}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def event(i: int, hour_ms: int) -> dict[str, Any]:

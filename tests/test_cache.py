@@ -15,6 +15,7 @@ import anyio
 import pytest
 
 from flowray.serve.cache import Cache, MemoryCache, RedisCache, make_cache, redis_answers
+from tests.ports import free_port
 
 CONTRACT_TIMEOUT_S = 0.5
 DEAD_CALL_S_MAX = 0.5
@@ -24,12 +25,6 @@ MIB = 1024 * 1024
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture

@@ -7,16 +7,11 @@ import socket
 import pytest
 
 from flowray.serve.gateway import gateway_name, listen_socket, require_port_free
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from tests.ports import free_port
 
 
 def test_gateways_share_the_port_and_each_takes_connections() -> None:
-    port = _free_port()
+    port = free_port()
     require_port_free("127.0.0.1", port)
     a, b = listen_socket("127.0.0.1", port), listen_socket("127.0.0.1", port)
     try:
