@@ -28,7 +28,6 @@ import platform
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -48,9 +47,11 @@ FLEET_BATCH = 100
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A port outside the ephemeral range (see tests/ports.py)."""
+    sys.path.insert(0, str(ROOT))
+    from tests.ports import free_port as pick
+
+    return pick()
 
 
 def publish(report: str, results: dict[str, Any], markdown: Path | None) -> None:
