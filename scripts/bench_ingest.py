@@ -302,10 +302,13 @@ async def fleet_latency(url: str, seconds: float, start_ms: int) -> dict[str, fl
     await asyncio.gather(*tasks)
     await client.close()
     latencies.sort()
-    p50, p99 = latencies[len(latencies) // 2], latencies[int(len(latencies) * 0.99)]
+    n = len(latencies)
     return {
-        "p50_ms": p50,
-        "p99_ms": p99,
+        "p50_ms": latencies[n // 2],
+        "p90_ms": latencies[int(n * 0.9)],
+        "p99_ms": latencies[int(n * 0.99)],
+        "p999_ms": latencies[int(n * 0.999)],
+        "max_ms": latencies[-1],
         "requests": float(len(latencies)),
         "failures": float(failures),
     }
@@ -449,9 +452,23 @@ def main() -> None:
         help="only kill -9 group 0's master N times on an idle cluster; print the seconds "
         "from each kill to the next acknowledged write",
     )
+    parser.add_argument(
+        "--fleet-only",
+        type=int,
+        metavar="N",
+        help="only measure the ack latency at the fleet rate, N rounds of 2 x --seconds "
+        "on one fresh cluster; print each round's percentiles",
+    )
     args = parser.parse_args()
     s = args.seconds
     start_ms = int(time.time() * 1000) - 3 * 3_600_000
+    if args.fleet_only:
+        with Flowray() as fr:
+            time.sleep(2)
+            for _ in range(args.fleet_only):
+                r = asyncio.run(fleet_latency(fr.ingest, 2 * s, start_ms))
+                print(" ".join(f"{k} {v:.1f}" for k, v in r.items()), flush=True)
+        return
     if args.kills_only:
         with Flowray() as fr:
             time.sleep(2)
