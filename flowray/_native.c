@@ -83,10 +83,37 @@ static long unicode_escape(const char *p, const char *end, size_t *size) {
     return 0x10000 + ((cp - 0xD800) << 10) + (low - 0xDC00);
 }
 
+/* The length of the well-formed UTF-8 sequence at p, whose first byte is 0x80 or
+ * more, or 0 if it is not one: the sequences of the Unicode standard's table 3-7,
+ * which Python's strict decoder takes too (no overlong forms, no surrogates, nothing
+ * past U+10FFFF). */
+static size_t utf8_sequence(const unsigned char *p, const unsigned char *end) {
+    unsigned char c = p[0], lo = 0x80, hi = 0xBF;
+    size_t n;
+    if (c >= 0xC2 && c <= 0xDF) {
+        n = 2;
+    } else if (c >= 0xE0 && c <= 0xEF) {
+        n = 3;
+        if (c == 0xE0) lo = 0xA0;      /* overlong below */
+        else if (c == 0xED) hi = 0x9F; /* surrogates above */
+    } else if (c >= 0xF0 && c <= 0xF4) {
+        n = 4;
+        if (c == 0xF0) lo = 0x90;      /* overlong below */
+        else if (c == 0xF4) hi = 0x8F; /* past U+10FFFF above */
+    } else {
+        return 0; /* a continuation byte first, an overlong 0xC0/0xC1, or 0xF5 and up */
+    }
+    if ((size_t)(end - p) < n || p[1] < lo || p[1] > hi) return 0;
+    for (size_t i = 2; i < n; i++)
+        if ((p[i] & 0xC0) != 0x80) return 0;
+    return n;
+}
+
 /* A string's bytes (after the opening quote) up to its closing quote, or NULL for a
- * bad escape, a control character or no closing quote on the line. Counts its
- * characters as they decode (UTF-8 was checked by the caller: every byte but
- * 10xxxxxx starts one; an escape is one), and sets *escaped if it has escapes. */
+ * bad escape, a control character, bytes that are not UTF-8 or no closing quote on
+ * the line. Counts its characters as they decode (a UTF-8 sequence or an escape is
+ * one), and sets *escaped if it has escapes. Strings are the only place where a byte
+ * of 0x80 or more is taken, so a body the parser accepts is UTF-8 throughout. */
 static const char *scan_string(const char *p, const char *end, size_t *chars, int *escaped) {
     size_t n = 0, size;
     *escaped = 0;
@@ -111,8 +138,14 @@ static const char *scan_string(const char *p, const char *end, size_t *chars, in
             n++;
             continue;
         }
-        n += (c & 0xC0) != 0x80;
-        p++;
+        if (c >= 0x80) {
+            size = utf8_sequence((const unsigned char *)p, (const unsigned char *)end);
+            if (size == 0) return NULL;
+            p += size;
+        } else {
+            p++;
+        }
+        n++;
     }
     return NULL;
 }
@@ -589,7 +622,8 @@ done:
 PyDoc_STRVAR(ndjson_doc,
 "ndjson(body, now_ms, ts_lo, ts_hi, path_chars_max, visitor_chars_max, events_max)\n"
 "--\n\n"
-"Columns of a UTF-8 NDJSON body of flat event objects, or None at the first doubt.\n\n"
+"Columns of an NDJSON body of flat event objects, or None at the first doubt (bytes\n"
+"that are not UTF-8 are one).\n\n"
 COLUMNS_DOC);
 
 static PyObject *ndjson(PyObject *self, PyObject *args) {
@@ -600,8 +634,8 @@ static PyObject *ndjson(PyObject *self, PyObject *args) {
 PyDoc_STRVAR(json_doc,
 "json(body, now_ms, ts_lo, ts_hi, path_chars_max, visitor_chars_max, events_max)\n"
 "--\n\n"
-"Columns of a UTF-8 JSON body (an array of flat event objects, or one), or None at\n"
-"the first doubt.\n\n"
+"Columns of a JSON body (an array of flat event objects, or one), or None at the\n"
+"first doubt (bytes that are not UTF-8 are one).\n\n"
 COLUMNS_DOC);
 
 static PyObject *json(PyObject *self, PyObject *args) {

@@ -21,7 +21,10 @@ ROWS = [
     b'{"site":"c.io","ts":"1795599999999","visitor":"v","id":"","y":[1,{"a":null}]}',
 ]
 GOOD = {"ndjson": b"\n".join(ROWS) + b"\n", "json": b"[\n  " + b",\n  ".join(ROWS) + b"\n]"}
-ALPHABET = b'{}[]":,\\ \t\r\n-+.0123456789eEtrufalsnTZudcbDC\x00\x0b\x1f\xc3\xa9\xef\xbb\xbf'
+ALPHABET = (
+    b'{}[]":,\\ \t\r\n-+.0123456789eEtrufalsnTZudcbDC\x00\x0b\x1f'
+    b"\xc3\xa9\xef\xbb\xbf\x80\xed\xf0\xf4\xff"  # UTF-8, and bytes that begin no good sequence
+)
 
 
 def mutate(good: bytes, rng: random.Random, alphabet: bytes) -> bytes:

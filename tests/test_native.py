@@ -56,8 +56,6 @@ def _exact(body: bytes, form: str = "ndjson") -> pa.Table | None:
 
 
 def _native(body: bytes, form: str = "ndjson") -> pa.Table | None:
-    if not fastparse.utf8(body):
-        return None  # the caller's check: the C parser takes UTF-8 only
     parse = fastparse.native_ndjson if form == "ndjson" else fastparse.native_json
     return parse(body, LIMITS)
 
@@ -223,7 +221,7 @@ def test_random_mutations_of_good_bodies_agree(form: str) -> None:
     good = b"\n".join(orjson.dumps(r) for r in rows) + b"\n"
     if form == "json":
         good = orjson.dumps(rows, option=orjson.OPT_INDENT_2)
-    alphabet = b'{}[]":,\\ \t\r\n-+.0123456789eEtrufalsn\x00\x1f\xc3\xa9'
+    alphabet = b'{}[]":,\\ \t\r\n-+.0123456789eEtrufalsn\x00\x1f\xc3\xa9\x80\xed\xf4\xff'
     accepted = 0
     for _ in range(30_000):
         body = mutate(good, rng, alphabet)
@@ -394,6 +392,75 @@ def test_the_c_parser_declines_json_it_does_not_know(body: bytes) -> None:
 @native
 def test_the_c_parser_declines(body: bytes, why: str) -> None:
     assert _native(body) is None, why
+
+
+# Byte sequences that Python's strict UTF-8 decoder refuses, and some it takes.
+NOT_UTF8 = [
+    (b"\x80", "a continuation byte first"),
+    (b"\xbf", "another continuation byte first"),
+    (b"\xc0\x80", "an overlong NUL"),
+    (b"\xc1\xbf", "an overlong two-byte form"),
+    (b"\xe0\x80\xaf", "an overlong three-byte form"),
+    (b"\xed\xa0\x80", "a high surrogate"),
+    (b"\xed\xbf\xbf", "a low surrogate"),
+    (b"\xf0\x80\x80\xaf", "an overlong four-byte form"),
+    (b"\xf4\x90\x80\x80", "past U+10FFFF"),
+    (b"\xf5\x80\x80\x80", "a lead byte past U+10FFFF"),
+    (b"\xff", "0xff"),
+    (b"\xc3", "a sequence cut by the closing quote"),
+    (b"\xe2\x82", "a three-byte sequence cut by the quote"),
+    (b"\xf0\x9f\x98", "a four-byte sequence cut by the quote"),
+    (b"\xc3\x28", "a lead byte before ASCII"),
+]
+UTF8 = [b"\xc3\xa9", b"\xe2\x82\xac", b"\xef\xbf\xbf", b"\xf0\x9f\x98\x80", b"\xf4\x8f\xbf\xbf"]
+
+
+@pytest.mark.parametrize("form", ["ndjson", "json"])
+@pytest.mark.parametrize(("raw", "why"), NOT_UTF8)
+@native
+def test_the_c_parser_declines_bytes_that_are_not_utf8(raw: bytes, why: str, form: str) -> None:
+    """The C parser checks UTF-8 itself (its callers no longer do), in every string:
+    a value, an unknown field's value, a key; the exact parser then names the error."""
+    for body in (
+        b'{"site":"a.com","path":"/' + raw + b'"}',
+        b'{"site":"a.com","x":"' + raw + b'"}',
+        b'{"site":"a.com","' + raw + b'":1}',
+        b'{"site":"a.com","path":"/' + raw,  # cut at the end of the body
+    ):
+        with pytest.raises(UnicodeDecodeError):
+            body.decode()
+        assert _native(body, form) is None, why
+        with pytest.raises(ev.BatchRejected):
+            (ev.parse_ndjson_body if form == "ndjson" else ev.parse_json_body)(body, LIMITS)
+
+
+@pytest.mark.parametrize("form", ["ndjson", "json"])
+@native
+def test_utf8_characters_count_once_against_the_length_limits(form: str) -> None:
+    """Every well-formed sequence, one to four bytes, is one character, as in Python."""
+    limits = ev.Limits(now_ms=NOW_MS, batch_events_max=50)
+    for char in UTF8:
+        fits = b'{"site":"a.com","visitor":"' + char * ev.VISITOR_CHARS_MAX + b'"}'
+        table = _agree(fits, form)
+        assert table is not None and table.column("visitor")[0].as_py() == fits.decode()[27:-2]
+        over = b'{"site":"a.com","visitor":"' + char * (ev.VISITOR_CHARS_MAX + 1) + b'"}'
+        parse = fastparse.native_ndjson if form == "ndjson" else fastparse.native_json
+        assert parse(over, limits) is None
+
+
+@given(st.binary(min_size=1, max_size=12))
+@settings(max_examples=3000, deadline=None)
+@native
+def test_any_bytes_in_a_string_are_declined_or_read_as_python_reads_them(raw: bytes) -> None:
+    body = b'{"site":"a.com","path":"/' + raw.replace(b'"', b"q").replace(b"\\", b"b") + b'"}'
+    try:
+        text = body.decode()
+    except UnicodeDecodeError:
+        assert _native(body) is None
+        return
+    table = _agree(body)
+    if table is not None:
+        assert table.column("path")[0].as_py() == orjson.loads(text)["path"]
 
 
 @pytest.mark.parametrize("form", ["ndjson", "json"])
