@@ -44,6 +44,10 @@ HELLO, MSGS, CALL, REPLY = range(4)
 FRAME_BYTES_MAX = 512 * 1024 * 1024
 # One-way messages waiting for a connection or for the socket to drain, at most.
 PENDING_BYTES_MAX = 64 * 1024 * 1024
+# Replies waiting for a caller to read them, at most: a caller that sends calls and
+# reads no answers is cut off (its calls' outcomes are then unknown to it), rather
+# than growing this process's memory without bound.
+REPLY_BUFFER_BYTES_MAX = 16 * 1024 * 1024
 CONNECT_TIMEOUT_S = 2.0
 # After a failed connect, one-way sends are dropped for this long before the next try.
 RETRY_BACKOFF_S = 0.1
@@ -214,8 +218,12 @@ class Server:
             reply = [call_id, True, await self.on_call(method, args)]
         except Exception as exc:  # sent back to the caller, which decides
             reply = [call_id, False, encode_error(exc, self.errors)]
-        if not writer.is_closing():
-            writer.write(frame(REPLY, msgpack.packb(reply, use_bin_type=True)))
+        if writer.is_closing():
+            return
+        writer.write(frame(REPLY, msgpack.packb(reply, use_bin_type=True)))
+        if writer.transport.get_write_buffer_size() > REPLY_BUFFER_BYTES_MAX:
+            log.warning("a caller reads none of its replies; closing its connection")
+            writer.transport.abort()
 
 
 # ---- client ------------------------------------------------------------------------------

@@ -6,9 +6,11 @@ Real sockets on loopback, no Ray: the server and the links are plain asyncio.
 from __future__ import annotations
 
 import asyncio
+import socket
 import sys
 from typing import Any
 
+import msgpack
 import pytest
 
 from flowray import wire
@@ -64,7 +66,13 @@ class Peer:
 
 async def started() -> tuple[Peer, wire.Link]:
     peer = Peer()
-    address = await peer.server.start()
+    await peer.server.start()
+    return await started_on(peer)
+
+
+async def started_on(peer: Peer) -> tuple[Peer, wire.Link]:
+    """A link to a peer whose server is started."""
+    address = peer.server.address
 
     async def resolve() -> wire.Address:
         return address
@@ -192,6 +200,38 @@ async def test_an_oversized_frame_closes_the_connection() -> None:
     async with asyncio.timeout(5):
         assert await reader.read() == b"", "the server hung up"
     writer.close()
+    await peer.server.close()
+
+
+@pytest.mark.anyio
+async def test_a_caller_that_reads_no_replies_is_cut_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Replies wait in the server's buffer for their caller, up to a bound: a caller
+    that keeps calling and never reads is disconnected, and the server answers others."""
+    monkeypatch.setattr(wire, "REPLY_BUFFER_BYTES_MAX", 64 * 1024)
+    peer = Peer()
+    host, port, token = await peer.server.start()
+    reader, writer = await asyncio.open_connection(host, port)
+    sock = writer.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # the kernel holds little
+    writer.write(wire.frame(wire.HELLO, token.encode()))
+    big = b"r" * 8192
+    cut = False
+    async with asyncio.timeout(20):
+        for call_id in range(1, 20_000):
+            body = msgpack.packb([call_id, "echo", big], use_bin_type=True)
+            try:
+                writer.write(wire.frame(wire.CALL, body))
+                await writer.drain()
+            except ConnectionError:
+                cut = True
+                break
+            await asyncio.sleep(0)
+    assert cut, "the server kept every reply for a caller that reads none"
+    assert len(peer.server._conns) == 0
+    writer.close()
+    _peer, link = await started_on(peer)
+    assert await link.call("echo", 7, 5) == 7, "others are still answered"
+    link.close()
     await peer.server.close()
 
 
