@@ -39,6 +39,20 @@ class Directory:
             )
         return self._handles[key]
 
+    async def handle_async(self, group: int, replica: int) -> Any:
+        """``handle``, its lookup (a round trip to Ray's GCS, the first time and after a
+        replica is re-created) on a worker thread, so the event loop goes on meanwhile;
+        within rpc_timeout_s, or TimeoutError."""
+        key = (group, replica)
+        if key not in self._handles:
+            self._handles[key] = await asyncio.wait_for(
+                asyncio.to_thread(
+                    ray.get_actor, actor_name(group, replica), namespace=self.settings.namespace
+                ),
+                self.settings.rpc_timeout_s,
+            )
+        return self._handles[key]
+
     def link(self, group: int, replica: int) -> Link:
         """The direct connection to a replica, for proposals (see :mod:`flowray.wire`)."""
         key = (group, replica)
@@ -46,7 +60,8 @@ class Directory:
 
             async def resolve() -> Address:
                 self._handles.pop(key, None)  # the replica may have been re-created
-                address: Address = await self.handle(group, replica).wire_address.remote()
+                handle = await self.handle_async(group, replica)
+                address: Address = await handle.wire_address.remote()
                 return address
 
             self._links[key] = Link(resolve, WIRE_ERRORS)
@@ -69,13 +84,14 @@ class Directory:
         """
         if group in self._master:
             replica = self._master[group]
-            return replica, self.handle(group, replica)
+            return replica, await self.handle_async(group, replica)
         timeout = self.settings.rpc_timeout_s
 
         async def ask(r: int) -> tuple[int, tuple[int | None, int, str] | None]:
             with contextlib.suppress(Exception):  # a replica down or restarting
+                handle = await self.handle_async(group, r)
                 answer: tuple[int | None, int, str] = await asyncio.wait_for(
-                    self.handle(group, r).leader.remote(), timeout
+                    handle.leader.remote(), timeout
                 )
                 return r, answer
             return r, None
@@ -90,10 +106,10 @@ class Directory:
                 leader, _term, role = answer
                 if role == "master":
                     self._master[group] = replica
-                    return replica, self.handle(group, replica)
+                    return replica, await self.handle_async(group, replica)
                 if leader is not None:  # a follower's master: a guess, checked by the call
                     self._master[group] = leader
-                    return leader, self.handle(group, leader)
+                    return leader, await self.handle_async(group, leader)
                 answered += 1
                 if answered >= majority(self.settings.replicas):
                     break  # a majority knows no master: an election is on; do not wait

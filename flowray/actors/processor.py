@@ -150,8 +150,8 @@ class Processor:
                 # where those entries lie (replica_log.release). Not waited for: a
                 # replica that misses it releases at the next publication.
                 for r in range(self.settings.replicas):
-                    with contextlib.suppress(ValueError):  # being restarted by Ray
-                        self.directory.handle(group, r).published.remote(cursor)
+                    with contextlib.suppress(ValueError, TimeoutError):  # being restarted
+                        (await self.directory.handle_async(group, r)).published.remote(cursor)
             summary["units"] = len(units)
             self.republished_units += sum(1 for u in units if u.parts > 1)
             summary["events"] = sum(u.events for u in units)
@@ -285,7 +285,9 @@ class Processor:
         """A follower that has committed everything up to ``upto``, to spare the master
         the reads; followers learn a commit within a heartbeat, so wait that long for
         one, then fall back to the master."""
-        replicas = [self.directory.handle(group, r) for r in range(self.settings.replicas)]
+        replicas = [
+            await self.directory.handle_async(group, r) for r in range(self.settings.replicas)
+        ]
         for _attempt in range(READER_TRIES):
             statuses = await asyncio.gather(
                 *(
@@ -318,7 +320,12 @@ class Processor:
         timeout = self.settings.rpc_timeout_s
         for i in range(self.settings.gateways):
             try:
-                gateway = ray.get_actor(gateway_name(i), namespace=self.settings.namespace)
+                gateway = await asyncio.wait_for(
+                    asyncio.to_thread(
+                        ray.get_actor, gateway_name(i), namespace=self.settings.namespace
+                    ),
+                    timeout,
+                )
             except ValueError:
                 continue  # this cluster runs without gateways
             state: dict[str, Any] = await asyncio.wait_for(gateway.ping.remote(), timeout)
