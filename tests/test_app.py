@@ -1244,15 +1244,33 @@ class StatusAdmin(FakeAdmin):
                         {
                             "replica": 0,
                             "role": "master",
+                            "term": 4,
                             "last_index": 50,
+                            "commit_index": 48,
+                            "abstaining": False,
                             "sealed_pending": 2,
                             "blocks_open": 3,
                             "late_events": 7,
                         },
-                        {"replica": 1, "role": "follower", "last_index": 47},
+                        {
+                            "replica": 1,
+                            "role": "follower",
+                            "term": 4,
+                            "last_index": 47,
+                            "commit_index": 46,
+                            "abstaining": True,
+                        },
                         {"replica": 2, "status": "down", "group": 0},
                     ],
-                }
+                },
+                {
+                    "group": 1,
+                    "replicas": [
+                        {"replica": 0, "role": "candidate", "term": 9, "last_index": 5},
+                        {"replica": 1, "role": "follower", "term": 8, "last_index": 5},
+                        {"replica": 2, "status": "down", "group": 1},
+                    ],
+                },
             ],
             "processor": {"jobs": 4, "last_job": {"seconds": 1.5}},
         }
@@ -1265,6 +1283,17 @@ async def test_metrics_show_the_cluster(shared: Warehouse) -> None:
     assert 'flowray_replication_lag_entries{group="0",replica="1"} 3.0' in text
     assert 'flowray_replication_lag_entries{group="0",replica="0"} 0.0' in text
     assert 'flowray_replica_up{group="0",replica="2"} 0.0' in text
+    # Failover: the term, whether the group has a master, which replica it is.
+    assert 'flowray_group_term{group="0"} 4.0' in text
+    assert 'flowray_group_term{group="1"} 9.0' in text
+    assert 'flowray_group_has_master{group="0"} 1.0' in text
+    assert 'flowray_group_has_master{group="1"} 0.0' in text
+    assert 'flowray_replica_is_master{group="0",replica="0"} 1.0' in text
+    assert 'flowray_replica_is_master{group="0",replica="1"} 0.0' in text
+    assert 'flowray_replica_is_master{group="1",replica="0"} 0.0' in text
+    assert 'flowray_replica_commit_index{group="0",replica="0"} 48.0' in text
+    assert 'flowray_replica_abstaining{group="0",replica="1"} 1.0' in text
+    assert 'flowray_replica_abstaining{group="0",replica="0"} 0.0' in text
     assert 'flowray_blocks_pending{group="0"} 2.0' in text
     assert 'flowray_blocks_open{group="0"} 3.0' in text
     assert 'flowray_late_events{group="0"} 7.0' in text

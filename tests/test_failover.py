@@ -154,12 +154,23 @@ def test_kill_master_loses_nothing_and_counts_nothing_twice(
 ) -> None:
     _running, url = failover_cluster
     old = replica_pid(url, 0, "master")
+    term_before = _metric(url, 'flowray_group_term{group="0"}')
     writer = _ingest_through(url, "m", lambda: kill9(old))
     new = replica_pid(url, 0, "master")
     assert new != old
+    # What an operator sees: a higher term, and the group has a master again.
+    assert _metric(url, 'flowray_group_term{group="0"}') > term_before
+    assert _metric(url, 'flowray_group_has_master{group="0"}') == 1.0
     gaps = [end - start for start, end in writer.failures]
     assert gaps, "killing the master should have interrupted some writes"
     _check_exactly_once(url, writer.acked, "m")
+
+
+def _metric(url: str, series: str) -> float:
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    values = [line.rsplit(" ", 1)[1] for line in text.splitlines() if line.startswith(series + " ")]
+    assert len(values) == 1, (series, text[:2000])
+    return float(values[0])
 
 
 def test_kill_follower_loses_nothing(failover_cluster: tuple[cluster.Cluster, str]) -> None:

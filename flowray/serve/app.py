@@ -139,46 +139,59 @@ class _Metrics:
         self.queries = Counter(
             "flowray_queries_total", "Traffic queries", ["cache"], registry=self.registry
         )
-        self.lag = Gauge(
+        gauge = self._gauge
+        self.lag = gauge(
             "flowray_replication_lag_entries",
             "Log entries a replica is behind its group's master",
-            ["group", "replica"],
-            registry=self.registry,
+            "group",
+            "replica",
         )
-        self.up = Gauge(
-            "flowray_replica_up",
-            "1 when a replica answers",
-            ["group", "replica"],
-            registry=self.registry,
+        self.up = gauge("flowray_replica_up", "1 when a replica answers", "group", "replica")
+        self.term = gauge(
+            "flowray_group_term",
+            "A group's highest term among its replicas: each failover raises it",
+            "group",
         )
-        self.pending = Gauge(
-            "flowray_blocks_pending",
-            "Blocks sealed but not yet published, per group",
-            ["group"],
-            registry=self.registry,
+        self.has_master = gauge(
+            "flowray_group_has_master",
+            "1 when a replica of the group answers as its master (0: an election is on, "
+            "writes to the group get 503)",
+            "group",
         )
-        self.open_blocks = Gauge(
-            "flowray_blocks_open",
-            "Blocks still taking events, per group",
-            ["group"],
-            registry=self.registry,
+        self.is_master = gauge(
+            "flowray_replica_is_master",
+            "1 for the replica that answers as its group's master",
+            "group",
+            "replica",
         )
-        self.late = Gauge(
+        self.commit_index = gauge(
+            "flowray_replica_commit_index",
+            "The highest log index a replica knows to be committed",
+            "group",
+            "replica",
+        )
+        self.abstaining = gauge(
+            "flowray_replica_abstaining",
+            "1 while a replica that restarted without its state abstains from votes "
+            "until it has caught up",
+            "group",
+            "replica",
+        )
+        self.pending = gauge(
+            "flowray_blocks_pending", "Blocks sealed but not yet published, per group", "group"
+        )
+        self.open_blocks = gauge(
+            "flowray_blocks_open", "Blocks still taking events, per group", "group"
+        )
+        self.late = gauge(
             "flowray_late_events",
             "Events for hours already sealed, since the group's master started",
-            ["group"],
-            registry=self.registry,
+            "group",
         )
-        self.last_job_s = Gauge(
-            "flowray_processing_last_job_seconds",
-            "Duration of the last processing job",
-            registry=self.registry,
+        self.last_job_s = gauge(
+            "flowray_processing_last_job_seconds", "Duration of the last processing job"
         )
-        self.jobs = Gauge(
-            "flowray_processing_jobs",
-            "Processing jobs since the processor started",
-            registry=self.registry,
-        )
+        self.jobs = gauge("flowray_processing_jobs", "Processing jobs since the processor started")
         self.joined = Counter(
             "flowray_query_joined_total",
             "Queries answered by an identical query already running",
@@ -197,6 +210,9 @@ class _Metrics:
             buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1),
         )
 
+    def _gauge(self, name: str, doc: str, *labels: str) -> Gauge:
+        return Gauge(name, doc, list(labels), registry=self.registry)
+
 
 def _cluster_metrics(m: _Metrics, status: dict[str, Any]) -> None:
     """Gauges from the cluster's status, read at scrape time."""
@@ -205,12 +221,21 @@ def _cluster_metrics(m: _Metrics, status: dict[str, Any]) -> None:
         replicas = group.get("replicas", [])
         masters = [r for r in replicas if r.get("role") == "master"]
         top = max((r.get("last_index", 0) for r in masters), default=None)
+        m.has_master.labels(g).set(1 if masters else 0)
+        terms = [r["term"] for r in replicas if isinstance(r.get("term"), int)]
+        if terms:
+            m.term.labels(g).set(max(terms))
         for r in replicas:
             labels = (g, str(r.get("replica")))
             alive = "last_index" in r
             m.up.labels(*labels).set(1 if alive else 0)
-            if alive and top is not None:
+            m.is_master.labels(*labels).set(1 if r.get("role") == "master" else 0)
+            if not alive:
+                continue
+            if top is not None:
                 m.lag.labels(*labels).set(max(0, top - r["last_index"]))
+            m.commit_index.labels(*labels).set(r.get("commit_index") or 0)
+            m.abstaining.labels(*labels).set(1 if r.get("abstaining") else 0)
         for r in masters:
             m.pending.labels(g).set(r.get("sealed_pending") or 0)
             m.open_blocks.labels(g).set(r.get("blocks_open") or 0)
