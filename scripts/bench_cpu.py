@@ -87,7 +87,7 @@ def main() -> None:
         "--body", default="ndjson1k", help="ndjson1k, ndjson100, ndjson10k, seed10k or single"
     )
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--seconds", type=int, default=8, help="per round (whole seconds)")
     args = parser.parse_args()
     start_ms = int(time.time() * 1000) - 3 * 3_600_000
     path, body, ctype, conns = bodies(start_ms)[args.body]
@@ -99,7 +99,10 @@ def main() -> None:
             before = cpu_by_pid(sid)
             result = wrk(f"{fr.ingest}{path}", body, ctype, args.seconds, conns)
             after = cpu_by_pid(sid)
-            requests = result["rps"] * int(args.seconds)
+            requests = result["rps"] * int(args.seconds)  # wrk runs whole seconds
+            if requests <= 0:
+                print(f"{args.body}: no request answered ({result})", flush=True)
+                continue
             per: dict[str, float] = {}
             for pid, (title, cpu) in after.items():
                 used = cpu - before.get(pid, (title, 0.0))[1]

@@ -1267,13 +1267,42 @@ class StatusAdmin(FakeAdmin):
                     "group": 1,
                     "replicas": [
                         {"replica": 0, "role": "candidate", "term": 9, "last_index": 5},
-                        {"replica": 1, "role": "follower", "term": 8, "last_index": 5},
+                        {"replica": 1, "role": "master", "term": 8, "last_index": 5},
                         {"replica": 2, "status": "down", "group": 1},
                     ],
                 },
             ],
             "processor": {"jobs": 4, "last_job": {"seconds": 1.5}},
         }
+
+
+class ChangingAdmin(FakeAdmin):
+    def __init__(self) -> None:
+        self.down = False
+
+    async def status(self) -> dict[str, Any]:
+        second = (
+            {"replica": 1, "status": "down"}
+            if self.down
+            else {"replica": 1, "role": "follower", "term": 2, "last_index": 9, "commit_index": 9}
+        )
+        master = {"replica": 0, "role": "master", "term": 2, "last_index": 9, "commit_index": 9}
+        return {"groups": [{"group": 0, "replicas": [master, second]}]}
+
+
+@pytest.mark.anyio
+async def test_a_replica_gone_down_leaves_no_stale_series(shared: Warehouse) -> None:
+    admin = ChangingAdmin()
+    async with client_for(make_app(warehouse=shared, admin=admin)) as c:
+        text = (await c.get("/metrics")).text
+        assert 'flowray_replica_commit_index{group="0",replica="1"} 9.0' in text
+        admin.down = True
+        text = (await c.get("/metrics")).text
+    assert 'flowray_replica_up{group="0",replica="1"} 0.0' in text
+    for series in ("commit_index", "abstaining"):
+        assert f'flowray_replica_{series}{{group="0",replica="1"}}' not in text
+    assert 'flowray_replication_lag_entries{group="0",replica="1"}' not in text
+    assert 'flowray_replica_commit_index{group="0",replica="0"} 9.0' in text
 
 
 @pytest.mark.anyio
@@ -1291,6 +1320,8 @@ async def test_metrics_show_the_cluster(shared: Warehouse) -> None:
     assert 'flowray_replica_is_master{group="0",replica="0"} 1.0' in text
     assert 'flowray_replica_is_master{group="0",replica="1"} 0.0' in text
     assert 'flowray_replica_is_master{group="1",replica="0"} 0.0' in text
+    # A master of an older term (cut off, being replaced) is no master.
+    assert 'flowray_replica_is_master{group="1",replica="1"} 0.0' in text
     assert 'flowray_replica_commit_index{group="0",replica="0"} 48.0' in text
     assert 'flowray_replica_abstaining{group="0",replica="1"} 1.0' in text
     assert 'flowray_replica_abstaining{group="0",replica="0"} 0.0' in text

@@ -62,3 +62,40 @@ async def test_a_lookup_that_hangs_times_out(monkeypatch: pytest.MonkeyPatch) ->
     with pytest.raises(TimeoutError):
         await directory.handle_async(0, 0)
     assert time.monotonic() - started < 0.8
+
+
+@pytest.mark.anyio
+async def test_callers_share_one_lookup_and_a_hung_one_starves_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """From a review: each timed-out lookup kept a thread of the default pool, which the
+    ingress parses on. Now lookups of one replica are shared, on threads of their own."""
+    seen: list[tuple[str, str]] = []
+    monkeypatch.setattr(directory_module.ray, "get_actor", slow_lookup(1.5, seen))
+    directory = Directory(Settings(rpc_timeout_s=0.2))
+    results = await asyncio.gather(
+        *(directory.handle_async(0, 0) for _ in range(10)), return_exceptions=True
+    )
+    assert all(isinstance(r, TimeoutError) for r in results)
+    assert len(seen) == 1, "ten callers, one lookup"
+    started = time.monotonic()
+    assert await asyncio.to_thread(lambda: 7) == 7
+    assert time.monotonic() - started < 0.5, "the default pool is free"
+    await asyncio.sleep(1.5)  # the lookup ends: its handle is kept for the next caller
+    assert await directory.handle_async(0, 0) == ("handle", "flowray-g000-r0")
+    assert len(seen) == 1
+
+
+@pytest.mark.anyio
+async def test_a_master_that_cannot_be_looked_up_is_forgotten(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def missing(name: str, namespace: str) -> object:
+        raise ValueError(f"Failed to look up actor {name}")
+
+    monkeypatch.setattr(directory_module.ray, "get_actor", missing)
+    directory = Directory(Settings())
+    directory.forget(0, hint=2)  # a replica named replica 2 the master
+    with pytest.raises(directory_module.NoMaster, match="replica 2"):
+        await directory.master(0)
+    assert 0 not in directory._master, "the next call asks the replicas again"

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import ray
@@ -24,10 +26,25 @@ class NoMaster(RuntimeError):
     """No replica of the group claims to be master right now (an election is on)."""
 
 
+# Actor lookups (ray.get_actor: a round trip to Ray's GCS) run on threads of their own,
+# at most this many: a lookup that hangs keeps its thread, and on the default pool such
+# threads would starve the ingress's parsing, which runs there too.
+LOOKUP_THREADS = 2
+_lookup_pool: ThreadPoolExecutor | None = None
+
+
+def _lookups() -> ThreadPoolExecutor:
+    global _lookup_pool
+    if _lookup_pool is None:
+        _lookup_pool = ThreadPoolExecutor(LOOKUP_THREADS, thread_name_prefix="actor-lookup")
+    return _lookup_pool
+
+
 class Directory:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._handles: dict[tuple[int, int], Any] = {}
+        self._looking: dict[tuple[int, int], asyncio.Future[Any]] = {}
         self._links: dict[tuple[int, int], Link] = {}
         self._master: dict[int, int] = {}
 
@@ -40,18 +57,38 @@ class Directory:
         return self._handles[key]
 
     async def handle_async(self, group: int, replica: int) -> Any:
-        """``handle``, its lookup (a round trip to Ray's GCS, the first time and after a
-        replica is re-created) on a worker thread, so the event loop goes on meanwhile;
-        within rpc_timeout_s, or TimeoutError."""
+        """``handle``, its lookup (the first time, and after a replica is re-created)
+        on a lookup thread, so the event loop goes on meanwhile. Callers that want the
+        same replica meanwhile share one lookup. Within rpc_timeout_s, or TimeoutError;
+        ValueError if no such actor is running."""
         key = (group, replica)
-        if key not in self._handles:
-            self._handles[key] = await asyncio.wait_for(
-                asyncio.to_thread(
-                    ray.get_actor, actor_name(group, replica), namespace=self.settings.namespace
-                ),
-                self.settings.rpc_timeout_s,
+        if key in self._handles:
+            return self._handles[key]
+        looking = self._looking.get(key)
+        if looking is None:
+            name, namespace = actor_name(group, replica), self.settings.namespace
+            looking = asyncio.get_running_loop().run_in_executor(
+                _lookups(), functools.partial(ray.get_actor, name, namespace=namespace)
             )
-        return self._handles[key]
+            self._looking[key] = looking
+
+            def found(done: asyncio.Future[Any]) -> None:  # kept even if all callers gave up
+                self._looking.pop(key, None)
+                if not done.cancelled() and done.exception() is None:
+                    self._handles[key] = done.result()
+
+            looking.add_done_callback(found)
+        return await asyncio.wait_for(asyncio.shield(looking), self.settings.rpc_timeout_s)
+
+    async def _master_handle(self, group: int, replica: int) -> tuple[int, Any]:
+        """(replica, its handle) as the group's master: remembered only once found."""
+        try:
+            handle = await self.handle_async(group, replica)
+        except (ValueError, TimeoutError) as exc:  # being re-created by Ray, or GCS slow
+            self._master.pop(group, None)
+            raise NoMaster(f"group {group}: replica {replica} cannot be reached: {exc}") from exc
+        self._master[group] = replica
+        return replica, handle
 
     def link(self, group: int, replica: int) -> Link:
         """The direct connection to a replica, for proposals (see :mod:`flowray.wire`)."""
@@ -83,8 +120,7 @@ class Directory:
         NotMaster and a better hint, and the caller then forgets it.
         """
         if group in self._master:
-            replica = self._master[group]
-            return replica, await self.handle_async(group, replica)
+            return await self._master_handle(group, self._master[group])
         timeout = self.settings.rpc_timeout_s
 
         async def ask(r: int) -> tuple[int, tuple[int | None, int, str] | None]:
@@ -105,11 +141,9 @@ class Directory:
                     continue
                 leader, _term, role = answer
                 if role == "master":
-                    self._master[group] = replica
-                    return replica, await self.handle_async(group, replica)
+                    return await self._master_handle(group, replica)
                 if leader is not None:  # a follower's master: a guess, checked by the call
-                    self._master[group] = leader
-                    return leader, await self.handle_async(group, leader)
+                    return await self._master_handle(group, leader)
                 answered += 1
                 if answered >= majority(self.settings.replicas):
                     break  # a majority knows no master: an election is on; do not wait

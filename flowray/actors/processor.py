@@ -145,13 +145,21 @@ class Processor:
             summary["generation"] = await asyncio.to_thread(
                 self.catalog.publish, units, cursors, self.catalog.current_version()
             )
-            for group, cursor in cursors.items():
-                # Now in the warehouse: not live any more, and every replica can forget
-                # where those entries lie (replica_log.release). Not waited for: a
-                # replica that misses it releases at the next publication.
-                for r in range(self.settings.replicas):
-                    with contextlib.suppress(ValueError, TimeoutError):  # being restarted
-                        (await self.directory.handle_async(group, r)).published.remote(cursor)
+            # Now in the warehouse: not live any more, and every replica can forget where
+            # those entries lie (replica_log.release). Not waited for: a replica that
+            # misses it (being restarted) releases at the next publication.
+            reached = await asyncio.gather(
+                *(
+                    self.directory.handle_async(group, r)
+                    for group in cursors
+                    for r in range(self.settings.replicas)
+                ),
+                return_exceptions=True,
+            )
+            to = [cursor for cursor in cursors.values() for _r in range(self.settings.replicas)]
+            for handle, cursor in zip(reached, to, strict=True):
+                if not isinstance(handle, BaseException):
+                    handle.published.remote(cursor)
             summary["units"] = len(units)
             self.republished_units += sum(1 for u in units if u.parts > 1)
             summary["events"] = sum(u.events for u in units)
@@ -285,9 +293,12 @@ class Processor:
         """A follower that has committed everything up to ``upto``, to spare the master
         the reads; followers learn a commit within a heartbeat, so wait that long for
         one, then fall back to the master."""
-        replicas = [
-            await self.directory.handle_async(group, r) for r in range(self.settings.replicas)
-        ]
+        found = await asyncio.gather(
+            *(self.directory.handle_async(group, r) for r in range(self.settings.replicas)),
+            return_exceptions=True,
+        )
+        # One being re-created by Ray (or not found in time) is no reader now.
+        replicas = [h for h in found if not isinstance(h, BaseException)]
         for _attempt in range(READER_TRIES):
             statuses = await asyncio.gather(
                 *(
@@ -328,6 +339,9 @@ class Processor:
                 )
             except ValueError:
                 continue  # this cluster runs without gateways
+            except TimeoutError:
+                log.warning("ingest gateway %d: no answer from Ray's GCS in time", i)
+                continue
             state: dict[str, Any] = await asyncio.wait_for(gateway.ping.remote(), timeout)
             if state["started"]:
                 continue

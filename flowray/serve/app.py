@@ -9,6 +9,7 @@ passes handles to the cluster's actors.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 from collections.abc import Awaitable, Callable
@@ -215,22 +216,32 @@ class _Metrics:
 
 
 def _cluster_metrics(m: _Metrics, status: dict[str, Any]) -> None:
-    """Gauges from the cluster's status, read at scrape time."""
+    """Gauges from the cluster's status, read at scrape time. The master is one that
+    says so in the group's highest term (a stale one, cut off in an older term, is
+    not); a replica that does not answer has no lag, commit index or abstaining."""
     for group in status.get("groups", []):
         g = str(group.get("group"))
         replicas = group.get("replicas", [])
-        masters = [r for r in replicas if r.get("role") == "master"]
+        terms = [r["term"] for r in replicas if isinstance(r.get("term"), int)]
+        top_term = max(terms, default=None)
+        masters = [
+            r
+            for r in replicas
+            if r.get("role") == "master" and (top_term is None or r.get("term") == top_term)
+        ]
         top = max((r.get("last_index", 0) for r in masters), default=None)
         m.has_master.labels(g).set(1 if masters else 0)
-        terms = [r["term"] for r in replicas if isinstance(r.get("term"), int)]
-        if terms:
-            m.term.labels(g).set(max(terms))
+        if top_term is not None:
+            m.term.labels(g).set(top_term)
         for r in replicas:
             labels = (g, str(r.get("replica")))
             alive = "last_index" in r
             m.up.labels(*labels).set(1 if alive else 0)
-            m.is_master.labels(*labels).set(1 if r.get("role") == "master" else 0)
+            m.is_master.labels(*labels).set(1 if any(r is x for x in masters) else 0)
             if not alive:
+                for gone in (m.lag, m.commit_index, m.abstaining):
+                    with contextlib.suppress(KeyError):  # never reported
+                        gone.remove(*labels)
                 continue
             if top is not None:
                 m.lag.labels(*labels).set(max(0, top - r["last_index"]))
