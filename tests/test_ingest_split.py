@@ -17,11 +17,13 @@ from flowray.ingest import (
     Piece,
     Routed,
     from_ipc,
+    from_ipc_many,
     merge_pieces,
     route_table,
     split_batch,
     to_ipc,
 )
+from flowray.invariant import InvariantError
 from flowray.router import ShardMap, shard_for_site
 
 SEED_MAP = ShardMap.round_robin(10, 5)
@@ -177,6 +179,39 @@ def test_compressed_ipc_round_trip(n: int) -> None:
         [{"ts": T0 + i, "site": SITES[i % len(SITES)], "ua": "x" * (i % 7)} for i in range(n)]
     )
     assert from_ipc(to_ipc(table, compress=True)).equals(table)
+
+
+@given(
+    parts=st.lists(st.tuples(event_rows, st.booleans()), min_size=1, max_size=8),
+)
+@settings(max_examples=80, deadline=None)
+def test_payloads_read_together_as_one_table(
+    parts: list[tuple[list[dict[str, Any]], bool]],
+) -> None:
+    """Pieces compressed or not, empty or not, read as one stream: the same rows, in
+    the same order, as reading them one by one."""
+    payloads = [to_ipc(events(rows), compress=packed) for rows, packed in parts]
+    together = from_ipc_many(payloads)
+    assert together.schema == EVENT_SCHEMA
+    assert rows_of(together) == [r for p in payloads for r in rows_of(from_ipc(p))]
+
+
+def test_payloads_not_of_the_usual_form_are_read_one_by_one() -> None:
+    """A stream without the end marker, or another spelling of the schema, is read on
+    its own: the joined read never cuts a payload it does not know."""
+    good = to_ipc(events([{"ts": T0, "site": "a.com"}]))
+    unended = to_ipc(events([{"ts": T0 + 1, "site": "b.com"}]))[: -len(b"\xff" * 4 + b"\0" * 4)]
+    noted = pa.BufferOutputStream()
+    with pa.ipc.new_stream(noted, EVENT_SCHEMA.with_metadata({"x": "y"})) as writer:
+        writer.write_table(events([{"ts": T0 + 2, "site": "c.com"}]))
+    spelled = noted.getvalue().to_pybytes()
+    assert [r[1] for r in rows_of(from_ipc_many([good, unended]))] == ["a.com", "b.com"]
+    assert [r[1] for r in rows_of(from_ipc_many([good, spelled]))] == ["a.com", "c.com"]
+    alien = to_ipc(pa.table({"site": ["d.com"]}))
+    with pytest.raises(pa.ArrowInvalid):  # concatenated as tables: the schemas differ
+        from_ipc_many([good, alien])
+    with pytest.raises(InvariantError):
+        from_ipc_many([])
 
 
 owner_maps = st.lists(st.integers(0, 3), min_size=1, max_size=12).map(

@@ -159,6 +159,16 @@ def test_a_batch_that_cannot_count_changes_nothing() -> None:
     errors = live.apply_payloads((0, 100, 0), [good, to_ipc(null_site)])
     assert len(errors) == 1 and "missing site" in errors[0]
     assert _all_minutes(live, ["a.com"]) == {"a.com": [(100 * HOUR_MS, 1)]}
+    # The same with the events' own schema: read as one stream with the good ones, the
+    # batch fails as a whole, and is then counted payload by payload.
+    columns = {f.name: pa.nulls(2, f.type) for f in EVENT_SCHEMA}
+    columns["ts"] = pa.array([100 * HOUR_MS + 60_000] * 2, pa.int64())
+    columns["site"] = pa.array(["b.com", None])
+    same_schema = pa.Table.from_arrays([columns[f.name] for f in EVENT_SCHEMA], schema=EVENT_SCHEMA)
+    other = to_ipc(_table([{"ts": 100 * HOUR_MS + 60_000, "site": "b.com"}]))
+    errors = live.apply_payloads((0, 100, 0), [other, to_ipc(same_schema), other])
+    assert len(errors) == 1 and "missing site" in errors[0]
+    assert _all_minutes(live, ["b.com"]) == {"b.com": [(100 * HOUR_MS + 60_000, 2)]}
 
 
 @pytest.fixture(scope="module")

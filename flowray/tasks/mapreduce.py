@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 import ray
 
 from flowray import logic as logics
-from flowray.ingest import from_ipc
+from flowray.ingest import from_ipc_many
 from flowray.router import reduce_key_for_shard
 from flowray.storage.catalog import DAY_HOURS, Unit
 from flowray.storage.segment import RecordRef, read_payloads
@@ -95,7 +95,7 @@ def map_block_slices(
     for (shard, hour), slice_payloads in zip(blocks, payloads, strict=True):
         if not slice_payloads:
             continue
-        events = pa.concat_tables([from_ipc(p) for p in slice_payloads])
+        events = from_ipc_many(slice_payloads)
         if only is not None:
             events = events.filter(pc.is_in(events.column("site"), value_set=only))
         events = logics.apply(logic_name, events, modules)
