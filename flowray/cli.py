@@ -907,13 +907,13 @@ def token_revoke(
     console.print(f"token {record.id} ({record.scope}, {record.name or 'no name'}) is revoked")
 
 
-BENCHMARKS = ("ingest", "query", "freshness", "process", "memory", "soak")
+BENCHMARKS = ("ingest", "query", "freshness", "process", "memory", "soak", "cpu")
 
 
 @app.command()
 def bench(
     which: Annotated[
-        str, typer.Argument(help="ingest, query, freshness, process, memory or soak.")
+        str, typer.Argument(help="ingest, query, freshness, process, memory, soak or cpu.")
     ],
     args: Annotated[
         list[str] | None, typer.Argument(help="Passed to the script, after --.")
