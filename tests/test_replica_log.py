@@ -23,6 +23,7 @@ from flowray.storage.segment import (
     Entry,
     RecordRef,
     encode,
+    read_payloads,
     scan,
 )
 
@@ -87,6 +88,14 @@ def check_against(replica: ReplicaLog, entries: list[Entry]) -> None:
         path = block_path(replica.root, key)
         assert path.stat().st_size == info.bytes
         assert [r.index for r in scan(path.read_bytes())[0]] == [e.index for e in mine]
+        # The slices map tasks read: every data payload once, slice k holding k, k+n...
+        payloads = [e.payload for e in mine if e.kind == KIND_DATA]
+        upto = mine[-1].index
+        assert replica.block_payloads(key, upto) == payloads
+        for n in (1, 3):
+            where, spans = replica.block_slices(key, upto, n)
+            assert where == str(path) and len(spans) == n
+            assert [read_payloads(path, s) for s in spans] == [payloads[k::n] for k in range(n)]
     # An empty file (created, then nothing reached it before a crash) holds no entry.
     files = sorted(p for p in (replica.root / "blocks").glob("s*/*.seg") if p.stat().st_size)
     assert files == sorted(block_path(replica.root, k) for k in keys)

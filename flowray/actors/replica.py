@@ -34,7 +34,7 @@ from flowray.replication import ABSTAIN_UNKNOWN, Msg, Node, NotLeader, Ready, Ro
 from flowray.storage.catalog import Catalog
 from flowray.storage.durable import write_json_atomic
 from flowray.storage.replica_log import BlockKey, ReplicaLog
-from flowray.storage.segment import CONTROL_SHARD, KIND_DATA, KIND_SEAL, RecordRef
+from flowray.storage.segment import CONTROL_SHARD, KIND_DATA, KIND_SEAL
 from flowray.wire import MSGS, Address, Link, Server, encode_msgs
 
 log = logging.getLogger("flowray.replica")
@@ -543,18 +543,20 @@ class Replica:
             if key[0] == shard and key[1] == hour and 0 < info.seal_index <= upto_index
         )
 
-    def block_slices(self, key: BlockKey, slices: int) -> tuple[str, str, list[list[RecordRef]]]:
-        """(node id, file, record refs per slice) of a sealed block's committed data:
-        map tasks placed on this replica's node read the slices from the file
-        themselves, so the bytes never pass through this actor."""
+    async def block_slices(self, key: BlockKey, slices: int) -> tuple[str, str, list[Any]]:
+        """(node id, file, (offset, length) rows per slice) of a sealed block's committed
+        data: map tasks placed on this replica's node read the slices from the file
+        themselves, so the bytes never pass through this actor. Worked out on a thread:
+        a block can hold hundreds of thousands of records, and this event loop
+        replicates (a sync method of an async actor runs on its loop)."""
         block: BlockKey = (int(key[0]), int(key[1]), int(key[2]))
         info = self.log.blocks.get(block)
         require(info is not None and info.sealed, f"block {key} is not sealed here")
         upto = info.seal_index if info is not None else 0
         require(upto <= self.node.commit_index, f"the seal of {key} is not committed here")
         self.reads_served += slices
-        path, refs = self.log.block_slices(block, upto, slices)
-        return ray.get_runtime_context().get_node_id(), path, refs
+        path, spans = await asyncio.to_thread(self.log.block_slices, block, upto, slices)
+        return ray.get_runtime_context().get_node_id(), path, spans
 
     def leader(self) -> tuple[int | None, int, str]:
         """(the master this replica knows of, its term, its own role)."""

@@ -19,9 +19,11 @@ from __future__ import annotations
 import os
 import struct
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from flowray.invariant import require
 
@@ -216,17 +218,19 @@ def entries_in(data: bytes, refs: list[RecordRef], where: str = "segment") -> It
         )
 
 
-def read_payloads(path: Path, refs: list[RecordRef]) -> list[bytes]:
-    """The payloads of ``refs`` (records of one segment), each read where it lies with
-    ``pread`` and verified: a slice of a big block costs its own bytes, not the file's."""
+def read_payloads(path: Path, spans: Iterable[tuple[int, int]] | np.ndarray) -> list[bytes]:
+    """The payloads of the records at ``spans`` ((offset, payload length) rows, as
+    ``ReplicaLog.block_slices`` gives them), each read where it lies with ``pread``
+    and verified: a slice of a big block costs its own bytes, not the file's."""
+    rows = spans.tolist() if isinstance(spans, np.ndarray) else spans
     out = []
     fd = os.open(path, os.O_RDONLY)
     try:
-        for ref in refs:
-            buf = os.pread(fd, HEADER_BYTES + ref.length, ref.offset)
+        for offset, length in rows:
+            buf = os.pread(fd, HEADER_BYTES + length, offset)
             problem = _check_record(buf, 0)
             if problem is not None:
-                raise CorruptSegment(f"{path} at byte {ref.offset}: {problem}")
+                raise CorruptSegment(f"{path} at byte {offset}: {problem}")
             out.append(buf[HEADER_BYTES:])
     finally:
         os.close(fd)

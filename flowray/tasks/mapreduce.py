@@ -29,7 +29,7 @@ from flowray import logic as logics
 from flowray.ingest import from_ipc_many
 from flowray.router import reduce_key_for_shard
 from flowray.storage.catalog import DAY_HOURS, Unit
-from flowray.storage.segment import RecordRef, read_payloads
+from flowray.storage.segment import read_payloads
 from flowray.storage.warehouse import (
     UNIT_SCHEMA,
     merge_day,
@@ -249,10 +249,10 @@ def map_task(
     keys: int,
     modules: tuple[str, ...],
     sites: list[str] | None,
-    reads: list[tuple[str, list[RecordRef]]],
+    reads: list[tuple[str, np.ndarray]],
 ) -> tuple[pa.Table, ...] | pa.Table:
     """Map slices read straight from a replica's block files (the task runs on that
-    replica's node): ``reads`` holds each slice's file and record refs."""
+    replica's node): ``reads`` holds each slice's file and (offset, length) rows."""
     _as_batch_work()
     payloads = [read_payloads(Path(path), refs) for path, refs in reads]
     out = map_block_slices(blocks, payloads, logic_name, keys, modules, sites)
