@@ -402,16 +402,22 @@ class Replica:
             self.live = fresh
             self.live_ready_term = term
 
-    def live_minutes(
+    async def live_minutes(
         self, site: str, start_ms: int, end_ms: int, published_upto: int
     ) -> tuple[list[int], list[int]]:
-        """Committed, not yet published (minute_ms, count) of a site: masters only."""
+        """Committed, not yet published (minute_ms, count) of a site: masters only.
+        Read on a thread: the counting thread holds ``live_lock`` while it counts a
+        batch, and this event loop replicates (it must never wait on that lock)."""
         self._require_master()
         if self.live_ready_term != self.node.term:
             raise NotMaster(f"group {self.group}: live counts are being rebuilt", self.replica)
-        with self.live_lock:
-            minutes, counts = self.live.minutes(site, start_ms, end_ms, published_upto)
-        return minutes.tolist(), counts.tolist()
+
+        def read() -> tuple[list[int], list[int]]:
+            with self.live_lock:
+                minutes, counts = self.live.minutes(site, start_ms, end_ms, published_upto)
+            return minutes.tolist(), counts.tolist()
+
+        return await asyncio.to_thread(read)
 
     def published(self, upto_seal_index: int) -> None:
         """The processor published every block sealed at or before this index: drop
