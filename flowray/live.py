@@ -159,14 +159,14 @@ class LiveCounts:
             try:  # one stream, one count: the usual case
                 self.apply(key, from_ipc_many(payloads))
                 return []
-            except (pa.ArrowException, KeyError, ValueError):
+            except (pa.ArrowException, OSError, KeyError, ValueError):
                 pass  # apply changes nothing before it raises: count them one by one
         errors: list[str] = []
         tables = []
         for payload in payloads:
             try:
                 tables.append(from_ipc(payload))
-            except (pa.ArrowException, ValueError) as exc:
+            except (pa.ArrowException, OSError, ValueError) as exc:
                 errors.append(f"{type(exc).__name__}: {exc}")
         if not tables:
             return errors

@@ -207,6 +207,10 @@ def test_payloads_not_of_the_usual_form_are_read_one_by_one() -> None:
     spelled = noted.getvalue().to_pybytes()
     assert [r[1] for r in rows_of(from_ipc_many([good, unended]))] == ["a.com", "b.com"]
     assert [r[1] for r in rows_of(from_ipc_many([good, spelled]))] == ["a.com", "c.com"]
+    # Two streams in one payload: an end marker inside it would end a joined read there.
+    doubled = good + to_ipc(events([{"ts": T0 + 3, "site": "e.com"}]))
+    two = from_ipc_many([doubled, good])
+    assert rows_of(two) == rows_of(from_ipc(doubled)) + rows_of(from_ipc(good))
     alien = to_ipc(pa.table({"site": ["d.com"]}))
     with pytest.raises(pa.ArrowInvalid):  # concatenated as tables: the schemas differ
         from_ipc_many([good, alien])

@@ -51,6 +51,7 @@ LIVE_COUNT_INTERVAL_S = 0.05
 # of an hour can hold millions of events, and decoded they take about ten times the
 # space they take on disk.
 LIVE_APPLY_PAYLOADS_MAX = 256
+READ_THREADS = 2  # block slices for processing, live counts for queries
 
 
 class NotMaster(RuntimeError):
@@ -145,6 +146,9 @@ class Replica:
         self.live_ready_term = -1
         self.live_lock = threading.Lock()
         self.live_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="live")
+        # Reads for processing and queries, on threads of their own: on the default
+        # pool they could take every thread and hold up the persisting of large appends.
+        self.read_worker = ThreadPoolExecutor(max_workers=READ_THREADS, thread_name_prefix="read")
         self.links: dict[int, Link] = {}
         self.wire: Server | None = None
         self._wire_ready: asyncio.Event | None = None
@@ -417,7 +421,12 @@ class Replica:
                 minutes, counts = self.live.minutes(site, start_ms, end_ms, published_upto)
             return minutes.tolist(), counts.tolist()
 
-        return await asyncio.to_thread(read)
+        minutes, counts = await asyncio.get_running_loop().run_in_executor(self.read_worker, read)
+        # Stepped down meanwhile? Its counts may be gone: say so rather than answer empty.
+        self._require_master()
+        if self.live_ready_term != self.node.term:
+            raise NotMaster(f"group {self.group}: live counts are being rebuilt", self.replica)
+        return minutes, counts
 
     def published(self, upto_seal_index: int) -> None:
         """The processor published every block sealed at or before this index: drop
@@ -561,7 +570,9 @@ class Replica:
         upto = info.seal_index if info is not None else 0
         require(upto <= self.node.commit_index, f"the seal of {key} is not committed here")
         self.reads_served += slices
-        path, spans = await asyncio.to_thread(self.log.block_slices, block, upto, slices)
+        path, spans = await asyncio.get_running_loop().run_in_executor(
+            self.read_worker, self.log.block_slices, block, upto, slices
+        )
         return ray.get_runtime_context().get_node_id(), path, spans
 
     def leader(self) -> tuple[int | None, int, str]:

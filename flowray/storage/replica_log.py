@@ -352,9 +352,9 @@ class ReplicaLog:
         by a committed seal, so its file no longer changes. The control block, which
         still grows, is scanned afresh each time (it holds a no-op per term).
 
-        Safe with or without the lock held: the cache is changed under ``_cold_lock``
-        (a lock of its own: ``_lock`` is not reentrant), and the scan of an unchanging
-        file needs none (two callers may both scan a block the first time)."""
+        Safe with or without ``_lock`` held (block_slices scans without it): the cache
+        is changed under ``_cold_lock``, and the scan of an unchanging file needs no
+        lock (two callers may both scan a block the first time)."""
         if key[0] == CONTROL_SHARD:
             return _Scanned(key, self._scan_block(key))
         with self._cold_lock:
