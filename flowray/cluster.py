@@ -105,6 +105,10 @@ def init_ray(settings: Settings) -> None:
     # server, so they run at normal priority beside the load they serve.
     os.environ.setdefault("RAY_worker_niceness", "0")
     ray.init(
+        # A new local instance: without it, Ray joins a cluster recorded in
+        # /tmp/ray/ray_current_cluster (another one started on this machine, or the
+        # record of one killed) and refuses num_cpus for it.
+        address="local",
         num_cpus=settings.num_cpus,
         include_dashboard=False,
         _node_ip_address="127.0.0.1",

@@ -44,6 +44,7 @@ def ray_session() -> Iterator[None]:
 
     if not ray.is_initialized():
         ray.init(
+            address="local",  # never join another Ray this machine runs or once ran
             num_cpus=2,
             include_dashboard=False,
             namespace="flowray-tests",
