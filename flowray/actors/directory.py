@@ -40,6 +40,17 @@ def _lookups() -> ThreadPoolExecutor:
     return _lookup_pool
 
 
+async def lookup_actor(name: str, namespace: str, timeout_s: float) -> Any:
+    """``ray.get_actor`` on a lookup thread, within ``timeout_s`` (TimeoutError);
+    ValueError if no such actor is running."""
+    return await asyncio.wait_for(
+        asyncio.get_running_loop().run_in_executor(
+            _lookups(), functools.partial(ray.get_actor, name, namespace=namespace)
+        ),
+        timeout_s,
+    )
+
+
 class Directory:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings

@@ -30,7 +30,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from flowray import logic as logics
 from flowray import memtrim
-from flowray.actors.directory import Directory
+from flowray.actors.directory import Directory, lookup_actor
 from flowray.config import Settings
 from flowray.router import ShardMap, normalize_site, reduce_key_for_shard, shard_for_site
 from flowray.serve.gateway import gateway_name
@@ -331,12 +331,7 @@ class Processor:
         timeout = self.settings.rpc_timeout_s
         for i in range(self.settings.gateways):
             try:
-                gateway = await asyncio.wait_for(
-                    asyncio.to_thread(
-                        ray.get_actor, gateway_name(i), namespace=self.settings.namespace
-                    ),
-                    timeout,
-                )
+                gateway = await lookup_actor(gateway_name(i), self.settings.namespace, timeout)
             except ValueError:
                 continue  # this cluster runs without gateways
             except TimeoutError:
