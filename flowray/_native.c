@@ -20,6 +20,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 enum { COL_SITE, COL_PATH, COL_REFERRER, COL_UA, COL_VISITOR, COL_ID, NCOLS };
 enum { FIELD_TS = NCOLS, NFIELDS };
@@ -643,9 +644,327 @@ static PyObject *json(PyObject *self, PyObject *args) {
     return columns_of(args, parse_json, 1);
 }
 
+/*
+ * Routing: the rows of a table in (rank, hour) order, where a row's rank is that of
+ * its site's shard (ranks order shards by owning group, see flowray.ingest). Each
+ * row's site is found in a cache of (shard count, site) -> shard kept here across
+ * calls (sites repeat across requests; Python hashes the ones it has not seen, with
+ * BLAKE2b, and adds them with learn()); a counting sort over the distinct keys then
+ * gives a stable order. The numpy path it replaces (a dictionary encoding, a list of
+ * the sites, a map over a dict, an argsort) took 250 µs for 1,000 events on the
+ * 2-core reference machine on a slow day. Every call holds the GIL throughout and
+ * calls no Python code while it changes the cache, so threads may share it.
+ */
+typedef struct {
+    char *site; /* owned; NULL: an empty slot */
+    Py_ssize_t size;
+    uint64_t hash;
+    Py_ssize_t shard_count;
+    int64_t shard;
+} CacheSlot;
+
+static CacheSlot *cache_slots;
+static Py_ssize_t cache_size, cache_used; /* size: a power of two, or 0 */
+static uint64_t hash_seed;                /* random per process: no chosen collisions */
+
+typedef struct {
+    int64_t key;
+    Py_ssize_t count, next; /* rows of the key; where its next row goes in the order */
+    int used;
+} KeySlot;
+
+static uint64_t mix64(uint64_t x) { /* splitmix64's finalizer */
+    x ^= x >> 30;
+    x *= 0xbf58476d1ce4e5b9ULL;
+    x ^= x >> 27;
+    x *= 0x94d049bb133111ebULL;
+    return x ^ (x >> 31);
+}
+
+static uint64_t site_hash(const char *p, Py_ssize_t n, Py_ssize_t shard_count) {
+    uint64_t h = hash_seed ^ mix64((uint64_t)n * 0x9E3779B97F4A7C15ULL ^ (uint64_t)shard_count);
+    for (; n >= 8; p += 8, n -= 8) {
+        uint64_t w;
+        memcpy(&w, p, 8);
+        h = ((h << 23 | h >> 41) ^ w) * 0x9E3779B97F4A7C15ULL;
+    }
+    if (n > 0) {
+        uint64_t w = 0;
+        memcpy(&w, p, (size_t)n);
+        h = ((h << 23 | h >> 41) ^ w) * 0x9E3779B97F4A7C15ULL;
+    }
+    return mix64(h);
+}
+
+/* The slot of (shard_count, site): its own, or the empty one where it would go. */
+static CacheSlot *cache_find(const char *site, Py_ssize_t size, Py_ssize_t shard_count,
+                             uint64_t hash) {
+    Py_ssize_t mask = cache_size - 1, at = (Py_ssize_t)(hash & (uint64_t)mask);
+    while (cache_slots[at].site != NULL &&
+           !(cache_slots[at].hash == hash && cache_slots[at].size == size &&
+             cache_slots[at].shard_count == shard_count &&
+             memcmp(cache_slots[at].site, site, (size_t)size) == 0))
+        at = (at + 1) & mask;
+    return &cache_slots[at];
+}
+
+static void cache_clear(void) {
+    for (Py_ssize_t i = 0; i < cache_size; i++) free(cache_slots[i].site);
+    free(cache_slots);
+    cache_slots = NULL;
+    cache_size = cache_used = 0;
+}
+
+/* Room for one more entry at a load of at most a half; 0 when out of memory. */
+static int cache_reserve(void) {
+    if (2 * (cache_used + 1) <= cache_size) return 1;
+    Py_ssize_t size = cache_size ? 2 * cache_size : 1024;
+    CacheSlot *old = cache_slots, *slots = calloc((size_t)size, sizeof(CacheSlot));
+    if (slots == NULL) return 0;
+    Py_ssize_t old_size = cache_size;
+    cache_slots = slots;
+    cache_size = size;
+    for (Py_ssize_t i = 0; i < old_size; i++)
+        if (old[i].site != NULL)
+            *cache_find(old[i].site, old[i].size, old[i].shard_count, old[i].hash) = old[i];
+    free(old);
+    return 1;
+}
+
+PyDoc_STRVAR(learn_doc,
+"learn(shard_count, sites, shards, capacity)\n"
+"--\n\n"
+"Remember the shard of each site (bytes) for group(); a cache that would hold more\n"
+"than capacity sites is emptied first. Returns the number of sites it holds.");
+
+static PyObject *learn(PyObject *self, PyObject *args) {
+    (void)self;
+    Py_ssize_t shard_count, capacity;
+    PyObject *sites, *shards;
+    if (!PyArg_ParseTuple(args, "nO!O!n", &shard_count, &PyList_Type, &sites, &PyList_Type,
+                          &shards, &capacity))
+        return NULL;
+    Py_ssize_t n = PyList_GET_SIZE(sites);
+    if (PyList_GET_SIZE(shards) != n || shard_count < 1 || capacity < n) {
+        PyErr_SetString(PyExc_ValueError, "learn: sites and shards differ, or too many");
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) { /* check all first: nothing half learned */
+        PyObject *site = PyList_GET_ITEM(sites, i);
+        long long shard = PyLong_AsLongLong(PyList_GET_ITEM(shards, i));
+        if (shard == -1 && PyErr_Occurred()) return NULL;
+        if (!PyBytes_Check(site) || shard < 0 || shard >= shard_count) {
+            PyErr_SetString(PyExc_ValueError, "learn: a site that is not bytes, or a bad shard");
+            return NULL;
+        }
+    }
+    if (cache_used + n > capacity) cache_clear();
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *site = PyList_GET_ITEM(sites, i);
+        const char *p = PyBytes_AS_STRING(site);
+        Py_ssize_t size = PyBytes_GET_SIZE(site);
+        uint64_t hash = site_hash(p, size, shard_count);
+        if (!cache_reserve()) return PyErr_NoMemory();
+        CacheSlot *slot = cache_find(p, size, shard_count, hash);
+        if (slot->site != NULL) continue; /* learned already */
+        char *copy = malloc(size ? (size_t)size : 1);
+        if (copy == NULL) return PyErr_NoMemory();
+        memcpy(copy, p, (size_t)size);
+        slot->site = copy;
+        slot->size = size;
+        slot->hash = hash;
+        slot->shard_count = shard_count;
+        slot->shard = PyLong_AsLongLong(PyList_GET_ITEM(shards, i));
+        cache_used++;
+    }
+    return PyLong_FromSsize_t(cache_used);
+}
+
+static Py_ssize_t table_size(Py_ssize_t n) {
+    Py_ssize_t size = 16;
+    while (size < 2 * n) size <<= 1;
+    return size;
+}
+
+static int compare_keys(const void *a, const void *b) {
+    int64_t x = ((const KeySlot *)a)->key, y = ((const KeySlot *)b)->key;
+    return (x > y) - (x < y);
+}
+
+#define HOUR_BITS 40
+
+/* Each row's shard from the cache (-1: not in it; those sites go to missing, once
+ * each per run of equal sites). 0 with a Python error set on failure. */
+static int row_shards(const int32_t *offsets, const char *data, Py_ssize_t data_size,
+                      Py_ssize_t n, Py_ssize_t shard_count, int64_t *shards,
+                      PyObject *missing) {
+    for (Py_ssize_t i = 0; i < n; i++) {
+        int32_t lo = offsets[i], hi = offsets[i + 1];
+        if (lo < 0 || hi < lo || hi > data_size) {
+            PyErr_SetString(PyExc_ValueError, "site offsets out of range");
+            return 0;
+        }
+        const char *site = data + lo;
+        Py_ssize_t size = hi - lo;
+        CacheSlot *slot = cache_size ? cache_find(site, size, shard_count,
+                                                  site_hash(site, size, shard_count))
+                                     : NULL;
+        if (slot != NULL && slot->site != NULL) {
+            shards[i] = slot->shard;
+            continue;
+        }
+        shards[i] = -1;
+        PyObject *key = PyBytes_FromStringAndSize(site, size);
+        if (key == NULL || PyList_Append(missing, key) < 0) {
+            Py_XDECREF(key);
+            return 0;
+        }
+        Py_DECREF(key);
+    }
+    return 1;
+}
+
+/* The distinct keys in order, each with its first row's place in the order; returns
+ * their count, or -1 with a Python error set. */
+static Py_ssize_t sort_keys(const int64_t *keys, Py_ssize_t n, int64_t *order, KeySlot **sorted) {
+    Py_ssize_t size = table_size(n), mask = size - 1, distinct = 0;
+    KeySlot *slots = calloc((size_t)size, sizeof(KeySlot));
+    Py_ssize_t *slot_of = malloc((size_t)(n ? n : 1) * sizeof(Py_ssize_t));
+    KeySlot *list = NULL;
+    if (slots == NULL || slot_of == NULL) goto nomemory;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        Py_ssize_t at = (Py_ssize_t)(mix64((uint64_t)keys[i]) & (uint64_t)mask);
+        while (slots[at].used && slots[at].key != keys[i]) at = (at + 1) & mask;
+        if (!slots[at].used) {
+            slots[at].used = 1;
+            slots[at].key = keys[i];
+            distinct++;
+        }
+        slots[at].count++;
+        slot_of[i] = at;
+    }
+    list = malloc((size_t)(distinct ? distinct : 1) * sizeof(KeySlot));
+    if (list == NULL) goto nomemory;
+    for (Py_ssize_t at = 0, k = 0; at < size; at++)
+        if (slots[at].used) list[k++] = slots[at];
+    qsort(list, (size_t)distinct, sizeof(KeySlot), compare_keys);
+    Py_ssize_t start = 0;
+    for (Py_ssize_t k = 0; k < distinct; k++) { /* where each key's rows begin */
+        Py_ssize_t at = (Py_ssize_t)(mix64((uint64_t)list[k].key) & (uint64_t)mask);
+        while (slots[at].key != list[k].key) at = (at + 1) & mask;
+        slots[at].next = list[k].next = start;
+        start += list[k].count;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) order[slots[slot_of[i]].next++] = i;
+    free(slots);
+    free(slot_of);
+    *sorted = list;
+    return distinct;
+nomemory:
+    free(slots);
+    free(slot_of);
+    free(list);
+    PyErr_NoMemory();
+    return -1;
+}
+
+static int append_run(PyObject *runs, int64_t key, Py_ssize_t start, Py_ssize_t count) {
+    PyObject *run = Py_BuildValue("(LLnn)", (long long)(key >> HOUR_BITS),
+                                  (long long)(key & ((INT64_C(1) << HOUR_BITS) - 1)), start,
+                                  count);
+    int ok = run != NULL && PyList_Append(runs, run) == 0;
+    Py_XDECREF(run);
+    return ok;
+}
+
+PyDoc_STRVAR(group_doc,
+"group(offsets, data, ts, n, shard_count, ranks, hour_ms)\n"
+"--\n\n"
+"The order of n rows by (rank of their site's shard, hour of their time), stable.\n"
+"offsets (n + 1 int32) and data are the site column's Arrow string buffers (from its\n"
+"first row), ts its n int64 times, ranks the int64 rank of each of the shard_count\n"
+"shards. Returns a list of the sites (bytes) whose shard it has not learned, if any\n"
+"(a site may be listed more than once); else (order, runs): order the row numbers as\n"
+"int64 bytes, or None if the rows are in order already, and runs the (rank, hour,\n"
+"start, count) of the ordered rows, in order.");
+
+static PyObject *group(PyObject *self, PyObject *args) {
+    (void)self;
+    Py_buffer offsets, data, ts, ranks;
+    Py_ssize_t n, shard_count;
+    PyObject *result = NULL, *missing = NULL, *runs = NULL, *order_bytes = NULL;
+    long long hour_ms;
+    int64_t *keys = NULL;
+    KeySlot *sorted = NULL;
+    if (!PyArg_ParseTuple(args, "y*y*y*nny*L", &offsets, &data, &ts, &n, &shard_count, &ranks,
+                          &hour_ms))
+        return NULL;
+    if (n < 0 || offsets.len < (n + 1) * (Py_ssize_t)sizeof(int32_t) ||
+        ts.len < n * (Py_ssize_t)sizeof(int64_t) || hour_ms < 1 || shard_count < 1 ||
+        ranks.len != shard_count * (Py_ssize_t)sizeof(int64_t)) {
+        PyErr_SetString(PyExc_ValueError, "group: buffers shorter than n rows, or bad ranks");
+        goto done;
+    }
+    keys = malloc((size_t)(n ? n : 1) * sizeof(int64_t));
+    missing = PyList_New(0);
+    if (keys == NULL) PyErr_NoMemory();
+    if (keys == NULL || missing == NULL ||
+        !row_shards((const int32_t *)offsets.buf, (const char *)data.buf, data.len, n,
+                    shard_count, keys, missing))
+        goto done;
+    if (PyList_GET_SIZE(missing) > 0) {
+        result = missing;
+        missing = NULL;
+        goto done;
+    }
+    const int64_t *times = (const int64_t *)ts.buf, *rank_of = (const int64_t *)ranks.buf;
+    int in_order = 1;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        int64_t t = times[i], hour = t / hour_ms - (t % hour_ms < 0), rank = rank_of[keys[i]];
+        if (hour < 0 || hour >= (INT64_C(1) << HOUR_BITS) || rank < 0 ||
+            rank >= (INT64_C(1) << 22)) {
+            PyErr_SetString(PyExc_ValueError, "group: a time or rank out of range");
+            goto done;
+        }
+        keys[i] = (rank << HOUR_BITS) | hour;
+        if (i && keys[i] < keys[i - 1]) in_order = 0;
+    }
+    runs = PyList_New(0);
+    if (runs == NULL) goto done;
+    if (in_order) {
+        for (Py_ssize_t start = 0, i = 1; i <= n; i++) {
+            if (i < n && keys[i] == keys[start]) continue;
+            if (!append_run(runs, keys[start], start, i - start)) goto done;
+            start = i;
+        }
+        result = Py_BuildValue("(OO)", Py_None, runs);
+        goto done;
+    }
+    order_bytes = PyBytes_FromStringAndSize(NULL, n * (Py_ssize_t)sizeof(int64_t));
+    if (order_bytes == NULL) goto done;
+    Py_ssize_t distinct = sort_keys(keys, n, (int64_t *)PyBytes_AS_STRING(order_bytes), &sorted);
+    if (distinct < 0) goto done;
+    for (Py_ssize_t k = 0; k < distinct; k++)
+        if (!append_run(runs, sorted[k].key, sorted[k].next, sorted[k].count)) goto done;
+    result = Py_BuildValue("(OO)", order_bytes, runs);
+done:
+    free(keys);
+    free(sorted);
+    Py_XDECREF(missing);
+    Py_XDECREF(runs);
+    Py_XDECREF(order_bytes);
+    PyBuffer_Release(&offsets);
+    PyBuffer_Release(&data);
+    PyBuffer_Release(&ts);
+    PyBuffer_Release(&ranks);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"ndjson", ndjson, METH_VARARGS, ndjson_doc},
     {"json", json, METH_VARARGS, json_doc},
+    {"group", group, METH_VARARGS, group_doc},
+    {"learn", learn, METH_VARARGS, learn_doc},
     {NULL, NULL, 0, NULL},
 };
 
@@ -655,4 +974,10 @@ static struct PyModuleDef module = {
     methods, NULL, NULL, NULL, NULL,
 };
 
-PyMODINIT_FUNC PyInit__native(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__native(void) {
+    FILE *random = fopen("/dev/urandom", "rb");
+    if (random == NULL || fread(&hash_seed, sizeof(hash_seed), 1, random) != 1)
+        hash_seed = mix64((uint64_t)(uintptr_t)&hash_seed ^ (uint64_t)time(NULL));
+    if (random != NULL) fclose(random);
+    return PyModule_Create(&module);
+}

@@ -18,3 +18,14 @@ class _Parse(Protocol):
 
 ndjson: _Parse
 json: _Parse
+
+def group(
+    offsets: bytes | memoryview,
+    data: bytes | memoryview,
+    ts: bytes | memoryview,
+    n: int,
+    shard_of: dict[bytes, int],
+    ranks: bytes | memoryview,
+    hour_ms: int,
+    /,
+) -> list[bytes] | tuple[bytes | None, list[tuple[int, int, int, int]]]: ...

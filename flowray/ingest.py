@@ -10,6 +10,7 @@ published.
 from __future__ import annotations
 
 import functools
+import types
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -19,6 +20,12 @@ import pyarrow as pa
 from flowray.events import Events, Row
 from flowray.invariant import require
 from flowray.router import ShardMap, shard_for_site
+
+_native: types.ModuleType | None
+try:  # the C parser and routing pass, built at install where a compiler is found
+    from flowray import _native
+except ImportError:  # pragma: no cover - exercised by the numpy path's tests
+    _native = None
 
 HOUR_MS = 3_600_000
 
@@ -143,21 +150,13 @@ def route_table(table: pa.Table, shard_map: ShardMap) -> dict[int, Routed]:
     events costs its ingress one pass, not one to route and another to split."""
     if table.num_rows == 0:
         return {}
-    rank, shard_of_rank, owner = _shard_order(shard_map.owners)
-    keys = (rank[_row_shards(table, shard_map.shard_count)] << 40) | (
-        table.column("ts").to_numpy() // HOUR_MS
-    )
-    order = np.argsort(keys, kind="stable")
-    sorted_keys = keys[order]
-    starts = np.flatnonzero(np.diff(sorted_keys)) + 1
-    starts = np.concatenate(([0], starts)).tolist()
-    ends = [*starts[1:], len(order)]
-    in_order = table if bool(np.all(order[1:] > order[:-1])) else table.take(pa.array(order))
+    _rank, shard_of_rank, owner = _shard_order(shard_map.owners)
+    order, key_runs = (_native_runs if _native is not None else _numpy_runs)(table, shard_map)
+    in_order = table if order is None else table.take(pa.array(order))
     runs: dict[int, list[tuple[int, int, int, int]]] = {}
-    for lo, hi in zip(starts, ends, strict=True):
-        key = int(sorted_keys[lo])
-        shard = int(shard_of_rank[key >> 40])
-        runs.setdefault(int(owner[shard]), []).append((shard, key & ((1 << 40) - 1), lo, hi - lo))
+    for rank, hour, lo, n in key_runs:
+        shard = int(shard_of_rank[rank])
+        runs.setdefault(int(owner[shard]), []).append((shard, hour, lo, n))
     out = {}
     size = table.get_total_buffer_size()  # nbytes walks the offsets: 12 µs for 1,000 rows
     for group, group_runs in runs.items():
@@ -166,9 +165,66 @@ def route_table(table: pa.Table, shard_map: ShardMap) -> dict[int, Routed]:
         out[group] = Routed(
             in_order.slice(first, last - first),
             [(shard, hour, lo - first, n) for shard, hour, lo, n in group_runs],
-            size * (last - first) // len(order),
+            size * (last - first) // table.num_rows,
         )
     return out
+
+
+KeyRuns = list[tuple[int, int, int, int]]  # (rank, hour, first row, rows), in order
+_HOUR_BITS = 40  # a key is rank << _HOUR_BITS | hour
+
+
+def _numpy_runs(table: pa.Table, shard_map: ShardMap) -> tuple[np.ndarray | None, KeyRuns]:
+    """The rows' stable order by (rank of their shard, hour), None if already in it, and
+    the (rank, hour) runs of the ordered rows: numpy's way, where the C one is not built."""
+    rank = _shard_order(shard_map.owners)[0]
+    keys = (rank[_row_shards(table, shard_map.shard_count)] << _HOUR_BITS) | (
+        table.column("ts").to_numpy() // HOUR_MS
+    )
+    order = np.argsort(keys, kind="stable")
+    sorted_keys = keys[order]
+    starts = np.flatnonzero(np.diff(sorted_keys)) + 1
+    starts = np.concatenate(([0], starts)).tolist()
+    ends = [*starts[1:], len(order)]
+    runs = []
+    for lo, hi in zip(starts, ends, strict=True):
+        key = int(sorted_keys[lo])
+        runs.append((key >> _HOUR_BITS, key & ((1 << _HOUR_BITS) - 1), lo, hi - lo))
+    return (None if bool(np.all(order[1:] > order[:-1])) else order), runs
+
+
+def _native_runs(table: pa.Table, shard_map: ShardMap) -> tuple[np.ndarray | None, KeyRuns]:
+    """As :func:`_numpy_runs`, by the C routing pass (``_native.group``), with its
+    cache of each site's shard: 72 µs against numpy's 254 µs for 1,000 events of 500
+    sites, on the reference machine on a slow day."""
+    native = _native
+    if native is None:
+        raise RuntimeError("flowray._native is not built (no C compiler at install)")
+    site = table.column("site").combine_chunks()
+    ts = table.column("ts").combine_chunks()
+    require(site.type == pa.string() and ts.type == pa.int64(), "an event table's types")
+    require(site.null_count == 0 and ts.null_count == 0, "an event without a site or time")
+    n = len(site)
+    offsets = memoryview(site.buffers()[1])[4 * site.offset : 4 * (site.offset + n + 1)]
+    times = memoryview(ts.buffers()[1])[8 * ts.offset : 8 * (ts.offset + n)]
+    count = shard_map.shard_count
+    args = (offsets, site.buffers()[2] or b"", times, n, count, _rank_bytes(shard_map.owners))
+    for _attempt in range(3):
+        out = native.group(*args, HOUR_MS)
+        if not isinstance(out, list):
+            order, runs = out
+            return (None if order is None else np.frombuffer(order, dtype=np.int64)), runs
+        sites = list(set(out))  # not seen before: hash them, then ask again
+        if len(sites) > SHARDS_CACHED_MAX:
+            break  # more than the cache may hold
+        shards = [shard_for_site(site.decode(), count) for site in sites]
+        native.learn(count, sites, shards, SHARDS_CACHED_MAX)
+    return _numpy_runs(table, shard_map)  # other threads kept emptying the full cache, or too many
+
+
+@functools.lru_cache(maxsize=64)
+def _rank_bytes(owners: tuple[int, ...]) -> bytes:
+    return _shard_order(owners)[0].astype(np.int64).tobytes()
 
 
 def ordered(table: pa.Table, shard_count: int) -> Routed | None:
