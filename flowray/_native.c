@@ -655,6 +655,8 @@ static PyObject *json(PyObject *self, PyObject *args) {
  * 2-core reference machine on a slow day. Every call holds the GIL throughout and
  * calls no Python code while it changes the cache, so threads may share it.
  */
+#define SHARDS_MAX (1 << 22) /* a rank takes the 22 bits above the hour's 40 */
+
 typedef struct {
     char *site; /* owned; NULL: an empty slot */
     Py_ssize_t size;
@@ -744,40 +746,56 @@ static PyObject *learn(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "nO!O!n", &shard_count, &PyList_Type, &sites, &PyList_Type,
                           &shards, &capacity))
         return NULL;
-    Py_ssize_t n = PyList_GET_SIZE(sites);
-    if (PyList_GET_SIZE(shards) != n || shard_count < 1 || capacity < n) {
+    Py_ssize_t n = PyList_GET_SIZE(sites), fresh = 0;
+    if (PyList_GET_SIZE(shards) != n || shard_count < 1 || shard_count > SHARDS_MAX ||
+        capacity < n) {
         PyErr_SetString(PyExc_ValueError, "learn: sites and shards differ, or too many");
         return NULL;
     }
-    for (Py_ssize_t i = 0; i < n; i++) { /* check all first: nothing half learned */
-        PyObject *site = PyList_GET_ITEM(sites, i);
-        long long shard = PyLong_AsLongLong(PyList_GET_ITEM(shards, i));
-        if (shard == -1 && PyErr_Occurred()) return NULL;
-        if (!PyBytes_Check(site) || shard < 0 || shard >= shard_count) {
+    int64_t *values = malloc((size_t)(n ? n : 1) * sizeof(int64_t));
+    if (values == NULL) return PyErr_NoMemory();
+    /* Check all first, nothing half learned. Exact ints and bytes only: reading them
+     * runs no Python code, which could change the lists or the cache under this loop. */
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *site = PyList_GET_ITEM(sites, i), *shard = PyList_GET_ITEM(shards, i);
+        int overflow = 0;
+        long long value = PyLong_CheckExact(shard) ? PyLong_AsLongLongAndOverflow(shard, &overflow) : -1;
+        if (!PyBytes_CheckExact(site) || overflow || value < 0 || value >= shard_count) {
+            free(values);
             PyErr_SetString(PyExc_ValueError, "learn: a site that is not bytes, or a bad shard");
             return NULL;
         }
+        values[i] = value;
+        const char *p = PyBytes_AS_STRING(site);
+        Py_ssize_t size = PyBytes_GET_SIZE(site);
+        if (cache_size == 0 || cache_find(p, size, shard_count, site_hash(p, size, shard_count))->site == NULL)
+            fresh++; /* an upper bound: a site listed twice counts twice */
     }
-    if (cache_used + n > capacity) cache_clear();
+    if (cache_used + fresh > capacity) cache_clear();
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *site = PyList_GET_ITEM(sites, i);
         const char *p = PyBytes_AS_STRING(site);
         Py_ssize_t size = PyBytes_GET_SIZE(site);
         uint64_t hash = site_hash(p, size, shard_count);
-        if (!cache_reserve()) return PyErr_NoMemory();
+        char *copy = NULL;
+        if (!cache_reserve()) goto nomemory;
         CacheSlot *slot = cache_find(p, size, shard_count, hash);
         if (slot->site != NULL) continue; /* learned already */
-        char *copy = malloc(size ? (size_t)size : 1);
-        if (copy == NULL) return PyErr_NoMemory();
+        copy = malloc(size ? (size_t)size : 1);
+        if (copy == NULL) goto nomemory;
         memcpy(copy, p, (size_t)size);
         slot->site = copy;
         slot->size = size;
         slot->hash = hash;
         slot->shard_count = shard_count;
-        slot->shard = PyLong_AsLongLong(PyList_GET_ITEM(shards, i));
+        slot->shard = values[i];
         cache_used++;
     }
+    free(values);
     return PyLong_FromSsize_t(cache_used);
+nomemory:
+    free(values);
+    return PyErr_NoMemory();
 }
 
 static Py_ssize_t table_size(Py_ssize_t n) {
@@ -793,13 +811,15 @@ static int compare_keys(const void *a, const void *b) {
 
 #define HOUR_BITS 40
 
-/* Each row's shard from the cache (-1: not in it; those sites go to missing, once
- * each per run of equal sites). 0 with a Python error set on failure. */
+/* Each row's shard from the cache (-1: not in it; those rows' sites go to missing).
+ * 0 with a Python error set on failure. */
 static int row_shards(const int32_t *offsets, const char *data, Py_ssize_t data_size,
                       Py_ssize_t n, Py_ssize_t shard_count, int64_t *shards,
                       PyObject *missing) {
     for (Py_ssize_t i = 0; i < n; i++) {
-        int32_t lo = offsets[i], hi = offsets[i + 1];
+        int32_t lo, hi; /* read by memcpy: a buffer need not be aligned */
+        memcpy(&lo, offsets + i, sizeof(lo));
+        memcpy(&hi, offsets + i + 1, sizeof(hi));
         if (lo < 0 || hi < lo || hi > data_size) {
             PyErr_SetString(PyExc_ValueError, "site offsets out of range");
             return 0;
@@ -899,9 +919,11 @@ static PyObject *group(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "y*y*y*nny*L", &offsets, &data, &ts, &n, &shard_count, &ranks,
                           &hour_ms))
         return NULL;
-    if (n < 0 || offsets.len < (n + 1) * (Py_ssize_t)sizeof(int32_t) ||
-        ts.len < n * (Py_ssize_t)sizeof(int64_t) || hour_ms < 1 || shard_count < 1 ||
-        ranks.len != shard_count * (Py_ssize_t)sizeof(int64_t)) {
+    /* by division: n or shard_count may be anything */
+    if (n < 0 || offsets.len / (Py_ssize_t)sizeof(int32_t) <= n ||
+        ts.len / (Py_ssize_t)sizeof(int64_t) < n || hour_ms < 1 || shard_count < 1 ||
+        shard_count > SHARDS_MAX || ranks.len % (Py_ssize_t)sizeof(int64_t) != 0 ||
+        ranks.len / (Py_ssize_t)sizeof(int64_t) != shard_count) {
         PyErr_SetString(PyExc_ValueError, "group: buffers shorter than n rows, or bad ranks");
         goto done;
     }
@@ -920,9 +942,12 @@ static PyObject *group(PyObject *self, PyObject *args) {
     const int64_t *times = (const int64_t *)ts.buf, *rank_of = (const int64_t *)ranks.buf;
     int in_order = 1;
     for (Py_ssize_t i = 0; i < n; i++) {
-        int64_t t = times[i], hour = t / hour_ms - (t % hour_ms < 0), rank = rank_of[keys[i]];
+        int64_t t, rank;
+        memcpy(&t, times + i, sizeof(t));
+        memcpy(&rank, rank_of + keys[i], sizeof(rank));
+        int64_t hour = t / hour_ms - (t % hour_ms < 0);
         if (hour < 0 || hour >= (INT64_C(1) << HOUR_BITS) || rank < 0 ||
-            rank >= (INT64_C(1) << 22)) {
+            rank >= SHARDS_MAX) {
             PyErr_SetString(PyExc_ValueError, "group: a time or rank out of range");
             goto done;
         }

@@ -24,8 +24,9 @@ def group(
     data: bytes | memoryview,
     ts: bytes | memoryview,
     n: int,
-    shard_of: dict[bytes, int],
+    shard_count: int,
     ranks: bytes | memoryview,
     hour_ms: int,
     /,
 ) -> list[bytes] | tuple[bytes | None, list[tuple[int, int, int, int]]]: ...
+def learn(shard_count: int, sites: list[bytes], shards: list[int], capacity: int, /) -> int: ...

@@ -183,6 +183,41 @@ def test_learn_and_group_refuse_bad_input() -> None:
     )
 
 
+def test_out_of_contract_arguments_are_refused() -> None:
+    """Sizes whose products would overflow, and shards that are not exact ints (reading
+    one must run no Python code while the cache changes)."""
+
+    class Index:
+        def __index__(self) -> int:
+            return 1
+
+    ts = np.array([T0], dtype=np.int64).tobytes()
+    with pytest.raises(ValueError, match="shorter than n rows"):
+        native.group(b"\0" * 8, b"", b"", 2**61, 1, b"\0" * 8, HOUR_MS)
+    with pytest.raises(ValueError, match="bad ranks"):
+        native.group(b"\0" * 8, b"", ts, 1, 2**61 + 1, b"\0" * 8, HOUR_MS)
+    with pytest.raises(ValueError, match="too many"):
+        native.learn(2**61, [b"a"], [1], 10)
+    for shard in (Index(), True, 2**70, 1.0):
+        with pytest.raises(ValueError, match="bad shard"):
+            native.learn(4, [b"a"], [shard], 10)
+    with pytest.raises(ValueError, match="not bytes"):
+        native.learn(4, [bytearray(b"a")], [1], 10)
+
+
+def test_unaligned_buffers() -> None:
+    """Buffers at any byte offset are read as they are (memcpy, not a cast)."""
+    native.learn(3, [b"ua", b"ub"], [0, 2], 1 << 18)  # ranks 1 and 0
+    offsets = b"\0" + np.array([0, 2, 4], dtype=np.int32).tobytes()
+    ts = b"\0" * 3 + np.array([T0, T0], dtype=np.int64).tobytes()
+    ranks = b"\0" * 5 + np.array([1, 2, 0], dtype=np.int64).tobytes()
+    order, runs = native.group(
+        memoryview(offsets)[1:], b"uaub", memoryview(ts)[3:], 2, 3, memoryview(ranks)[5:], HOUR_MS
+    )
+    assert np.frombuffer(order, dtype=np.int64).tolist() == [1, 0]
+    assert runs == [(0, T0 // HOUR_MS, 0, 1), (1, T0 // HOUR_MS, 1, 1)]
+
+
 def test_unseen_sites_are_named() -> None:
     offsets = np.array([0, 3, 6, 9], dtype=np.int32).tobytes()
     ts = np.array([T0] * 3, dtype=np.int64).tobytes()
