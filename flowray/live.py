@@ -122,11 +122,14 @@ class LiveCounts:
         # Counted with numpy on (site code, minute number) keys: Arrow's group_by has a
         # large fixed cost per call, and this runs for every committed entry.
         encoded = site_column.combine_chunks().dictionary_encode()
+        names = encoded.dictionary.to_pylist()
         codes = self.codes
-        code_of_value = np.array(
-            [codes.setdefault(name, len(codes)) for name in encoded.dictionary.to_pylist()],
-            dtype=np.int64,
-        )
+        try:  # sites seen before: the usual case, a third faster than setdefault's loop
+            code_of_value = np.fromiter(map(codes.__getitem__, names), np.int64, len(names))
+        except KeyError:
+            code_of_value = np.array(
+                [codes.setdefault(name, len(codes)) for name in names], dtype=np.int64
+            )
         values = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
         first = int(minutes.min())
         span = int(minutes.max()) - first + 1

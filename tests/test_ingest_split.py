@@ -22,6 +22,7 @@ from flowray.ingest import (
     route_table,
     split_batch,
     to_ipc,
+    to_ipc_compressed,
 )
 from flowray.invariant import InvariantError
 from flowray.router import ShardMap, shard_for_site
@@ -221,6 +222,23 @@ def test_payloads_not_of_the_usual_form_are_read_one_by_one() -> None:
 owner_maps = st.lists(st.integers(0, 3), min_size=1, max_size=12).map(
     lambda owners: ShardMap(tuple(owners))
 )
+
+
+@given(groups=st.lists(event_rows, min_size=0, max_size=5), chunks=st.integers(1, 3))
+@settings(max_examples=60, deadline=None)
+def test_tables_compressed_by_one_writer_are_each_as_written_alone(
+    groups: list[list[dict[str, Any]]], chunks: int
+) -> None:
+    """to_ipc_compressed cuts one writer's stream per table: byte for byte what a
+    writer per table (to_ipc) makes, for any sizes (none and one included) and chunks."""
+    tables = []
+    for rows in groups:
+        table = events(rows)
+        step = max(1, -(-len(rows) // chunks))
+        tables.append(
+            pa.concat_tables([table.slice(i, step) for i in range(0, len(rows), step)] or [table])
+        )
+    assert to_ipc_compressed(tables) == [to_ipc(t, compress=True) for t in tables]
 
 
 @given(requests=st.lists(event_rows, min_size=1, max_size=4), shard_map=owner_maps)
