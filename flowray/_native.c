@@ -508,142 +508,6 @@ static int parse_json(const char *body, size_t size, const Rules *rules, Out *ou
     return skip_space(p + 1, end) == end;
 }
 
-static PyObject *column_tuple(const Column *col, Py_ssize_t n) {
-    PyObject *offsets = PyBytes_FromStringAndSize((const char *)col->offsets,
-                                                  (Py_ssize_t)((n + 1) * sizeof(int32_t)));
-    PyObject *data = PyBytes_FromStringAndSize(col->data ? col->data : "", (Py_ssize_t)col->used);
-    PyObject *valid = col->nulls ? PyBytes_FromStringAndSize((const char *)col->valid, (n + 7) / 8)
-                                 : (Py_INCREF(Py_None), Py_None);
-    if (offsets == NULL || data == NULL || valid == NULL) {
-        Py_XDECREF(offsets);
-        Py_XDECREF(data);
-        Py_XDECREF(valid);
-        return NULL;
-    }
-    return Py_BuildValue("(NNNn)", offsets, data, valid, col->nulls);
-}
-
-typedef int (*Parser)(const char *, size_t, const Rules *, Out *);
-
-/* The most events a body can hold, at most cap: NDJSON one a line, a JSON array one
- * per 12 bytes (an event and its comma take at least that: {"site":""},). */
-static Py_ssize_t rows_bound(const char *body, Py_ssize_t size, int json, Py_ssize_t cap) {
-    Py_ssize_t lines = 1;
-    if (json) return size / 12 + 1 < cap ? size / 12 + 1 : cap;
-    for (const char *p = body, *end = body + size;
-         lines < cap && (p = memchr(p, '\n', (size_t)(end - p))) != NULL; p++)
-        lines++;
-    return lines;
-}
-
-/* Buffers for rows events of a body of size bytes; 0 if out of memory. */
-static int allocate(Out *out, Py_ssize_t rows, Py_ssize_t size) {
-    out->rows_max = rows;
-    out->ts = calloc((size_t)rows, sizeof(int64_t));
-    for (int c = 0; c < NCOLS; c++) {
-        out->columns[c].data = malloc((size_t)size + 1);
-        out->columns[c].offsets = calloc((size_t)rows + 1, sizeof(int32_t));
-        out->columns[c].valid = calloc(((size_t)rows + 7) / 8, 1);
-        if (!out->columns[c].data || !out->columns[c].offsets || !out->columns[c].valid)
-            return 0;
-    }
-    return out->ts != NULL;
-}
-
-/* Parse a body with ``parse``; the tuple documented below, or None on doubt. */
-static PyObject *columns_of(PyObject *args, Parser parse, int json) {
-    PyObject *body;
-    long long now_ms, ts_lo, ts_hi;
-    Py_ssize_t path_max, visitor_max, events_max, size;
-    const char *data;
-    Out out;
-    Rules rules;
-    PyObject *result = NULL;
-    int ok = 0, allocated = 1;
-    /* bytes only: immutable, so no other thread can change it while the GIL is out */
-    if (!PyArg_ParseTuple(args, "SLLLnnn", &body, &now_ms, &ts_lo, &ts_hi, &path_max,
-                          &visitor_max, &events_max))
-        return NULL;
-    data = PyBytes_AS_STRING(body);
-    size = PyBytes_GET_SIZE(body);
-    rules.now_ms = now_ms;
-    rules.ts_lo = ts_lo;
-    rules.ts_hi = ts_hi;
-    for (int c = 0; c < NCOLS; c++)
-        rules.chars_max[c] = (c == COL_VISITOR || c == COL_ID) ? visitor_max : path_max;
-    rules.chars_max[COL_SITE] = PY_SSIZE_T_MAX; /* the site rules are Python's */
-    memset(&out, 0, sizeof(out));
-    out.sites_normal = 1;
-    if (size > INT32_MAX || events_max < 1) goto doubt; /* 32-bit offsets */
-    Py_BEGIN_ALLOW_THREADS
-    allocated = allocate(&out, rows_bound(data, size, json, events_max), size);
-    if (allocated) ok = parse(data, (size_t)size, &rules, &out);
-    Py_END_ALLOW_THREADS
-    if (!allocated) {
-        PyErr_NoMemory();
-        goto done;
-    }
-    if (!ok || out.n == 0) goto doubt;
-    {
-        Py_ssize_t n = out.n;
-        PyObject *ts = PyBytes_FromStringAndSize((const char *)out.ts, n * (Py_ssize_t)sizeof(int64_t));
-        PyObject *list = PyTuple_New(NCOLS);
-        if (ts == NULL || list == NULL) {
-            Py_XDECREF(ts);
-            Py_XDECREF(list);
-            goto done;
-        }
-        for (int c = 0; c < NCOLS; c++) {
-            PyObject *col = column_tuple(&out.columns[c], n);
-            if (col == NULL) {
-                Py_DECREF(ts);
-                Py_DECREF(list);
-                goto done;
-            }
-            PyTuple_SET_ITEM(list, c, col);
-        }
-        result = Py_BuildValue("(nNNO)", n, ts, list, out.sites_normal ? Py_True : Py_False);
-    }
-    goto done;
-doubt:
-    result = Py_None;
-    Py_INCREF(result);
-done:
-    free(out.ts);
-    free_columns(out.columns);
-    return result;
-}
-
-#define COLUMNS_DOC                                                                        \
-    "Returns (n, ts, columns, sites_normal): ts the int64 times (a missing or null ts\n"   \
-    "is now_ms) as bytes, columns the (offsets, data, validity or None, null count) of\n" \
-    "site, path, referrer, ua, visitor and id as Arrow string buffers (an empty id is\n"  \
-    "null), sites_normal whether every site is already in normalize_site's form."
-
-PyDoc_STRVAR(ndjson_doc,
-"ndjson(body, now_ms, ts_lo, ts_hi, path_chars_max, visitor_chars_max, events_max)\n"
-"--\n\n"
-"Columns of an NDJSON body of flat event objects, or None at the first doubt (bytes\n"
-"that are not UTF-8 are one).\n\n"
-COLUMNS_DOC);
-
-static PyObject *ndjson(PyObject *self, PyObject *args) {
-    (void)self;
-    return columns_of(args, parse_ndjson, 0);
-}
-
-PyDoc_STRVAR(json_doc,
-"json(body, now_ms, ts_lo, ts_hi, path_chars_max, visitor_chars_max, events_max)\n"
-"--\n\n"
-"Columns of a JSON body (an array of flat event objects, or one), or None at the\n"
-"first doubt (bytes that are not UTF-8 are one).\n\n"
-COLUMNS_DOC);
-
-static PyObject *json(PyObject *self, PyObject *args) {
-    (void)self;
-    return columns_of(args, parse_json, 1);
-}
-
 /*
  * Routing: the rows of a table in (rank, hour) order, where a row's rank is that of
  * its site's shard (ranks order shards by owning group, see flowray.ingest). Each
@@ -897,6 +761,51 @@ static int append_run(PyObject *runs, int64_t key, Py_ssize_t start, Py_ssize_t 
     return ok;
 }
 
+/* The (rank, hour, start, count) runs of ordered rows: of keys in order when sorted is
+ * NULL, else of the distinct keys sort_keys gave. A new list, or NULL with an error. */
+static PyObject *runs_of(const int64_t *keys, Py_ssize_t n, const KeySlot *sorted,
+                         Py_ssize_t distinct) {
+    PyObject *runs = PyList_New(0);
+    if (runs == NULL) return NULL;
+    if (sorted == NULL) {
+        for (Py_ssize_t start = 0, i = 1; i <= n; i++) {
+            if (i < n && keys[i] == keys[start]) continue;
+            if (!append_run(runs, keys[start], start, i - start)) goto fail;
+            start = i;
+        }
+        return runs;
+    }
+    for (Py_ssize_t k = 0; k < distinct; k++)
+        if (!append_run(runs, sorted[k].key, sorted[k].next, sorted[k].count)) goto fail;
+    return runs;
+fail:
+    Py_DECREF(runs);
+    return NULL;
+}
+
+/* Each parsed row's key (rank << HOUR_BITS | hour) from the site cache, and whether
+ * they are in order; 0 if a site is not cached or a time or rank is out of range:
+ * then the rows stay as parsed, and flowray.ingest orders them. */
+static int parsed_keys(const Column *sites, const int64_t *times, Py_ssize_t n,
+                       Py_ssize_t shard_count, const char *ranks, long long hour_ms,
+                       int64_t *keys, int *in_order) {
+    *in_order = 1;
+    if (cache_size == 0) return 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        const char *site = sites->data + sites->offsets[i];
+        Py_ssize_t size = sites->offsets[i + 1] - sites->offsets[i];
+        CacheSlot *slot = cache_find(site, size, shard_count, site_hash(site, size, shard_count));
+        if (slot->site == NULL) return 0;
+        int64_t t = times[i], rank, hour = t / hour_ms - (t % hour_ms < 0);
+        memcpy(&rank, ranks + slot->shard * (Py_ssize_t)sizeof(int64_t), sizeof(rank));
+        if (hour < 0 || hour >= (INT64_C(1) << HOUR_BITS) || rank < 0 || rank >= SHARDS_MAX)
+            return 0;
+        keys[i] = (rank << HOUR_BITS) | hour;
+        if (i && keys[i] < keys[i - 1]) *in_order = 0;
+    }
+    return 1;
+}
+
 PyDoc_STRVAR(group_doc,
 "group(offsets, data, ts, n, shard_count, ranks, hour_ms)\n"
 "--\n\n"
@@ -954,24 +863,17 @@ static PyObject *group(PyObject *self, PyObject *args) {
         keys[i] = (rank << HOUR_BITS) | hour;
         if (i && keys[i] < keys[i - 1]) in_order = 0;
     }
-    runs = PyList_New(0);
-    if (runs == NULL) goto done;
     if (in_order) {
-        for (Py_ssize_t start = 0, i = 1; i <= n; i++) {
-            if (i < n && keys[i] == keys[start]) continue;
-            if (!append_run(runs, keys[start], start, i - start)) goto done;
-            start = i;
-        }
-        result = Py_BuildValue("(OO)", Py_None, runs);
+        runs = runs_of(keys, n, NULL, 0);
+        if (runs != NULL) result = Py_BuildValue("(OO)", Py_None, runs);
         goto done;
     }
     order_bytes = PyBytes_FromStringAndSize(NULL, n * (Py_ssize_t)sizeof(int64_t));
     if (order_bytes == NULL) goto done;
     Py_ssize_t distinct = sort_keys(keys, n, (int64_t *)PyBytes_AS_STRING(order_bytes), &sorted);
     if (distinct < 0) goto done;
-    for (Py_ssize_t k = 0; k < distinct; k++)
-        if (!append_run(runs, sorted[k].key, sorted[k].next, sorted[k].count)) goto done;
-    result = Py_BuildValue("(OO)", order_bytes, runs);
+    runs = runs_of(keys, n, sorted, distinct);
+    if (runs != NULL) result = Py_BuildValue("(OO)", order_bytes, runs);
 done:
     free(keys);
     free(sorted);
@@ -983,6 +885,216 @@ done:
     PyBuffer_Release(&ts);
     PyBuffer_Release(&ranks);
     return result;
+}
+
+/* A column's Arrow buffers as (offsets, data, validity or None, nulls), its rows in
+ * the given order (NULL: as parsed). */
+static PyObject *column_tuple(const Column *col, Py_ssize_t n, const int64_t *order) {
+    Py_ssize_t offsets_size = (n + 1) * (Py_ssize_t)sizeof(int32_t);
+    PyObject *offsets = PyBytes_FromStringAndSize(order ? NULL : (const char *)col->offsets,
+                                                  offsets_size);
+    PyObject *data = PyBytes_FromStringAndSize(order ? NULL : (col->data ? col->data : ""),
+                                               (Py_ssize_t)col->used);
+    PyObject *valid = col->nulls ? PyBytes_FromStringAndSize(order ? NULL : (const char *)col->valid,
+                                                             (n + 7) / 8)
+                                 : (Py_INCREF(Py_None), Py_None);
+    if (offsets == NULL || data == NULL || valid == NULL) {
+        Py_XDECREF(offsets);
+        Py_XDECREF(data);
+        Py_XDECREF(valid);
+        return NULL;
+    }
+    if (order != NULL) {
+        int32_t *to_offsets = (int32_t *)PyBytes_AS_STRING(offsets);
+        char *to_data = PyBytes_AS_STRING(data);
+        uint8_t *to_valid = col->nulls ? (uint8_t *)PyBytes_AS_STRING(valid) : NULL;
+        int32_t at = 0;
+        if (to_valid != NULL) memset(to_valid, 0, (size_t)((n + 7) / 8));
+        to_offsets[0] = 0;
+        for (Py_ssize_t i = 0; i < n; i++) {
+            int64_t row = order[i];
+            int32_t lo = col->offsets[row], length = col->offsets[row + 1] - lo;
+            memcpy(to_data + at, col->data + lo, (size_t)length);
+            at += length;
+            to_offsets[i + 1] = at;
+            if (to_valid != NULL && (col->valid[row >> 3] >> (row & 7)) & 1)
+                to_valid[i >> 3] |= (uint8_t)(1u << (i & 7));
+        }
+    }
+    return Py_BuildValue("(NNNn)", offsets, data, valid, col->nulls);
+}
+
+typedef int (*Parser)(const char *, size_t, const Rules *, Out *);
+
+/* The most events a body can hold, at most cap: NDJSON one a line, a JSON array one
+ * per 12 bytes (an event and its comma take at least that: {"site":""},). */
+static Py_ssize_t rows_bound(const char *body, Py_ssize_t size, int json, Py_ssize_t cap) {
+    Py_ssize_t lines = 1;
+    if (json) return size / 12 + 1 < cap ? size / 12 + 1 : cap;
+    for (const char *p = body, *end = body + size;
+         lines < cap && (p = memchr(p, '\n', (size_t)(end - p))) != NULL; p++)
+        lines++;
+    return lines;
+}
+
+/* Buffers for rows events of a body of size bytes; 0 if out of memory. */
+static int allocate(Out *out, Py_ssize_t rows, Py_ssize_t size) {
+    out->rows_max = rows;
+    out->ts = calloc((size_t)rows, sizeof(int64_t));
+    for (int c = 0; c < NCOLS; c++) {
+        out->columns[c].data = malloc((size_t)size + 1);
+        out->columns[c].offsets = calloc((size_t)rows + 1, sizeof(int32_t));
+        out->columns[c].valid = calloc(((size_t)rows + 7) / 8, 1);
+        if (!out->columns[c].data || !out->columns[c].offsets || !out->columns[c].valid)
+            return 0;
+    }
+    return out->ts != NULL;
+}
+
+/* Parse a body with ``parse``; the tuple documented below, or None on doubt. */
+static PyObject *columns_of(PyObject *args, Parser parse, int json) {
+    PyObject *body;
+    long long now_ms, ts_lo, ts_hi;
+    Py_ssize_t path_max, visitor_max, events_max, size;
+    const char *data;
+    Out out;
+    Rules rules;
+    PyObject *result = NULL, *runs = NULL;
+    int ok = 0, allocated = 1, routed = 0, in_order = 1;
+    Py_ssize_t shard_count = 0;
+    Py_buffer ranks = {0};
+    long long hour_ms = 1;
+    int64_t *keys = NULL, *order = NULL;
+    KeySlot *sorted = NULL;
+    /* bytes only: immutable, so no other thread can change it while the GIL is out */
+    if (!PyArg_ParseTuple(args, "SLLLnnn|ny*L", &body, &now_ms, &ts_lo, &ts_hi, &path_max,
+                          &visitor_max, &events_max, &shard_count, &ranks, &hour_ms))
+        return NULL;
+    memset(&out, 0, sizeof(out));
+    if (shard_count < 0 || shard_count > SHARDS_MAX || hour_ms < 1 ||
+        (shard_count > 0 && (ranks.buf == NULL || ranks.len % (Py_ssize_t)sizeof(int64_t) != 0 ||
+                             ranks.len / (Py_ssize_t)sizeof(int64_t) != shard_count))) {
+        PyErr_SetString(PyExc_ValueError, "bad routing: shard_count, ranks or hour_ms");
+        goto done;
+    }
+    data = PyBytes_AS_STRING(body);
+    size = PyBytes_GET_SIZE(body);
+    rules.now_ms = now_ms;
+    rules.ts_lo = ts_lo;
+    rules.ts_hi = ts_hi;
+    for (int c = 0; c < NCOLS; c++)
+        rules.chars_max[c] = (c == COL_VISITOR || c == COL_ID) ? visitor_max : path_max;
+    rules.chars_max[COL_SITE] = PY_SSIZE_T_MAX; /* the site rules are Python's */
+    out.sites_normal = 1;
+    if (size > INT32_MAX || events_max < 1) goto doubt; /* 32-bit offsets */
+    Py_BEGIN_ALLOW_THREADS
+    allocated = allocate(&out, rows_bound(data, size, json, events_max), size);
+    if (allocated) ok = parse(data, (size_t)size, &rules, &out);
+    Py_END_ALLOW_THREADS
+    if (!allocated) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    if (!ok || out.n == 0) goto doubt;
+    {
+        Py_ssize_t n = out.n;
+        /* In routing order, when asked and every site is in its normal form and cached
+         * (with the GIL held: the cache is shared). Rows from other bodies stay as
+         * parsed, and flowray.ingest orders them. */
+        if (shard_count > 0 && out.sites_normal) {
+            keys = malloc((size_t)n * sizeof(int64_t));
+            if (keys == NULL) {
+                PyErr_NoMemory();
+                goto done;
+            }
+            routed = parsed_keys(&out.columns[COL_SITE], out.ts, n, shard_count,
+                                 (const char *)ranks.buf, hour_ms, keys, &in_order);
+        }
+        if (routed && !in_order) {
+            order = malloc((size_t)n * sizeof(int64_t));
+            if (order == NULL) {
+                PyErr_NoMemory();
+                goto done;
+            }
+            Py_ssize_t distinct = sort_keys(keys, n, order, &sorted);
+            if (distinct < 0) goto done;
+            runs = runs_of(keys, n, sorted, distinct);
+        } else if (routed) {
+            runs = runs_of(keys, n, NULL, 0);
+        } else {
+            runs = Py_None;
+            Py_INCREF(runs);
+        }
+        if (runs == NULL) goto done;
+        PyObject *ts = PyBytes_FromStringAndSize(order ? NULL : (const char *)out.ts,
+                                                 n * (Py_ssize_t)sizeof(int64_t));
+        PyObject *list = PyTuple_New(NCOLS);
+        if (ts == NULL || list == NULL) {
+            Py_XDECREF(ts);
+            Py_XDECREF(list);
+            goto done;
+        }
+        if (order != NULL) {
+            int64_t *to = (int64_t *)PyBytes_AS_STRING(ts);
+            for (Py_ssize_t i = 0; i < n; i++) to[i] = out.ts[order[i]];
+        }
+        for (int c = 0; c < NCOLS; c++) {
+            PyObject *col = column_tuple(&out.columns[c], n, order);
+            if (col == NULL) {
+                Py_DECREF(ts);
+                Py_DECREF(list);
+                goto done;
+            }
+            PyTuple_SET_ITEM(list, c, col);
+        }
+        result = Py_BuildValue("(nNNOO)", n, ts, list, out.sites_normal ? Py_True : Py_False, runs);
+    }
+    goto done;
+doubt:
+    result = Py_None;
+    Py_INCREF(result);
+done:
+    free(out.ts);
+    free_columns(out.columns);
+    free(keys);
+    free(order);
+    free(sorted);
+    Py_XDECREF(runs);
+    if (ranks.obj != NULL) PyBuffer_Release(&ranks);
+    return result;
+}
+
+#define COLUMNS_DOC                                                                        \
+    "Returns (n, ts, columns, sites_normal, runs): ts the int64 times (a missing or null\n" \
+    "ts is now_ms) as bytes, columns the (offsets, data, validity or None, null count)\n" \
+    "of site, path, referrer, ua, visitor and id as Arrow string buffers (an empty id is\n" \
+    "null), sites_normal whether every site is already in normalize_site's form. With\n" \
+    "shard_count, ranks and hour_ms (as for group), the rows come in group's order and\n" \
+    "runs are its runs, when every site is in its normal form and its shard is learned;\n" \
+    "else the rows come as parsed and runs is None."
+
+PyDoc_STRVAR(ndjson_doc,
+"ndjson(body, now_ms, ts_lo, ts_hi, path_chars_max, visitor_chars_max, events_max, shard_count=0, ranks=None, hour_ms=1)\n"
+"--\n\n"
+"Columns of an NDJSON body of flat event objects, or None at the first doubt (bytes\n"
+"that are not UTF-8 are one).\n\n"
+COLUMNS_DOC);
+
+static PyObject *ndjson(PyObject *self, PyObject *args) {
+    (void)self;
+    return columns_of(args, parse_ndjson, 0);
+}
+
+PyDoc_STRVAR(json_doc,
+"json(body, now_ms, ts_lo, ts_hi, path_chars_max, visitor_chars_max, events_max, shard_count=0, ranks=None, hour_ms=1)\n"
+"--\n\n"
+"Columns of a JSON body (an array of flat event objects, or one), or None at the\n"
+"first doubt (bytes that are not UTF-8 are one).\n\n"
+COLUMNS_DOC);
+
+static PyObject *json(PyObject *self, PyObject *args) {
+    (void)self;
+    return columns_of(args, parse_json, 1);
 }
 
 static PyMethodDef methods[] = {

@@ -13,8 +13,13 @@ class _Parse(Protocol):
         path_chars_max: int,
         visitor_chars_max: int,
         events_max: int,
+        shard_count: int = 0,
+        ranks: bytes | None = None,
+        hour_ms: int = 1,
         /,
-    ) -> tuple[int, bytes, tuple[_Column, ...], bool] | None: ...
+    ) -> (
+        tuple[int, bytes, tuple[_Column, ...], bool, list[tuple[int, int, int, int]] | None] | None
+    ): ...
 
 ndjson: _Parse
 json: _Parse

@@ -98,6 +98,21 @@ class BatchRejected(ValueError):
         super().__init__(f"{message}: {detail}")
 
 
+@dataclass
+class Routing:
+    """Asks the C parser for a request's rows in routing order (that of
+    :func:`flowray.ingest.route_table` for a shard map), which spares the ingress a
+    second pass over the sites and a take of every column. The parser sets ``table``
+    and ``runs`` (rank, hour, first row, rows) when it gave its rows so: when every
+    site was in its normal form and its shard was known."""
+
+    shard_count: int
+    ranks: bytes  # each shard's rank, int64
+    hour_ms: int
+    table: pa.Table | None = None
+    runs: list[tuple[int, int, int, int]] | None = None
+
+
 @dataclass(frozen=True)
 class Limits:
     """What a batch may contain, with the server clock passed in rather than read."""
@@ -105,6 +120,7 @@ class Limits:
     now_ms: int
     future_skew_ms: int = 300_000
     batch_events_max: int = 200_000
+    routing: Routing | None = None  # see Routing; the parsers' answers are the same
 
     @property
     def ts_max_ms(self) -> int:

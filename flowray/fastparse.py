@@ -108,7 +108,7 @@ def native_json(body: bytes, limits: Limits) -> pa.Table | None:
 def _native_table(form: str, body: bytes, limits: Limits) -> pa.Table | None:
     if _native is None:
         raise RuntimeError("flowray._native is not built (no C compiler at install)")
-    parsed = getattr(_native, form)(
+    args = [
         body,
         limits.now_ms,
         TS_MIN_MS,
@@ -116,10 +116,14 @@ def _native_table(form: str, body: bytes, limits: Limits) -> pa.Table | None:
         PATH_CHARS_MAX,
         VISITOR_CHARS_MAX,
         limits.batch_events_max,
-    )
+    ]
+    routing = limits.routing
+    if routing is not None:
+        args += [routing.shard_count, routing.ranks, routing.hour_ms]
+    parsed = getattr(_native, form)(*args)
     if parsed is None:
         return None
-    n, ts, columns, sites_normal = parsed
+    n, ts, columns, sites_normal, runs = parsed
     arrays = [pa.Array.from_buffers(pa.int64(), n, [None, pa.py_buffer(ts)])]
     for offsets, data, valid, nulls in columns:
         buffers = [None if valid is None else pa.py_buffer(valid)]
@@ -130,7 +134,10 @@ def _native_table(form: str, body: bytes, limits: Limits) -> pa.Table | None:
         if site is None:
             return None
         arrays[1] = site
-    return pa.table(arrays, schema=EVENT_SCHEMA)
+    table = pa.table(arrays, schema=EVENT_SCHEMA)
+    if routing is not None and runs is not None:
+        routing.table, routing.runs = table, runs
+    return table
 
 
 _ARRAY_SCHEMA = pa.schema(

@@ -12,14 +12,16 @@ import threading
 from typing import Any
 
 import numpy as np
+import orjson
 import pyarrow as pa
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flowray import ingest
-from flowray.events import EVENT_SCHEMA
-from flowray.ingest import HOUR_MS, route_table
+from flowray.events import EVENT_SCHEMA, Limits, parse_json_body, parse_ndjson_body
+from flowray.ingest import HOUR_MS, route, route_table, routing_for
+from flowray.invariant import InvariantError
 from flowray.router import ShardMap, shard_for_site
 
 native = pytest.importorskip("flowray._native")
@@ -228,3 +230,85 @@ def test_unseen_sites_are_named() -> None:
     order, runs = native.group(offsets, b"u1xu2xu1x", ts, 3, 7, ranks, HOUR_MS)
     assert np.frombuffer(order, dtype=np.int64).tolist() == [1, 0, 2]
     assert runs == [(3, T0 // HOUR_MS, 0, 1), (5, T0 // HOUR_MS, 1, 2)]
+
+
+# ---- the C parser's rows in routing order (Limits.routing) ----------------------------
+
+NOW = T0 + 10 * HOUR_MS
+
+
+def body_of(rows: list[dict[str, Any]], form: str) -> bytes:
+    if form == "ndjson":
+        return b"\n".join(orjson.dumps(r) for r in rows)
+    return orjson.dumps(rows)
+
+
+def routed_parts(groups: dict[int, Any]) -> dict[int, tuple[Any, Any]]:
+    return {g: (r.runs, r.table.to_pylist()) for g, r in groups.items()}
+
+
+@given(
+    rows=rows_strategy,
+    shard_map=owner_maps,
+    form=st.sampled_from(["ndjson", "json"]),
+    learned=st.booleans(),
+)
+@settings(max_examples=120, deadline=None)
+def test_the_parser_orders_rows_as_route_table_does(
+    rows: list[dict[str, Any]], shard_map: ShardMap, form: str, learned: bool
+) -> None:
+    """Parsed with a Routing, a body's rows come in route_table's order with its runs
+    (sites learned), or as parsed without runs (a site not learned); either way they
+    route to the same groups, runs and rows as a body parsed without one."""
+    body = body_of(rows, form)
+    parse = parse_ndjson_body if form == "ndjson" else parse_json_body
+    plain = parse(body, Limits(now_ms=NOW))
+    if learned:
+        route_table(plain, shard_map)  # learns every site's shard
+    else:
+        native.learn(shard_map.shard_count, [b"-"], [0], 1)  # empties the cache
+    routing = routing_for(shard_map)
+    assert routing is not None
+    ordered = parse(body, Limits(now_ms=NOW, routing=routing))
+    assert routing.table is (ordered if learned else None)
+    assert (routing.runs is not None) == learned
+    if not learned:
+        assert ordered.equals(plain)
+    assert routed_parts(route(ordered, shard_map, routing)) == routed_parts(route(plain, shard_map))
+
+
+def test_sites_not_in_their_normal_form_are_not_ordered() -> None:
+    """An upper-case site is normalized after the parse: the parser cannot order by
+    it, and leaves the rows as they came."""
+    rows = [{"ts": T0 + i, "site": s} for i, s in enumerate(["B.example", "a.example"] * 3)]
+    shard_map = ShardMap.round_robin(4, 2)
+    route_table(table_of([{"ts": T0, "site": s} for s in ("b.example", "a.example")]), shard_map)
+    routing = routing_for(shard_map)
+    assert routing is not None
+    table = parse_ndjson_body(body_of(rows, "ndjson"), Limits(now_ms=NOW, routing=routing))
+    assert routing.runs is None and routing.table is None
+    assert table.column("site").to_pylist()[:2] == ["b.example", "a.example"]
+
+
+def test_rows_ordered_for_another_map_are_refused() -> None:
+    rows = [{"ts": T0, "site": s} for s in SITES[:8]]
+    shard_map, other = ShardMap.round_robin(4, 2), ShardMap((1, 0, 1, 0))
+    route_table(table_of(rows), shard_map)
+    routing = routing_for(shard_map)
+    assert routing is not None
+    table = parse_ndjson_body(body_of(rows, "ndjson"), Limits(now_ms=NOW, routing=routing))
+    assert routing.runs is not None
+    with pytest.raises(InvariantError, match="another map"):
+        route(table, other, routing)
+
+
+def test_bad_routing_arguments() -> None:
+    body = b'{"site":"a.example"}'
+    with pytest.raises(ValueError, match="bad routing"):
+        native.ndjson(body, NOW, 0, NOW, 100, 100, 10, 2, b"\0" * 8, HOUR_MS)
+    with pytest.raises(ValueError, match="bad routing"):
+        native.ndjson(body, NOW, 0, NOW, 100, 100, 10, 1, b"\0" * 8, 0)
+    with pytest.raises(ValueError, match="bad routing"):
+        native.json(body, NOW, 0, NOW, 100, 100, 10, 2**40, b"\0" * 8, HOUR_MS)
+    parsed = native.ndjson(body, NOW, 0, NOW, 100, 100, 10)
+    assert parsed is not None and parsed[4] is None

@@ -30,7 +30,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from flowray import events as ev
 from flowray import series
 from flowray.config import Settings
-from flowray.ingest import GroupEvents, route
+from flowray.ingest import GroupEvents, route, routing_for
 from flowray.router import ShardMap, SiteError, normalize_site
 from flowray.serve.auth import Authorizer, Decision, Grant, allow_sites
 from flowray.serve.cache import Cache
@@ -436,10 +436,13 @@ def create_app(
         if isinstance(body, JSONResponse):
             metrics.rejected.labels("413").inc()
             return body
+        shard_map = current_map()
+        routing = routing_for(shard_map)
         limits = ev.Limits(
             now_ms=int(clock() * 1000),
             future_skew_ms=int(settings.future_skew_s * 1000),
             batch_events_max=settings.batch_events_max,
+            routing=routing,
         )
         try:
             if len(body) > PARSE_INLINE_BYTES_MAX:
@@ -462,11 +465,13 @@ def create_app(
             if not decision.ok:
                 metrics.denied.labels("403").inc()
                 return _denied(decision)
+        if current_map() != shard_map:  # a shard moved while a large body was parsed
+            shard_map, routing = current_map(), None
         try:
             if len(body) > PARSE_INLINE_BYTES_MAX:  # its sort and take too, as its parse
-                groups = await asyncio.to_thread(route, events, current_map())
+                groups = await asyncio.to_thread(route, events, shard_map, routing)
             else:
-                groups = route(events, current_map())
+                groups = route(events, shard_map, routing)
             await ingest.commit(groups)
         except Unavailable as exc:
             metrics.rejected.labels("503").inc()
