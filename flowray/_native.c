@@ -963,16 +963,17 @@ static PyObject *columns_of(PyObject *args, Parser parse, int json) {
     int ok = 0, allocated = 1, routed = 0, in_order = 1;
     Py_ssize_t shard_count = 0;
     Py_buffer ranks = {0};
-    long long hour_ms = 1;
+    long long hour_ms = 0;
     int64_t *keys = NULL, *order = NULL;
     KeySlot *sorted = NULL;
     /* bytes only: immutable, so no other thread can change it while the GIL is out */
-    if (!PyArg_ParseTuple(args, "SLLLnnn|ny*L", &body, &now_ms, &ts_lo, &ts_hi, &path_max,
+    if (!PyArg_ParseTuple(args, "SLLLnnn|nz*L", &body, &now_ms, &ts_lo, &ts_hi, &path_max,
                           &visitor_max, &events_max, &shard_count, &ranks, &hour_ms))
         return NULL;
     memset(&out, 0, sizeof(out));
-    if (shard_count < 0 || shard_count > SHARDS_MAX || hour_ms < 1 ||
-        (shard_count > 0 && (ranks.buf == NULL || ranks.len % (Py_ssize_t)sizeof(int64_t) != 0 ||
+    if (shard_count < 0 || shard_count > SHARDS_MAX ||
+        (shard_count > 0 && (hour_ms < 1 || ranks.buf == NULL ||
+                             ranks.len % (Py_ssize_t)sizeof(int64_t) != 0 ||
                              ranks.len / (Py_ssize_t)sizeof(int64_t) != shard_count))) {
         PyErr_SetString(PyExc_ValueError, "bad routing: shard_count, ranks or hour_ms");
         goto done;
@@ -1074,7 +1075,7 @@ done:
     "else the rows come as parsed and runs is None."
 
 PyDoc_STRVAR(ndjson_doc,
-"ndjson(body, now_ms, ts_lo, ts_hi, path_chars_max, visitor_chars_max, events_max, shard_count=0, ranks=None, hour_ms=1)\n"
+"ndjson(body, now_ms, ts_lo, ts_hi, path_chars_max, visitor_chars_max, events_max, shard_count=0, ranks=None, hour_ms=0)\n"
 "--\n\n"
 "Columns of an NDJSON body of flat event objects, or None at the first doubt (bytes\n"
 "that are not UTF-8 are one).\n\n"
@@ -1086,7 +1087,7 @@ static PyObject *ndjson(PyObject *self, PyObject *args) {
 }
 
 PyDoc_STRVAR(json_doc,
-"json(body, now_ms, ts_lo, ts_hi, path_chars_max, visitor_chars_max, events_max, shard_count=0, ranks=None, hour_ms=1)\n"
+"json(body, now_ms, ts_lo, ts_hi, path_chars_max, visitor_chars_max, events_max, shard_count=0, ranks=None, hour_ms=0)\n"
 "--\n\n"
 "Columns of a JSON body (an array of flat event objects, or one), or None at the\n"
 "first doubt (bytes that are not UTF-8 are one).\n\n"

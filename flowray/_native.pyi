@@ -15,7 +15,7 @@ class _Parse(Protocol):
         events_max: int,
         shard_count: int = 0,
         ranks: bytes | None = None,
-        hour_ms: int = 1,
+        hour_ms: int = 0,
         /,
     ) -> (
         tuple[int, bytes, tuple[_Column, ...], bool, list[tuple[int, int, int, int]] | None] | None

@@ -120,7 +120,7 @@ class Limits:
     now_ms: int
     future_skew_ms: int = 300_000
     batch_events_max: int = 200_000
-    routing: Routing | None = None  # see Routing; the parsers' answers are the same
+    routing: Routing | None = None  # see Routing: the same rows, maybe in another order
 
     @property
     def ts_max_ms(self) -> int:

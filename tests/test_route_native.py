@@ -310,5 +310,12 @@ def test_bad_routing_arguments() -> None:
         native.ndjson(body, NOW, 0, NOW, 100, 100, 10, 1, b"\0" * 8, 0)
     with pytest.raises(ValueError, match="bad routing"):
         native.json(body, NOW, 0, NOW, 100, 100, 10, 2**40, b"\0" * 8, HOUR_MS)
-    parsed = native.ndjson(body, NOW, 0, NOW, 100, 100, 10)
-    assert parsed is not None and parsed[4] is None
+    with pytest.raises(ValueError, match="bad routing"):
+        native.ndjson(body, NOW, 0, NOW, 100, 100, 10, 1, b"\0" * 8)  # no hour_ms
+    with pytest.raises(ValueError, match="bad routing"):
+        native.ndjson(body, NOW, 0, NOW, 100, 100, 10, 1, None, HOUR_MS)
+    for parsed in (
+        native.ndjson(body, NOW, 0, NOW, 100, 100, 10),
+        native.ndjson(body, NOW, 0, NOW, 100, 100, 10, 0, None, 0),
+    ):
+        assert parsed is not None and parsed[4] is None
