@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import random
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flowray.invariant import InvariantError
-from flowray.storage import replica_log
+from flowray.storage import durable, replica_log
 from flowray.storage.replica_log import WAL_NAME, BlockKey, ReplicaLog, block_path, hour_label
 from flowray.storage.segment import (
     CONTROL_SHARD,
@@ -514,3 +516,47 @@ def test_random_appends_truncates_and_reopens(seed: int, n: int, data_: st.DataO
                 e.payload for e in entries[:after] if e.block == key and e.kind == KIND_DATA
             ]
         again.close()
+
+
+def test_block_files_are_sent_to_the_disk_in_steps(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A block file's new bytes are handed to the disk (start_writeback) once there are
+    WRITEBACK_BYTES of them, and all of them when it is sealed; a cut file starts
+    again from its new end; nothing written is lost to it."""
+    calls: list[tuple[int, int]] = []
+
+    def record(fd: int, offset: int, length: int) -> bool:
+        calls.append((offset, length))
+        return durable.start_writeback(fd, offset, length)
+
+    monkeypatch.setattr(replica_log, "WRITEBACK_BYTES", 1000)
+    monkeypatch.setattr(replica_log, "start_writeback", record)
+    log = ReplicaLog(tmp_path)
+    entries = [data(1, i, A, b"x" * 300) for i in range(1, 9)]
+    for entry in entries[:5]:
+        log.append([entry])
+    frame = len(encode(entries[0]))  # 336: the 3rd frame passes 1,000 bytes
+    assert calls == [(0, 3 * frame)]
+    log.truncate_after(2)  # a cut below what was handed over: start from the new end
+    calls.clear()
+    for entry in entries[2:8]:
+        log.append([entry])
+    assert calls == [(2 * frame, 3 * frame), (5 * frame, 3 * frame)]
+    calls.clear()
+    log.append([seal(1, 9, A)])  # sealed: whatever is left, however little
+    assert calls == [(8 * frame, len(encode(seal(1, 9, A))))]
+    log.close()
+    check_against(ReplicaLog(tmp_path), [*entries, seal(1, 9, A)])
+
+
+def test_start_writeback_on_a_real_file(tmp_path: Path) -> None:
+    path = tmp_path / "f"
+    path.write_bytes(b"y" * 10_000)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        assert durable.start_writeback(fd, 0, 10_000) is sys.platform.startswith("linux")
+        assert durable.start_writeback(fd, 0, 0) is False
+    finally:
+        os.close(fd)
+    assert durable.start_writeback(fd, 0, 10) is False  # a closed descriptor: refused
