@@ -550,6 +550,22 @@ def test_block_files_are_sent_to_the_disk_in_steps(
     check_against(ReplicaLog(tmp_path), [*entries, seal(1, 9, A)])
 
 
+def test_many_open_files_are_written_back_in_smaller_steps(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With more open block files than a checkpoint cycle gives each 1 MiB, the step
+    shrinks, so a checkpoint still finds the files mostly written."""
+    lengths: list[int] = []
+    monkeypatch.setattr(replica_log, "WAL_BYTES_MAX", 40_000)
+    monkeypatch.setattr(replica_log, "start_writeback", lambda fd, o, n: lengths.append(n))
+    log = ReplicaLog(tmp_path)
+    keys = [(shard, HOUR, 0) for shard in range(10)]  # 10 files: a step of 2,000 bytes
+    for index in range(1, 31):
+        log.append([data(1, index, keys[index % 10], b"z" * 900)])
+    log.close()
+    assert lengths and all(2000 <= n < 4000 for n in lengths)
+
+
 def test_start_writeback_on_a_real_file(tmp_path: Path) -> None:
     path = tmp_path / "f"
     path.write_bytes(b"y" * 10_000)
@@ -559,4 +575,4 @@ def test_start_writeback_on_a_real_file(tmp_path: Path) -> None:
         assert durable.start_writeback(fd, 0, 0) is False
     finally:
         os.close(fd)
-    assert durable.start_writeback(fd, 0, 10) is False  # a closed descriptor: refused
+    assert durable.start_writeback(-1, 0, 10) is False  # not a descriptor: refused

@@ -478,9 +478,12 @@ class ReplicaLog:
         fleet rate the kernel's flusher otherwise wrote 30 s of every block file at
         once, and checkpoints fsynced 20 s of them: the write-ahead fdatasyncs queued
         behind those bursts, and acknowledgements took up to 0.55 s."""
+        # With many open files a file may not reach WRITEBACK_BYTES before a checkpoint
+        # fsyncs it: then hand over less at a time, so the checkpoint finds little.
+        step = min(WRITEBACK_BYTES, WAL_BYTES_MAX // (2 * max(1, len(self._fds))))
         for key, (first, end) in spans.items():
             start = min(self._pending_writeback.get(key, first), first)  # first: after a cut
-            if end - start >= WRITEBACK_BYTES or self.blocks[key].sealed:
+            if end - start >= step or self.blocks[key].sealed:
                 start_writeback(self._fds[key], start, end - start)
                 self._pending_writeback[key] = end
             else:
