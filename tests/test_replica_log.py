@@ -576,3 +576,136 @@ def test_start_writeback_on_a_real_file(tmp_path: Path) -> None:
     finally:
         os.close(fd)
     assert durable.start_writeback(-1, 0, 10) is False  # not a descriptor: refused
+
+
+def allocated(path: Path) -> int:
+    """Bytes of disk a file holds (what preallocation reserves past its end counts)."""
+    return path.stat().st_blocks * 512
+
+
+def page_rounded(size: int) -> int:
+    return -(-size // 4096) * 4096
+
+
+@pytest.fixture
+def reserving(tmp_path: Path) -> None:
+    """Skip where the file system under the tests cannot reserve space past a file's end."""
+    probe = tmp_path / "probe"
+    fd = os.open(probe, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        if not durable.preallocate(fd, 0, 1 << 20):
+            pytest.skip("fallocate(FALLOC_FL_KEEP_SIZE) is not available here")
+    finally:
+        os.close(fd)
+        probe.unlink()
+
+
+@pytest.mark.usefixtures("reserving")
+def test_block_files_reserve_space_ahead_and_give_it_back_when_sealed(tmp_path: Path) -> None:
+    """A growing block file holds disk space past its end, which readers never see (its
+    size is what was written); sealing it gives the space back."""
+    log = ReplicaLog(tmp_path / "r")
+    entries = [data(1, i, A, b"p" * 500) for i in range(1, 6)]
+    log.append(entries)
+    path = block_path(log.root, A)
+    size = sum(len(encode(e)) for e in entries)
+    assert path.stat().st_size == size
+    assert allocated(path) >= size + replica_log.PREALLOC_BYTES // 2
+    check_against(log, entries)
+    log.append([seal(1, 6, A)])
+    assert allocated(path) <= page_rounded(path.stat().st_size)
+    log.close()
+    check_against(ReplicaLog(tmp_path / "r"), [*entries, seal(1, 6, A)])
+
+
+@pytest.mark.usefixtures("reserving")
+def test_a_crash_with_space_reserved_and_a_torn_tail_recovers_and_gives_the_space_back(
+    tmp_path: Path,
+) -> None:
+    """Killed with space reserved past a block file's end and half a record written into
+    it: recovery cuts the half record, gives the space back, and appends go on."""
+    root = tmp_path / "r"
+    log = ReplicaLog(root)
+    entries = [data(1, i, key, b"q" * 700) for i, key in enumerate([A, B, A, B, A], 1)]
+    log.append(entries)
+    path = block_path(root, A)
+    with open(path, "ab") as fh:  # what a write cut short by the crash leaves
+        fh.write(encode(data(1, 6, A, b"q" * 700))[:300])
+    assert allocated(path) > page_rounded(path.stat().st_size)
+    for fd in [*log._fds.values(), log._wal_fd]:  # no close(): the process died
+        os.close(fd)
+    again = ReplicaLog(root)
+    check_against(again, entries)
+    for key in (A, B):
+        p = block_path(root, key)
+        assert allocated(p) <= page_rounded(p.stat().st_size)
+    more = [data(1, 6, A, b"r" * 700), data(1, 7, B), seal(1, 8, A)]
+    again.append(more)
+    again.close()
+    check_against(ReplicaLog(root), [*entries, *more])
+
+
+@pytest.mark.usefixtures("reserving")
+def test_a_cut_into_a_file_with_space_reserved_keeps_the_log_exact(tmp_path: Path) -> None:
+    """A divergent tail cut from a file that holds reserved space: the file ends at the
+    cut, the space is given back, and later appends reserve again."""
+    log = ReplicaLog(tmp_path / "r")
+    entries = [data(1, i, A, b"s" * 400) for i in range(1, 7)]
+    log.append(entries)
+    log.truncate_after(3)
+    path = block_path(log.root, A)
+    assert allocated(path) <= page_rounded(path.stat().st_size)
+    check_against(log, entries[:3])
+    newer = [data(2, i, A, b"t" * 400) for i in range(4, 8)]
+    log.append(newer)
+    assert allocated(path) > page_rounded(path.stat().st_size)
+    check_against(log, [*entries[:3], *newer])
+    log.close()
+    assert allocated(path) <= page_rounded(path.stat().st_size)
+    check_against(ReplicaLog(tmp_path / "r"), [*entries[:3], *newer])
+
+
+def test_reservations_shrink_with_many_open_files_and_stop_where_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With many open block files each reserves less (the total stays about
+    PREALLOC_TOTAL_BYTES); a file system that refuses is not asked again, and the log
+    works the same without."""
+    asked: list[int] = []
+
+    def record(fd: int, offset: int, length: int) -> bool:
+        asked.append(length)
+        return True
+
+    monkeypatch.setattr(replica_log, "PREALLOC_TOTAL_BYTES", 1 << 20)
+    monkeypatch.setattr(replica_log, "PREALLOC_MIN_BYTES", 1 << 10)
+    monkeypatch.setattr(replica_log, "preallocate", record)
+    log = ReplicaLog(tmp_path / "many")
+    keys = [(shard, HOUR, 0) for shard in range(16)]  # 16 files: 64 KiB ahead each
+    log.append([data(1, i, keys[i - 1], b"u" * 100) for i in range(1, 17)])
+    assert len(asked) == 16 and max(asked) <= 64 * 1024 + 256
+    asked.clear()
+    log.append([data(1, 17, keys[0], b"u" * 100)])  # still well inside its reservation
+    assert asked == []
+    log.close()
+
+    monkeypatch.setattr(replica_log, "preallocate", lambda fd, o, n: asked.append(n) and False)
+    refused = ReplicaLog(tmp_path / "refused")
+    entries = [data(1, i, keys[i % 3]) for i in range(1, 10)]
+    for entry in entries:
+        refused.append([entry])
+    assert len(asked) == 1  # refused once, never asked again
+    check_against(refused, entries)
+    refused.close()
+
+
+def test_trim_preallocation_leaves_a_plain_file_alone(tmp_path: Path) -> None:
+    path = tmp_path / "f"
+    path.write_bytes(b"v" * 10_000)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        assert durable.trim_preallocation(fd) is False
+        assert path.read_bytes() == b"v" * 10_000
+    finally:
+        os.close(fd)
+    assert durable.preallocate(-1, 0, 10) is False  # not a descriptor: refused

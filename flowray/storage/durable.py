@@ -14,12 +14,20 @@ from pathlib import Path
 from typing import Any
 
 _SYNC_FILE_RANGE_WRITE = 2  # <linux/fs.h>: start writing, do not wait
+_FALLOC_FL_KEEP_SIZE = 1  # <linux/falloc.h>: allocate past the end, size unchanged
+_BLOCK_BYTES = 512  # the unit of st_blocks
 _sync_file_range: Any = None
+_fallocate: Any = None
 if sys.platform.startswith("linux"):
-    _sync_file_range = getattr(ctypes.CDLL(None, use_errno=True), "sync_file_range", None)
+    _libc = ctypes.CDLL(None, use_errno=True)
+    _sync_file_range = getattr(_libc, "sync_file_range", None)
     if _sync_file_range is not None:
         _sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
         _sync_file_range.restype = ctypes.c_int
+    _fallocate = getattr(_libc, "fallocate", None)
+    if _fallocate is not None:
+        _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+        _fallocate.restype = ctypes.c_int
 
 
 def start_writeback(fd: int, offset: int, length: int) -> bool:
@@ -32,6 +40,31 @@ def start_writeback(fd: int, offset: int, length: int) -> bool:
     if _sync_file_range is None or length <= 0:
         return False
     return bool(_sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE) == 0)
+
+
+def preallocate(fd: int, offset: int, length: int) -> bool:
+    """Reserve disk space for a file's next ``length`` bytes from ``offset`` without
+    changing its size (Linux ``fallocate(FALLOC_FL_KEEP_SIZE)``): readers and recovery
+    still see only what was written, and appends then fill extents that already exist
+    instead of allocating blocks when the kernel writes them back. On ext4 those
+    allocations, committed by the journal, made every replica's write-ahead fdatasync
+    wait 50-130 ms every few seconds at the fleet rate. False where it is not available
+    or the file system refused (only a hint either way). Give the space back with
+    :func:`trim_preallocation` once the file stops growing."""
+    if _fallocate is None or length <= 0:
+        return False
+    return bool(_fallocate(fd, _FALLOC_FL_KEEP_SIZE, offset, length) == 0)
+
+
+def trim_preallocation(fd: int) -> bool:
+    """Give back the space a file holds past its end (see :func:`preallocate`), if it
+    holds more than its size rounded up to a page: truncating a file to its own size
+    frees the blocks past it. True if it was trimmed."""
+    st = os.fstat(fd)
+    if st.st_blocks * _BLOCK_BYTES <= -(-st.st_size // 4096) * 4096:
+        return False
+    os.ftruncate(fd, st.st_size)
+    return True
 
 
 def fsync_path(path: Path) -> None:
