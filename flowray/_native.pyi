@@ -35,3 +35,20 @@ def group(
     /,
 ) -> list[bytes] | tuple[bytes | None, list[tuple[int, int, int, int]]]: ...
 def learn(shard_count: int, sites: list[bytes], shards: list[int], capacity: int, /) -> int: ...
+
+class _Seen: ...
+
+def seen_new() -> _Seen: ...
+def first_seen(
+    seen: _Seen,
+    n: int,
+    site_offsets: bytes | memoryview,
+    site_data: bytes | memoryview,
+    site_at: int,
+    id_offsets: bytes | memoryview,
+    id_data: bytes | memoryview,
+    id_valid: bytes | memoryview | None,
+    id_at: int,
+    /,
+) -> bytes: ...
+def seen_size(seen: _Seen, /) -> tuple[int, int]: ...
