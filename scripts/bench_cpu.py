@@ -33,6 +33,12 @@ def bodies(start_ms: int) -> dict[str, tuple[str, bytes, str, int]]:
     k1, k10 = make_events(1000, start_ms), make_events(10_000, start_ms)
     return {
         "ndjson1k": ("/v1/events", ndjson(k1), "application/x-ndjson", 16),
+        "ndjson1k_ids": (
+            "/v1/events",
+            ndjson(make_events(1000, start_ms, ids=True)),
+            "application/x-ndjson",
+            16,
+        ),
         "ndjson100": ("/v1/events", ndjson(k1[:100]), "application/x-ndjson", 16),
         "ndjson10k": ("/v1/events", ndjson(k10), "application/x-ndjson", 8),
         "seed10k": ("/v1/logs", seed_lines(k10), "text/plain", 8),
@@ -84,7 +90,10 @@ def role_of(pid: int, title: str, replicas: dict[int, str]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--body", default="ndjson1k", help="ndjson1k, ndjson100, ndjson10k, seed10k or single"
+        "--body",
+        default="ndjson1k",
+        help="ndjson1k, ndjson1k_ids (each event a unique id), ndjson100, ndjson10k, seed10k "
+        "or single",
     )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=int, default=8, help="per round (whole seconds)")

@@ -77,11 +77,17 @@ def ensure_tool(name: str, package: str) -> str:
     return path
 
 
-def make_events(n: int, start_ms: int, sites: int = 500) -> list[dict[str, Any]]:
-    return [
+def make_events(n: int, start_ms: int, sites: int = 500, ids: bool = False) -> list[dict[str, Any]]:
+    """With ``ids`` every event has an id with the marker ID_MARK in it, which wrk()
+    replaces with the request's number: ids unique across requests."""
+    events: list[dict[str, Any]] = [
         {"ts": start_ms + i * 7, "site": f"site{i % sites}.example.com", "path": "/p"}
         for i in range(n)
     ]
+    if ids:
+        for i, event in enumerate(events):
+            event["id"] = f"r{ID_MARK}-{i}"
+    return events
 
 
 def ndjson(events: list[dict[str, Any]]) -> bytes:
@@ -121,11 +127,25 @@ wrk.method = "POST"
 local f = io.open(os.getenv("BODY"), "rb"); wrk.body = f:read("*all"); f:close()
 wrk.headers["Content-Type"] = os.getenv("CTYPE")
 """
+# A body with ID_MARK in it: each request replaces the marks with its own number.
+ID_MARK = "@@"
+LUA_IDS = """
+wrk.method = "POST"
+wrk.headers["Content-Type"] = os.getenv("CTYPE")
+local f = io.open(os.getenv("BODY"), "rb"); local template = f:read("*all"); f:close()
+local parts = {}
+for piece in (template .. "@@"):gmatch("(.-)@@") do parts[#parts + 1] = piece end
+local n = 0
+request = function()
+  n = n + 1
+  return wrk.format(nil, nil, nil, table.concat(parts, tostring(n)))
+end
+"""
 
 
 def wrk(url: str, body: bytes, ctype: str, seconds: float, conns: int) -> dict[str, float]:
     tmp = Path(tempfile.mkdtemp(prefix="bench-wrk-"))
-    (tmp / "post.lua").write_text(LUA)
+    (tmp / "post.lua").write_text(LUA_IDS if ID_MARK.encode() in body else LUA)
     (tmp / "body").write_bytes(body)
     env = dict(os.environ, BODY=str(tmp / "body"), CTYPE=ctype)
     out = subprocess.run(
@@ -476,6 +496,7 @@ def main() -> None:
         print("writes unavailable after kill -9 of a master (s):", *(f"{g:.2f}" for g in gaps))
         return
     batch1k, batch10k = make_events(1000, start_ms), make_events(10_000, start_ms)
+    batch1k_ids = make_events(1000, start_ms, ids=True)
     results: dict[str, Any] = {
         "machine": f"{platform.node()}: {os.cpu_count()} cores, {platform.platform()}",
         "seconds": s,
@@ -501,6 +522,9 @@ def main() -> None:
         results["rss_mib_after_fleet"] = fr.rss_mib()
         results["flowray_ndjson_1k"] = wrk(url, ndjson(batch1k), "application/x-ndjson", s, 16)
         results["flowray_json_1k"] = wrk(url, orjson.dumps(batch1k), "application/json", s, 16)
+        results["flowray_ndjson_1k_ids"] = wrk(
+            url, ndjson(batch1k_ids), "application/x-ndjson", s, 16
+        )
         results["flowray_ndjson_10k"] = wrk(url, ndjson(batch10k), "application/x-ndjson", s, 8)
         results["flowray_seed_10k"] = wrk(
             f"{fr.ingest}/v1/logs", seed_lines(batch10k), "text/plain", s, 8
@@ -540,6 +564,8 @@ def render(r: dict[str, Any]) -> str:
         f"| raw append+fsync, 3 files in turn | {raw3 * 1000:,.0f} events/s |",
         f"| flowray NDJSON, 1,000 events/request | {ev(r['flowray_ndjson_1k']['rps'], 1000)} |",
         f"| flowray JSON array, 1,000 events/request | {ev(r['flowray_json_1k']['rps'], 1000)} |",
+        f"| flowray NDJSON, 1,000 events/request, each with a unique id | "
+        f"{ev(r['flowray_ndjson_1k_ids']['rps'], 1000)} |",
         f"| flowray NDJSON, 10,000 events/request | {ev(r['flowray_ndjson_10k']['rps'], 10_000)} |",
         f"| flowray seed lines, 10,000 events/request | "
         f"{ev(r['flowray_seed_10k']['rps'], 10_000)} |",
