@@ -85,6 +85,11 @@ class _Block:
         return np.concatenate(keys) & MINUTE_MASK, np.concatenate(counts)
 
 
+def _is_text(kind: pa.DataType) -> bool:
+    """A column of strings: ids and sites of other types (5 against "5") are refused."""
+    return bool(pa.types.is_string(kind) or pa.types.is_large_string(kind))
+
+
 class SeenIds:
     """The (site, id) pairs of one (shard, hour) counted so far: an event whose pair is
     here is a duplicate. In C (``_native.first_seen``) a pair costs 16-23 bytes and
@@ -105,9 +110,11 @@ class SeenIds:
         """Add each row's (site, id); True where the row counts: its id is null, or the
         pair was not here nor earlier in these rows. Sites must not be null."""
         require(len(sites) == len(ids), "sites and ids of different lengths")
+        if not (_is_text(sites.type) and (_is_text(ids.type) or pa.types.is_null(ids.type))):
+            raise TypeError(f"sites of {sites.type} and ids of {ids.type}: strings expected")
         if self._table is not None and _native is not None:
             # One kind of string (int32 offsets), or a pair added as one kind would not
-            # be found as the other; a column that is no string raises here, unchanged.
+            # be found as the other.
             sites, ids = sites.cast(pa.string()), ids.cast(pa.string())
             _valid, site_offsets, site_data = sites.buffers()
             id_valid, id_offsets, id_data = ids.buffers()
@@ -154,7 +161,16 @@ class LiveCounts:
         ids, site_column, ts = events.column("id"), events.column("site"), events.column("ts")
         if site_column.null_count or ts.null_count:  # IPC does not enforce "not null"
             raise ValueError("a committed batch with a missing site or time")
-        minutes = ts.to_numpy() // MINUTE_MS
+        if not (
+            pa.types.is_integer(ts.type)
+            and _is_text(site_column.type)
+            and (_is_text(ids.type) or pa.types.is_null(ids.type))
+        ):
+            raise TypeError(
+                f"a committed batch of other types: ts {ts.type}, site {site_column.type}, "
+                f"id {ids.type}"
+            )
+        minutes = ts.cast(pa.int64()).to_numpy() // MINUTE_MS  # a safe cast: may raise
         require(
             len(minutes) == 0 or (minutes.min() >= 0 and minutes.max() <= MINUTE_MASK),
             "a minute out of range",
@@ -213,7 +229,7 @@ class LiveCounts:
             try:  # one stream, one count: the usual case
                 self.apply(key, from_ipc_many(payloads))
                 return []
-            except (pa.ArrowException, OSError, KeyError, ValueError):
+            except (pa.ArrowException, OSError, KeyError, ValueError, TypeError):
                 pass  # apply changes nothing before it raises: count them one by one
         errors: list[str] = []
         tables = []
@@ -226,13 +242,13 @@ class LiveCounts:
             return errors
         try:
             self.apply(key, tables[0] if len(tables) == 1 else pa.concat_tables(tables))
-        except (pa.ArrowException, KeyError, ValueError) as exc:
+        except (pa.ArrowException, KeyError, ValueError, TypeError) as exc:
             if len(tables) == 1:
                 return [*errors, f"{type(exc).__name__}: {exc}"]
             for table in tables:  # apply changes nothing before it raises (see apply)
                 try:
                     self.apply(key, table)
-                except (pa.ArrowException, KeyError, ValueError) as one:
+                except (pa.ArrowException, KeyError, ValueError, TypeError) as one:
                     errors.append(f"{type(one).__name__}: {one}")
         return errors
 

@@ -173,6 +173,25 @@ def test_a_batch_that_cannot_count_changes_nothing() -> None:
     assert _all_minutes(live, ["b.com"]) == {"b.com": [(100 * HOUR_MS + 60_000, 2)]}
 
 
+def test_a_batch_of_other_types_marks_no_id_seen() -> None:
+    """A time that is not an integer, or ids that are not strings, are refused before
+    any id is marked seen: the good batch after it, with the same id, still counts."""
+    live, key = LiveCounts(), (0, 100, 0)
+    float_ts = pa.table({"ts": [100.0 * HOUR_MS], "site": ["a.com"], "id": ["x"]})
+    int_ids = pa.table({"ts": [100 * HOUR_MS], "site": ["a.com"], "id": [7]})
+    too_late = pa.table({"ts": pa.array([2**63 + 5], pa.uint64()), "site": ["a.com"], "id": ["x"]})
+    for bad in (float_ts, int_ids):
+        with pytest.raises(TypeError):
+            live.apply(key, bad)
+    with pytest.raises(pa.ArrowInvalid):  # does not fit an int64: a safe cast refuses it
+        live.apply(key, too_late)
+    assert not live.blocks and not live.seen_ids.get((0, 100))
+    good = _table([{"ts": 100 * HOUR_MS, "site": "a.com", "id": "x"}])
+    errors = live.apply_payloads(key, [to_ipc(float_ts), to_ipc(good), to_ipc(int_ids)])
+    assert len(errors) == 2 and all("TypeError" in e for e in errors)
+    assert _all_minutes(live, ["a.com"]) == {"a.com": [(100 * HOUR_MS, 1)]}
+
+
 @pytest.fixture(scope="module")
 def live_cluster(
     ray_session: None, redis_url: str, serve_port: int, tmp_path_factory: pytest.TempPathFactory

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import sys
@@ -593,7 +594,7 @@ def reserving(tmp_path: Path) -> None:
     probe = tmp_path / "probe"
     fd = os.open(probe, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        if not durable.preallocate(fd, 0, 1 << 20):
+        if durable.preallocate(fd, 0, 1 << 20) != 0:
             pytest.skip("fallocate(FALLOC_FL_KEEP_SIZE) is not available here")
     finally:
         os.close(fd)
@@ -673,9 +674,9 @@ def test_reservations_shrink_with_many_open_files_and_stop_where_refused(
     works the same without."""
     asked: list[int] = []
 
-    def record(fd: int, offset: int, length: int) -> bool:
+    def record(fd: int, offset: int, length: int) -> int:
         asked.append(length)
-        return True
+        return 0
 
     monkeypatch.setattr(replica_log, "PREALLOC_TOTAL_BYTES", 1 << 20)
     monkeypatch.setattr(replica_log, "PREALLOC_MIN_BYTES", 1 << 10)
@@ -689,14 +690,26 @@ def test_reservations_shrink_with_many_open_files_and_stop_where_refused(
     assert asked == []
     log.close()
 
-    monkeypatch.setattr(replica_log, "preallocate", lambda fd, o, n: asked.append(n) and False)
+    def refuse(code: int) -> object:
+        return lambda fd, offset, length: asked.append(length) or code
+
+    monkeypatch.setattr(replica_log, "preallocate", refuse(errno.EOPNOTSUPP))
     refused = ReplicaLog(tmp_path / "refused")
     entries = [data(1, i, keys[i % 3]) for i in range(1, 10)]
     for entry in entries:
         refused.append([entry])
-    assert len(asked) == 1  # refused once, never asked again
+    assert len(asked) == 1  # not supported: refused once, never asked again
     check_against(refused, entries)
     refused.close()
+
+    asked.clear()  # refused for now (a full disk): each file asks again only later
+    monkeypatch.setattr(replica_log, "preallocate", refuse(errno.ENOSPC))
+    full = ReplicaLog(tmp_path / "full")
+    for entry in entries:
+        full.append([entry])
+    assert len(asked) == 3  # once for each of the three files
+    check_against(full, entries)
+    full.close()
 
 
 def test_trim_preallocation_leaves_a_plain_file_alone(tmp_path: Path) -> None:
@@ -708,4 +721,5 @@ def test_trim_preallocation_leaves_a_plain_file_alone(tmp_path: Path) -> None:
         assert path.read_bytes() == b"v" * 10_000
     finally:
         os.close(fd)
-    assert durable.preallocate(-1, 0, 10) is False  # not a descriptor: refused
+    assert durable.preallocate(-1, 0, 10) == errno.EBADF  # not a descriptor: refused
+    assert durable.trim_preallocation(-1) is False  # only a hint: never raises

@@ -7,6 +7,7 @@ directory is fsynced too. Every writer that acknowledges something goes through 
 from __future__ import annotations
 
 import ctypes
+import errno
 import json
 import os
 import sys
@@ -42,28 +43,36 @@ def start_writeback(fd: int, offset: int, length: int) -> bool:
     return bool(_sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE) == 0)
 
 
-def preallocate(fd: int, offset: int, length: int) -> bool:
+def preallocate(fd: int, offset: int, length: int) -> int:
     """Reserve disk space for a file's next ``length`` bytes from ``offset`` without
     changing its size (Linux ``fallocate(FALLOC_FL_KEEP_SIZE)``): readers and recovery
     still see only what was written, and appends then fill extents that already exist
     instead of allocating blocks when the kernel writes them back. On ext4 those
     allocations, committed by the journal, made every replica's write-ahead fdatasync
-    wait 50-130 ms every few seconds at the fleet rate. False where it is not available
-    or the file system refused (only a hint either way). Give the space back with
-    :func:`trim_preallocation` once the file stops growing."""
-    if _fallocate is None or length <= 0:
-        return False
-    return bool(_fallocate(fd, _FALLOC_FL_KEEP_SIZE, offset, length) == 0)
+    wait 50-130 ms every few seconds at the fleet rate. Only a hint: returns 0 when
+    done, else the errno (``errno.EOPNOTSUPP`` where it is not available at all). Give
+    the space back with :func:`trim_preallocation` once the file stops growing."""
+    if _fallocate is None:
+        return errno.EOPNOTSUPP
+    if length <= 0:
+        return 0
+    if _fallocate(fd, _FALLOC_FL_KEEP_SIZE, offset, length) == 0:
+        return 0
+    return ctypes.get_errno() or errno.EIO
 
 
 def trim_preallocation(fd: int) -> bool:
     """Give back the space a file holds past its end (see :func:`preallocate`), if it
     holds more than its size rounded up to a page: truncating a file to its own size
-    frees the blocks past it. True if it was trimmed."""
-    st = os.fstat(fd)
-    if st.st_blocks * _BLOCK_BYTES <= -(-st.st_size // 4096) * 4096:
+    frees the blocks past it. True if it was trimmed; False if there was nothing to
+    trim or the system refused (only space is at stake: never raises)."""
+    try:
+        st = os.fstat(fd)
+        if st.st_blocks * _BLOCK_BYTES <= -(-st.st_size // 4096) * 4096:
+            return False
+        os.ftruncate(fd, st.st_size)
+    except OSError:
         return False
-    os.ftruncate(fd, st.st_size)
     return True
 
 

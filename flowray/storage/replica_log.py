@@ -36,6 +36,7 @@ Terms are kept as runs, one per term in the log.
 from __future__ import annotations
 
 import bisect
+import errno
 import os
 import struct
 import threading
@@ -67,7 +68,9 @@ WAL_BYTES_MAX = 32 * 1024 * 1024
 # A block file's new bytes are sent to the disk (not flushed) from this many on.
 WRITEBACK_BYTES = 1024 * 1024
 # Disk space reserved ahead of a growing block file (see _reserve), at most this much a
-# file and, over all open files, about PREALLOC_TOTAL_BYTES.
+# file and, over the open files, about PREALLOC_TOTAL_BYTES: a reservation made while
+# fewer files were open stays, so up to about twice that, or PREALLOC_MIN_BYTES a file
+# with over a thousand open.
 PREALLOC_BYTES = 8 * 1024 * 1024
 PREALLOC_TOTAL_BYTES = 64 * 1024 * 1024
 PREALLOC_MIN_BYTES = 64 * 1024
@@ -328,8 +331,11 @@ class ReplicaLog:
         for path in sorted((self.root / "blocks").glob("s*/*.seg")):
             for ref in segment.recover(path):
                 refs.append((ref, (ref.shard, ref.hour, ref.part)))
-            fd = os.open(path, os.O_RDWR)
             try:  # space reserved before a crash, or before the file was sealed
+                fd = os.open(path, os.O_RDWR)
+            except OSError:
+                continue  # only space is at stake: a file that cannot be opened so keeps it
+            try:
                 trim_preallocation(fd)
             finally:
                 os.close(fd)
@@ -526,9 +532,11 @@ class ReplicaLog:
             if fd is None or self.blocks[key].sealed or end + ahead // 2 <= reserved:
                 continue
             start = max(reserved, end)
-            if not preallocate(fd, start, end + ahead - start):
+            refused = preallocate(fd, start, end + ahead - start)
+            if refused in (errno.EOPNOTSUPP, errno.ENOSYS):
                 self._reserving = False  # not supported here: do not ask again
                 return
+            # Refused otherwise (the disk full, say): asked again after as many bytes.
             self._reserved[key] = end + ahead
 
     def _checkpoint(self) -> None:
