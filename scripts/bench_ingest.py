@@ -522,9 +522,11 @@ def main() -> None:
         results["rss_mib_after_fleet"] = fr.rss_mib()
         results["flowray_ndjson_1k"] = wrk(url, ndjson(batch1k), "application/x-ndjson", s, 16)
         results["flowray_json_1k"] = wrk(url, orjson.dumps(batch1k), "application/json", s, 16)
+        results["rss_mib_before_ids"] = fr.rss_mib()
         results["flowray_ndjson_1k_ids"] = wrk(
             url, ndjson(batch1k_ids), "application/x-ndjson", s, 16
         )
+        results["rss_mib_after_ids"] = fr.rss_mib()  # the masters hold the ids seen
         results["flowray_ndjson_10k"] = wrk(url, ndjson(batch10k), "application/x-ndjson", s, 8)
         results["flowray_seed_10k"] = wrk(
             f"{fr.ingest}/v1/logs", seed_lines(batch10k), "text/plain", s, 8
@@ -551,6 +553,8 @@ def render(r: dict[str, Any]) -> str:
         return f"{rps * n:,.0f} events/s ({rps:,.1f} req/s)"
 
     raw1, raw3 = r["raw_fsync_1file_batches_s"], r["raw_fsync_3files_batches_s"]
+    id_events = max(1.0, r["flowray_ndjson_1k_ids"]["rps"] * 1000 * int(r["seconds"]))
+    id_bytes = (r["rss_mib_after_ids"] - r["rss_mib_before_ids"]) * 2**20 / id_events
     lines = [
         f"### Ingest — {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {r['machine']}",
         "",
@@ -566,6 +570,9 @@ def render(r: dict[str, Any]) -> str:
         f"| flowray JSON array, 1,000 events/request | {ev(r['flowray_json_1k']['rps'], 1000)} |",
         f"| flowray NDJSON, 1,000 events/request, each with a unique id | "
         f"{ev(r['flowray_ndjson_1k_ids']['rps'], 1000)} |",
+        f"| memory of all cluster processes before / after the run with ids | "
+        f"{r['rss_mib_before_ids']:,.0f} / {r['rss_mib_after_ids']:,.0f} MiB "
+        f"({id_bytes:,.0f} B an event) |",
         f"| flowray NDJSON, 10,000 events/request | {ev(r['flowray_ndjson_10k']['rps'], 10_000)} |",
         f"| flowray seed lines, 10,000 events/request | "
         f"{ev(r['flowray_seed_10k']['rps'], 10_000)} |",
