@@ -171,10 +171,8 @@ class LiveCounts:
                 f"id {ids.type}"
             )
         minutes = ts.cast(pa.int64()).to_numpy() // MINUTE_MS  # a safe cast: may raise
-        require(
-            len(minutes) == 0 or (minutes.min() >= 0 and minutes.max() <= MINUTE_MASK),
-            "a minute out of range",
-        )
+        if len(minutes) and (minutes.min() < 0 or minutes.max() > MINUTE_MASK):
+            raise ValueError("a committed batch with a time out of range")
         if ids.null_count < len(ids):
             mask = self.seen_ids[(key[0], key[1])].first(
                 site_column.combine_chunks(), ids.combine_chunks()

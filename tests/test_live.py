@@ -190,6 +190,11 @@ def test_a_batch_of_other_types_marks_no_id_seen() -> None:
     errors = live.apply_payloads(key, [to_ipc(float_ts), to_ipc(good), to_ipc(int_ids)])
     assert len(errors) == 2 and all("TypeError" in e for e in errors)
     assert _all_minutes(live, ["a.com"]) == {"a.com": [(100 * HOUR_MS, 1)]}
+    # A time before 1970 (or past the year 10136) is bad data, reported, not a crash.
+    before_1970 = _table([{"ts": -120_000, "site": "a.com", "id": "y"}])
+    errors = live.apply_payloads(key, [to_ipc(before_1970), to_ipc(good)])
+    assert len(errors) == 1 and "out of range" in errors[0]
+    assert _all_minutes(live, ["a.com"]) == {"a.com": [(100 * HOUR_MS, 1)]}  # x: counted
 
 
 @pytest.fixture(scope="module")

@@ -380,8 +380,16 @@ class Replica:
 
     def _live_apply(self, live: LiveCounts, key: BlockKey, payloads: list[bytes]) -> None:
         """Count committed payloads; one that does not decode is counted as an error
-        (processing will report it too), never a reason to stop replicating."""
-        for error in live.apply_payloads(key, payloads):
+        (processing will report it too), never a reason to stop replicating. Nor is a
+        failure of the counting itself: it runs on the live worker, where an exception
+        would end the range unseen, so it is logged and counted and the next block goes
+        on (processing publishes the exact counts either way)."""
+        try:
+            errors = live.apply_payloads(key, payloads)
+        except Exception as exc:
+            log.exception("group %s: live counts of %s failed", self.group, key)
+            errors = [f"{type(exc).__name__}: {exc}"]
+        for error in errors:
             self.live_errors += 1
             log.warning("group %s: live counts skip an entry of %s: %s", self.group, key, error)
 
