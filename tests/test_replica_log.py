@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import random
+import shutil
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -723,3 +724,70 @@ def test_trim_preallocation_leaves_a_plain_file_alone(tmp_path: Path) -> None:
         os.close(fd)
     assert durable.preallocate(-1, 0, 10) == errno.EBADF  # not a descriptor: refused
     assert durable.trim_preallocation(-1) is False  # only a hint: never raises
+
+
+def test_new_files_directories_are_flushed_at_the_checkpoint_not_on_append(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Creating a block file flushes no directory on the acknowledgement path; the
+    next checkpoint flushes the new files' directories before its new cycle begins
+    (after which the write-ahead file no longer holds their records)."""
+    flushed: list[str] = []
+    monkeypatch.setattr(replica_log, "fsync_path", lambda p: flushed.append(Path(p).name))
+    monkeypatch.setattr(replica_log, "WAL_BYTES_MAX", 4000)
+    log = ReplicaLog(tmp_path / "r")
+    flushed.clear()  # what the constructor flushed (the new write-ahead file's directory)
+    log.append([data(1, 1, A, b"a" * 100), data(1, 2, B, b"b" * 100)])
+    assert flushed == []
+    cycles = []
+    real_start = log._start_wal
+
+    def start_wal() -> None:
+        cycles.append(sorted(flushed))
+        real_start()
+
+    monkeypatch.setattr(log, "_start_wal", start_wal)
+    log.append([data(1, 3, A, b"c" * 4000)])  # past WAL_BYTES_MAX: a checkpoint
+    assert cycles == [sorted(["blocks", "s0000", "s0005"])]  # then the new cycle
+    flushed.clear()
+    log.append([data(1, 4, A, b"d" * 100)])  # an old file: nothing to flush
+    assert flushed == []
+    log.close()
+
+
+def test_a_new_shard_directory_lost_in_a_crash_comes_back(tmp_path: Path) -> None:
+    """Killed before a checkpoint flushed the directory entries of new block files
+    (here the whole new shard directory never reached the disk): recovery recreates
+    them from the write-ahead file, and every acknowledged entry is there."""
+    root = tmp_path / "r"
+    log = ReplicaLog(root)
+    first = [data(1, 1, A), data(1, 2, A)]
+    log.append(first)
+    log._checkpoint()  # A's directory is on disk
+    more = [data(1, 3, B), data(1, 4, C), data(1, 5, B), seal(1, 6, B)]
+    for entry in more:
+        log.append([entry])
+    for fd in [*log._fds.values(), log._wal_fd]:  # no close(): the process died
+        os.close(fd)
+    shutil.rmtree(block_path(root, B).parent)  # s0005: its entry was never flushed
+    block_path(root, C).unlink()  # a new hour's file in an old directory, the same
+    again = ReplicaLog(root)
+    check_against(again, [*first, *more])
+    again.close()
+
+
+def test_a_cut_that_removes_a_file_flushes_its_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file holding only cut entries is removed, and its directory flushed: a crash
+    must not bring it, and the cut tail, back."""
+    log = ReplicaLog(tmp_path / "r")
+    log.append([data(1, 1, A), data(1, 2, B)])
+    log._checkpoint()  # the new files' directories: flushed here, not by the cut
+    flushed: list[str] = []
+    monkeypatch.setattr(replica_log, "fsync_path", lambda p: flushed.append(Path(p).name))
+    log.truncate_after(1)
+    assert not block_path(log.root, B).exists()
+    assert sorted(flushed) == ["blocks", "s0005"]
+    log.close()
+    check_against(ReplicaLog(tmp_path / "r"), [data(1, 1, A)])

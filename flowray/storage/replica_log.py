@@ -14,7 +14,9 @@ later: when the write-ahead file passes ``WAL_BYTES_MAX`` every block file writt
 since the last time is fsynced and the write-ahead file starts over (a checkpoint),
 and before a divergent tail is cut. Recovery first copies into the block files every
 record of the write-ahead file that they lack (what the page cache had not written
-when the machine stopped), then proceeds from the block files alone.
+when the machine stopped, and files whose directory entries it had not flushed:
+a new file's entry is flushed at the next checkpoint), then proceeds from the block
+files alone.
 
 The write-ahead file is a run of batches, one per append: a header (magic, the
 cycle's random id, payload length, record count, and a CRC of those and of the
@@ -251,6 +253,7 @@ class ReplicaLog:
         self._wal_cycle = 0
         self._start_wal()
         self._unsynced: set[BlockKey] = set()  # block files written since the checkpoint
+        self._created: set[BlockKey] = set()  # block files created since the checkpoint
         self._recover()
 
     # ---- state ---------------------------------------------------------------
@@ -443,7 +446,15 @@ class ReplicaLog:
 
     # ---- writes --------------------------------------------------------------
     def _append_unlocked(self, entries: Iterable[Entry]) -> int:
-        """Append entries that extend the log and fsync every touched file.
+        """Append entries that extend the log; durable when it returns (the write-ahead
+        file holds them, fdatasynced).
+
+        A block file created here gets its directory entry flushed only at the next
+        checkpoint: until then the write-ahead file holds every record of it, and
+        recovery recreates a file whose entry was lost. A directory's fsync forces an
+        ext4 journal commit, which waits for the data of every file written since the
+        last one: on the acknowledgement path at each hour's start, when every shard
+        opens a new block, that stalled every replica at once.
 
         Returns the bytes written. Entries must continue the log without a gap.
         """
@@ -452,14 +463,14 @@ class ReplicaLog:
         written = 0
         touched: set[BlockKey] = set()
         frames: list[bytes] = []
-        new_files = False
         spans: dict[BlockKey, list[int]] = {}  # [first offset, end] written per file
         for entry in entries:
             key = entry.block
             fd = self._fds.get(key)
             if fd is None:
                 fd, created = self._open(key)
-                new_files = new_files or created
+                if created:
+                    self._created.add(key)
             frame = segment.encode(entry)
             offset = os.lseek(fd, 0, os.SEEK_END)
             os.write(fd, frame)
@@ -486,8 +497,6 @@ class ReplicaLog:
         os.fdatasync(self._wal_fd)  # the one flush an append waits for
         self._wal_bytes += len(wal)
         self._unsynced |= touched
-        if new_files:
-            self._fsync_dirs(touched)
         self._write_back(spans)
         self._reserve(spans)
         for key in touched:
@@ -555,8 +564,13 @@ class ReplicaLog:
         finally:
             for fd in opened:
                 os.close(fd)
+        # New files' directory entries too, only now (see _append_unlocked): the cycle
+        # about to start no longer holds their records.
+        if self._created:
+            self._fsync_dirs(self._created)
         self._start_wal()
         self._unsynced = set()
+        self._created = set()
         self._pending_writeback.clear()
 
     def _fsync(self, fds: list[int]) -> None:
@@ -650,6 +664,7 @@ class ReplicaLog:
             self._run_terms.pop()
 
     def _cut_files_after(self, index: int) -> None:
+        removed: set[BlockKey] = set()
         for path in sorted((self.root / "blocks").glob("s*/*.seg")):
             refs = segment.recover(path)
             cut = next((r.offset for r in refs if r.index > index), None)
@@ -659,11 +674,14 @@ class ReplicaLog:
             self._close(key)
             if cut == 0:
                 path.unlink()
+                removed.add(key)
                 continue
             with open(path, "r+b") as fh:
                 fh.truncate(cut)
                 fh.flush()
                 os.fsync(fh.fileno())
+        if removed:  # else a crash could bring a removed file, with the cut tail, back
+            self._fsync_dirs(removed)
 
     # ---- reads ---------------------------------------------------------------
     def _read_unlocked(self, from_index: int, bytes_max: int) -> list[Entry]:
