@@ -791,3 +791,30 @@ def test_a_cut_that_removes_a_file_flushes_its_directory(
     assert sorted(flushed) == ["blocks", "s0005"]
     log.close()
     check_against(ReplicaLog(tmp_path / "r"), [data(1, 1, A)])
+
+
+def test_checkpoints_come_at_sizes_spread_below_the_bound(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each cycle checkpoints somewhere in the top quarter below WAL_BYTES_MAX, drawn
+    afresh, so the replicas of a group (which write the same bytes) do not all
+    checkpoint at the same append."""
+    monkeypatch.setattr(replica_log, "WAL_BYTES_MAX", 8000)
+    sizes: list[int] = []
+    log = ReplicaLog(tmp_path / "r")
+    real_checkpoint = log._checkpoint
+
+    def checkpoint() -> None:
+        sizes.append(log._wal_bytes)
+        real_checkpoint()
+
+    monkeypatch.setattr(log, "_checkpoint", checkpoint)
+    entries = [data(1, i, (A, B)[i % 2], b"w" * 64) for i in range(1, 1201)]
+    for entry in entries:
+        log.append([entry])
+    frame = len(replica_log.wal_batch(0, [encode(entries[0])]))
+    assert len(sizes) >= 10
+    assert all(6000 < size <= 8000 + frame for size in sizes)
+    assert len(set(sizes)) > 1  # not one size for every cycle
+    log.close()
+    check_against(ReplicaLog(tmp_path / "r"), entries)

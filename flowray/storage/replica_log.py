@@ -10,7 +10,7 @@ An append writes each entry to its block's file and all of them, once more, to t
 write-ahead file ``wal.seg``, and fsyncs only that one file: a proposal touches a file
 per shard it holds, and fsyncs are what the disk runs out of first (the 2-core
 reference machine managed about 1,500 a second). The block files reach the disk
-later: when the write-ahead file passes ``WAL_BYTES_MAX`` every block file written
+later: when the write-ahead file passes about ``WAL_BYTES_MAX`` every block file written
 since the last time is fsynced and the write-ahead file starts over (a checkpoint),
 and before a divergent tail is cut. Recovery first copies into the block files every
 record of the write-ahead file that they lack (what the page cache had not written
@@ -40,6 +40,7 @@ from __future__ import annotations
 import bisect
 import errno
 import os
+import random
 import struct
 import threading
 import zlib
@@ -67,6 +68,11 @@ HOUR_MS = 3_600_000
 FSYNC_THREADS = 4
 WAL_NAME = "wal.seg"
 WAL_BYTES_MAX = 32 * 1024 * 1024
+# Each cycle checkpoints at a random size from WAL_BYTES_MAX less up to this share of
+# it: the replicas of a group write the same bytes, and all six of a cluster's
+# replicas checkpointed at the same moment, each fsync stalling its acknowledgements;
+# spread out, a master finds a follower not checkpointing to make its majority with.
+WAL_JITTER = 0.25
 # A block file's new bytes are sent to the disk (not flushed) from this many on.
 WRITEBACK_BYTES = 1024 * 1024
 # Disk space reserved ahead of a growing block file (see _reserve), at most this much a
@@ -251,6 +257,7 @@ class ReplicaLog:
         self._wal_bytes = 0  # where the next batch goes
         self._wal_size = os.fstat(self._wal_fd).st_size  # zeros or older cycles past it
         self._wal_cycle = 0
+        self._wal_limit = WAL_BYTES_MAX  # a checkpoint's size, drawn for each cycle
         self._start_wal()
         self._unsynced: set[BlockKey] = set()  # block files written since the checkpoint
         self._created: set[BlockKey] = set()  # block files created since the checkpoint
@@ -315,6 +322,7 @@ class ReplicaLog:
         and fsync on the reference machine (0.17-0.20 ms against 0.35-0.43).
         """
         self._wal_cycle = int.from_bytes(os.urandom(8), "little")
+        self._wal_limit = WAL_BYTES_MAX - random.randrange(int(WAL_BYTES_MAX * WAL_JITTER) + 1)
         start = wal_batch(self._wal_cycle, [])
         if len(start) > self._wal_size:
             self._zero_wal_to(len(start) + WAL_ZERO_AHEAD)
@@ -502,7 +510,7 @@ class ReplicaLog:
         for key in touched:
             if self.blocks[key].sealed:
                 self._close(key)
-        if self._wal_bytes > WAL_BYTES_MAX:
+        if self._wal_bytes > self._wal_limit:
             self._checkpoint()
         return written
 
