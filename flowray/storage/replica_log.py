@@ -40,7 +40,6 @@ from __future__ import annotations
 import bisect
 import errno
 import os
-import random
 import struct
 import threading
 import zlib
@@ -288,9 +287,12 @@ class ReplicaLog:
 
     # ---- recovery ------------------------------------------------------------
     def _replay_wal(self) -> None:
-        """Copy into the block files the write-ahead records they lack and fsync them (a
-        record that a block file holds is not copied); the new cycle that the
-        constructor then starts keeps them from being replayed again."""
+        """Copy into the block files the write-ahead records they lack (a record that a
+        block file holds is not copied), then fsync every block file the write-ahead
+        file names, and their directories: the new cycle that the constructor then
+        starts drops the only flushed copy of those records. After a restart of the
+        process alone, a file may hold every record in the page cache without any of
+        it, or its directory entry, on disk yet (see _append_unlocked)."""
         if not self._wal_path.exists():
             return
         data = self._wal_path.read_bytes()
@@ -307,8 +309,11 @@ class ReplicaLog:
                 fd, _created = self._open(entry.block)
                 os.write(fd, segment.encode(entry))
                 touched.add(entry.block)
-            self._fsync([self._fds[key] for key in touched])
-            self._fsync_dirs(touched)
+            for key in {(ref.shard, ref.hour, ref.part) for ref in logged} - touched:
+                if block_path(self.root, key).exists():  # held, maybe in the page cache only
+                    self._open(key)
+            self._fsync(list(self._fds.values()))
+            self._fsync_dirs(self._fds)
             for key in list(self._fds):
                 self._close(key)
 
@@ -322,7 +327,8 @@ class ReplicaLog:
         and fsync on the reference machine (0.17-0.20 ms against 0.35-0.43).
         """
         self._wal_cycle = int.from_bytes(os.urandom(8), "little")
-        self._wal_limit = WAL_BYTES_MAX - random.randrange(int(WAL_BYTES_MAX * WAL_JITTER) + 1)
+        # from the cycle's own random id: no process-wide seed can line replicas up
+        self._wal_limit = WAL_BYTES_MAX - self._wal_cycle % (int(WAL_BYTES_MAX * WAL_JITTER) + 1)
         start = wal_batch(self._wal_cycle, [])
         if len(start) > self._wal_size:
             self._zero_wal_to(len(start) + WAL_ZERO_AHEAD)
@@ -759,7 +765,8 @@ class ReplicaLog:
         return self._base
 
     def append(self, entries: Iterable[Entry]) -> int:
-        """Append entries that extend the log and fsync every touched file.
+        """Append entries that extend the log; durable when it returns (see
+        _append_unlocked).
 
         Returns the bytes written. Entries must continue the log without a gap.
         """
