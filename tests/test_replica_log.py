@@ -818,3 +818,21 @@ def test_checkpoints_come_at_sizes_spread_below_the_bound(
     assert len(set(sizes)) > 1  # not one size for every cycle
     log.close()
     check_against(ReplicaLog(tmp_path / "r"), entries)
+
+
+def test_a_new_log_flushes_the_directories_it_creates(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A replica's directory, created with the log, has its entry flushed in its parent
+    (and so on up to the first that existed): else a power cut could take the new
+    replica's whole log, acknowledged entries and all."""
+    flushed: list[Path] = []
+    real = durable.fsync_path
+    monkeypatch.setattr(durable, "fsync_path", lambda p: flushed.append(Path(p)) or real(p))
+    root = tmp_path / "groups" / "g0" / "r1"
+    ReplicaLog(root).close()
+    made = [tmp_path / "groups", tmp_path / "groups" / "g0", root, root / "blocks"]
+    assert [p.parent for p in made] == flushed[:4]
+    flushed.clear()
+    ReplicaLog(root).close()  # nothing new: nothing more than before
+    assert tmp_path not in flushed and root.parent not in flushed

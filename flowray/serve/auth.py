@@ -34,6 +34,7 @@ from typing import Any, Protocol
 
 from flowray.config import AUTH_MODES
 from flowray.router import SiteError, normalize_site
+from flowray.storage.durable import make_dirs_durably
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +170,7 @@ class TokenStore:
             conn.close()
 
     def _create_schema(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        make_dirs_durably(self.path.parent)
         fresh = not self.path.exists()
         with self._connect() as conn:
             conn.execute("PRAGMA journal_mode=WAL")

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from flowray.router import ShardMap
+from flowray.storage.durable import make_dirs_durably
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
@@ -90,7 +91,7 @@ class CatalogError(ValueError):
 
 class Catalog:
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        make_dirs_durably(path.parent)
         self.path = path
         self._db = sqlite3.connect(
             path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False

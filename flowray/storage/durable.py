@@ -85,6 +85,21 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+def make_dirs_durably(path: Path) -> None:
+    """``mkdir -p``, flushing each new directory's entry in its parent: a directory
+    whose entry never reached the disk vanishes in a power cut with all it holds."""
+    missing = []
+    at = path
+    while not at.exists():
+        missing.append(at)
+        at = at.parent
+    if not missing:
+        return
+    path.mkdir(parents=True, exist_ok=True)
+    for made in reversed(missing):  # from the top: each one's parent
+        fsync_path(made.parent)
+
+
 def replace_durably(tmp: Path, path: Path) -> None:
     """Rename a fully written ``tmp`` over ``path`` so readers see old or new, never half."""
     fsync_path(tmp)
@@ -93,7 +108,7 @@ def replace_durably(tmp: Path, path: Path) -> None:
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs_durably(path.parent)
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
     replace_durably(tmp, path)

@@ -56,6 +56,7 @@ from flowray.invariant import require
 from flowray.storage import segment
 from flowray.storage.durable import (
     fsync_path,
+    make_dirs_durably,
     preallocate,
     start_writeback,
     trim_preallocation,
@@ -225,7 +226,7 @@ class ReplicaLog:
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        (root / "blocks").mkdir(parents=True, exist_ok=True)
+        make_dirs_durably(root / "blocks")
         # Entry i's term is _run_terms[k] for the last run k with _run_starts[k] <= i.
         self._run_starts: list[int] = []
         self._run_terms: list[int] = []

@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 
 from flowray.router import shard_for_site
 from flowray.storage.catalog import Catalog
-from flowray.storage.durable import replace_durably
+from flowray.storage.durable import make_dirs_durably, replace_durably
 from flowray.storage.replica_log import hour_label
 
 HOUR_MS = 3_600_000
@@ -47,7 +47,7 @@ def unit_path(root: Path, logic: str, shard: int, hour: int, job: str) -> Path:
 
 def write_unit(path: Path, table: pa.Table) -> None:
     """Write one unit's rows (already sorted by site, minute) durably."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs_durably(path.parent)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     pq.write_table(
         table.cast(UNIT_SCHEMA),
