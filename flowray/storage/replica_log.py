@@ -467,9 +467,9 @@ class ReplicaLog:
         A block file created here gets its directory entry flushed only at the next
         checkpoint: until then the write-ahead file holds every record of it, and
         recovery recreates a file whose entry was lost. A directory's fsync forces an
-        ext4 journal commit, which waits for the data of every file written since the
-        last one: on the acknowledgement path at each hour's start, when every shard
-        opens a new block, that stalled every replica at once.
+        ext4 journal commit; kept off the acknowledgement path, nothing but the
+        write-ahead fdatasync is on it (a micro-benchmark of appends that open new
+        files measured no difference either way: see BENCHMARKS.md).
 
         Returns the bytes written. Entries must continue the log without a gap.
         """
