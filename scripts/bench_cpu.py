@@ -13,6 +13,7 @@ minute; CPU per request drifts much less, so A/B two checkouts with it.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -39,6 +40,7 @@ def bodies(start_ms: int) -> dict[str, tuple[str, bytes, str, int]]:
             "application/x-ndjson",
             16,
         ),
+        "json1k": ("/v1/events", orjson.dumps(k1), "application/json", 16),
         "ndjson100": ("/v1/events", ndjson(k1[:100]), "application/x-ndjson", 16),
         "ndjson10k": ("/v1/events", ndjson(k10), "application/x-ndjson", 8),
         "seed10k": ("/v1/logs", seed_lines(k10), "text/plain", 8),
@@ -92,25 +94,31 @@ def main() -> None:
     parser.add_argument(
         "--body",
         default="ndjson1k",
-        help="ndjson1k, ndjson1k_ids (each event a unique id), ndjson100, ndjson10k, seed10k "
-        "or single",
+        help="ndjson1k, ndjson1k_ids (each event a unique id), json1k (a JSON array), "
+        "ndjson100, ndjson10k, seed10k or single; several, comma-separated, take turns "
+        "in each round on the same cluster",
     )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=int, default=8, help="per round (whole seconds)")
     args = parser.parse_args()
     start_ms = int(time.time() * 1000) - 3 * 3_600_000
-    path, body, ctype, conns = bodies(start_ms)[args.body]
+    table = bodies(start_ms)
+    names = [name.strip() for name in args.body.split(",") if name.strip()]
+    unknown = [name for name in names if name not in table]
+    if unknown or not names:
+        parser.error(f"unknown body {unknown}; choose from {', '.join(table)}")
     with Flowray() as fr:
         time.sleep(2)
         sid = int(json.loads((fr.dir / "data" / "cluster.json").read_text())["pid"])
         replicas = roles(fr.ingest)
-        for _ in range(args.rounds):
+        for _, name in itertools.product(range(args.rounds), names):
+            path, body, ctype, conns = table[name]
             before = cpu_by_pid(sid)
             result = wrk(f"{fr.ingest}{path}", body, ctype, args.seconds, conns)
             after = cpu_by_pid(sid)
             requests = result["rps"] * int(args.seconds)  # wrk runs whole seconds
             if requests <= 0:
-                print(f"{args.body}: no request answered ({result})", flush=True)
+                print(f"{name}: no request answered ({result})", flush=True)
                 continue
             per: dict[str, float] = {}
             for pid, (title, cpu) in after.items():
@@ -122,7 +130,7 @@ def main() -> None:
                 f"{role} {1000 * used / requests:.2f}" for role, used in sorted(per.items())
             )
             print(
-                f"{args.body}: {result['rps']:,.0f} req/s ({result['errors']:.0f} errors), "
+                f"{name}: {result['rps']:,.0f} req/s ({result['errors']:.0f} errors), "
                 f"CPU {1000 * total / requests:.2f} ms a request ({parts})",
                 flush=True,
             )

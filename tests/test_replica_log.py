@@ -24,6 +24,7 @@ from flowray.storage.segment import (
     KIND_DATA,
     KIND_NOOP,
     KIND_SEAL,
+    CorruptSegment,
     Entry,
     RecordRef,
     encode,
@@ -467,6 +468,70 @@ def test_recovery_cuts_a_torn_tail_in_one_file(tmp_path: Path) -> None:
     again = ReplicaLog(tmp_path)
     check_against(again, entries[:8])
     again.close()
+
+
+def test_a_lost_page_before_one_that_landed_is_rewritten_from_the_write_ahead_file(
+    tmp_path: Path,
+) -> None:
+    """The page cache writes a file's pages back in any order: after a power cut, the
+    page of entry 3 may be zeros while entry 9's page, after it, landed. That is not
+    corruption: both were written after the checkpoint, so the write-ahead file holds
+    them, and recovery cuts the file at the hole and copies them back."""
+    entries = interleaved()
+    log = ReplicaLog(tmp_path)
+    for entry in entries:
+        log.append([entry])
+    log.close()
+    path = block_path(tmp_path, B)  # entries 3, 6 and 9
+    raw = bytearray(path.read_bytes())
+    first = scan(bytes(raw))[0][0]
+    raw[first.offset : first.offset + HEADER_BYTES + first.length] = bytes(
+        HEADER_BYTES + first.length
+    )
+    path.write_bytes(bytes(raw))
+    again = ReplicaLog(tmp_path)
+    check_against(again, entries)
+    assert path.stat().st_size == again.blocks[B].bytes, "the hole was cut, not kept"
+    again.close()
+
+
+def test_a_block_file_is_written_only_after_its_batch_is_flushed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """If the write-ahead flush fails (the machine stops in it), no block file holds
+    the batch: a block file's unflushed bytes are always named by a flushed batch."""
+    log = ReplicaLog(tmp_path)
+    log.append([data(1, 1, A), data(1, 2, B)])
+    sizes = {key: block_path(tmp_path, key).stat().st_size for key in (A, B)}
+
+    def power_cut(fd: int) -> None:
+        raise OSError(errno.EIO, "the machine stopped")
+
+    monkeypatch.setattr(os, "fdatasync", power_cut)
+    with pytest.raises(OSError):
+        log.append([data(1, 3, A), data(1, 4, B), data(1, 5, C)])
+    assert {key: block_path(tmp_path, key).stat().st_size for key in (A, B)} == sizes
+    assert block_path(tmp_path, C).stat().st_size == 0
+    monkeypatch.undo()
+    log.close()
+
+
+def test_a_damaged_flushed_entry_is_refused_not_cut(tmp_path: Path) -> None:
+    """Entries before the write-ahead cycle's first were flushed at its checkpoint: one
+    of them damaged is corruption, and cutting the log there would drop acknowledged
+    entries (that a majority may count on), so the log refuses to open."""
+    entries = interleaved()
+    log = ReplicaLog(tmp_path)
+    log.append(entries[:6])
+    log._checkpoint()  # entries 1-6 flushed to their block files
+    log.append(entries[6:])
+    log.close()
+    path = block_path(tmp_path, B)  # entries 3 and 6 flushed, 9 in the write-ahead file
+    raw = bytearray(path.read_bytes())
+    raw[HEADER_BYTES + 1] ^= 0xFF  # entry 3's payload
+    path.write_bytes(bytes(raw))
+    with pytest.raises(CorruptSegment, match="entry 3 is missing or damaged"):
+        ReplicaLog(tmp_path)
 
 
 # --------------------------------------------------------------------------- property

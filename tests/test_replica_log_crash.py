@@ -2,7 +2,9 @@
 
 The model of the disk: a directory keeps its entries as of its last fsync, and each
 entry created or removed since is kept or lost at random; a file keeps its last
-fsynced bytes plus a random prefix of what was written after. ``os.fsync``,
+fsynced bytes plus a random prefix of what was written after or, in the ``pages``
+runs, half the time any of the pages written since (the page cache writes pages back
+in any order), with a size between the flushed and the written one. ``os.fsync``,
 ``os.fdatasync`` and ``os.unlink`` are intercepted to record what is durable. Each
 run is a few generations of random appends (data, seals, control no-ops), cuts and
 restarts (closed, or the process dying without close()), each ending in a crash at a
@@ -38,8 +40,10 @@ class Crash(Exception):
 class Disk:
     """What would survive a power cut, recorded at every fsync."""
 
-    def __init__(self, monkeypatch: pytest.MonkeyPatch, rng: random.Random) -> None:
-        self.rng = rng
+    def __init__(
+        self, monkeypatch: pytest.MonkeyPatch, rng: random.Random, pages: bool = False
+    ) -> None:
+        self.rng, self.pages = rng, pages
         self.dirs: dict[str, dict[str, Any]] = {}  # directory -> {name: inode} as flushed
         self.data: dict[Any, bytes] = {}  # inode -> bytes as flushed
         self.syncs, self.crash_at, self.dead = 0, None, 0
@@ -74,6 +78,14 @@ class Disk:
         else:
             self.data[st.st_ino] = Path(f"/proc/self/fd/{fd}").read_bytes()
 
+    def survivor(self, old: bytes, current: bytes) -> bytes:
+        """A file's bytes after the crash: its flushed ``old`` bytes with a prefix of
+        what was written since, or (``pages``) any of the pages written since."""
+        if self.pages and self.rng.random() < 0.5:
+            return pages_kept(self.rng, old, current)
+        keep = self.rng.choice([0, len(current), self.rng.randint(0, len(current))])
+        return current[:keep] + old[keep:]
+
     def crash(self, root: Path) -> None:
         """Replace the tree under root by one that a power cut could have left."""
         tree: dict[Path, bytes | None] = {}  # None: a directory
@@ -93,8 +105,7 @@ class Disk:
                     continue
                 old = self.data.get(pick, b"")
                 current = path.read_bytes() if live else old
-                keep = self.rng.choice([0, len(current), self.rng.randint(0, len(current))])
-                tree[path] = current[:keep] + old[keep:]
+                tree[path] = self.survivor(old, current)
 
         walk(root)
         shutil.rmtree(root)
@@ -109,6 +120,25 @@ class Disk:
             self.dirs[d] = {e.name: e.inode() for e in os.scandir(d)}
             for f in files:
                 self.data[os.stat(Path(d, f)).st_ino] = Path(d, f).read_bytes()
+
+
+PAGE = 512  # small, so that the model's short records span pages
+
+
+def pages_kept(rng: random.Random, old: bytes, current: bytes) -> bytes:
+    """What the page cache wrote back, page by page in any order: each page of the
+    file as written, or as flushed (zeros past the flushed end), and a size of either
+    or in between. Writeback started on a range (sync_file_range) and the flusher do
+    not keep the order of the writes."""
+    low, high = sorted((len(old), len(current)))
+    size = rng.choice([len(old), len(current), rng.randint(low, high)])
+    padded = old + bytes(max(0, size - len(old)))
+    out = bytearray(padded[:size])
+    for start in range(0, size, PAGE):
+        if rng.random() < 0.5:
+            piece = current[start : start + PAGE]
+            out[start : start + len(piece)] = piece[: size - start]
+    return bytes(out)
 
 
 def next_entry(rng: random.Random, have: list[Entry]) -> Entry:
@@ -129,16 +159,17 @@ def abandon(log: ReplicaLog) -> None:
         os.close(fd)
 
 
+@pytest.mark.parametrize("pages", [False, True], ids=["prefix", "pages"])
 @pytest.mark.parametrize("seed", range(CASES))
 def test_acknowledged_entries_survive_a_crash(
-    seed: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    seed: int, pages: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     rng, root = random.Random(seed), tmp_path.resolve() / "r"
     # fsync in this thread (the model records per call), small cycles (many checkpoints)
     monkeypatch.setattr(ReplicaLog, "_fsync", lambda self, fds: [os.fsync(f) for f in fds])
     monkeypatch.setattr(replica_log, "WAL_BYTES_MAX", rng.choice([1500, 4000]))
     monkeypatch.setattr(os, "urandom", rng.randbytes)  # cycle ids: a seed replays exactly
-    disk = Disk(monkeypatch, rng)
+    disk = Disk(monkeypatch, rng, pages)
     acked: list[Entry] = []
     for generation in range(4):
         # candidate: the log if the operation in flight completes; low: what must stay

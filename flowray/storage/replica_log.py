@@ -6,17 +6,20 @@ hour that was already sealed receives late events. Entries carry one global inde
 group, so the files of a replica together hold the log 1..last_index; recovery keeps
 the longest gap-free prefix.
 
-An append writes each entry to its block's file and all of them, once more, to the
-write-ahead file ``wal.seg``, and fsyncs only that one file: a proposal touches a file
-per shard it holds, and fsyncs are what the disk runs out of first (the 2-core
-reference machine managed about 1,500 a second). The block files reach the disk
-later: when the write-ahead file passes about ``WAL_BYTES_MAX`` every block file written
-since the last time is fsynced and the write-ahead file starts over (a checkpoint),
-and before a divergent tail is cut. Recovery first copies into the block files every
-record of the write-ahead file that they lack (what the page cache had not written
-when the machine stopped, and files whose directory entries it had not flushed:
-a new file's entry is flushed at the next checkpoint), then proceeds from the block
-files alone.
+An append writes its entries to the write-ahead file ``wal.seg`` and fsyncs only that
+one file, then writes each entry to its block's file: a proposal touches a file per
+shard it holds, and fsyncs are what the disk runs out of first (the 2-core reference
+machine managed about 1,500 a second). The block files reach the disk later: when
+the write-ahead file passes about ``WAL_BYTES_MAX`` every block file written since the
+last time is fsynced and the write-ahead file starts over (a checkpoint), and before
+a divergent tail is cut. So whatever a block file holds past its last flush was
+written by a batch that the write-ahead file holds, flushed. Recovery first cuts each
+such file at its first bad record (the page cache writes pages back in any order, so
+a lost page may lie before one that landed) and copies back every record of the
+write-ahead file that the files lack (what the page cache had not written when the
+machine stopped, and files whose directory entries it had not flushed: a new file's
+entry is flushed at the next checkpoint), then proceeds from the block files alone,
+and refuses to open if an entry flushed before the cycle is missing or damaged.
 
 The write-ahead file is a run of batches, one per append: a header (magic, the
 cycle's random id, payload length, record count, and a CRC of those and of the
@@ -249,7 +252,7 @@ class ReplicaLog:
         self._lock = threading.RLock()
         self._syncer: ThreadPoolExecutor | None = None
         self._wal_path = root / WAL_NAME
-        self._replay_wal()
+        flushed = self._replay_wal()
         created = not self._wal_path.exists()
         self._wal_fd = os.open(self._wal_path, os.O_RDWR | os.O_CREAT, 0o644)
         if created:
@@ -261,7 +264,7 @@ class ReplicaLog:
         self._start_wal()
         self._unsynced: set[BlockKey] = set()  # block files written since the checkpoint
         self._created: set[BlockKey] = set()  # block files created since the checkpoint
-        self._recover()
+        self._recover(flushed)
 
     # ---- state ---------------------------------------------------------------
     @property
@@ -287,36 +290,61 @@ class ReplicaLog:
             return self._run_terms[bisect.bisect_right(self._run_starts, index) - 1]
 
     # ---- recovery ------------------------------------------------------------
-    def _replay_wal(self) -> None:
-        """Copy into the block files the write-ahead records they lack (a record that a
-        block file holds is not copied), then fsync every block file the write-ahead
-        file names, and their directories: the new cycle that the constructor then
-        starts drops the only flushed copy of those records. After a restart of the
-        process alone, a file may hold every record in the page cache without any of
-        it, or its directory entry, on disk yet (see _append_unlocked)."""
+    def _replay_wal(self) -> int:
+        """Bring the block files the write-ahead file names up to it, and return the
+        index below which every entry was flushed before its cycle began (0 if none).
+
+        Everything written to such a file since the checkpoint that began the cycle is
+        in the write-ahead file (an append writes block files only once its batch is
+        flushed), so a file is cut at its first bad record, whatever follows it (the
+        page cache writes pages back in any order: a lost page may lie before one that
+        landed), and the records it then lacks are copied back from the write-ahead
+        file. Every block file it names, and their directories, are then fsynced: the
+        new cycle that the constructor starts drops the only flushed copy of those
+        records, and after a restart of the process alone a file may hold them in the
+        page cache only (see _append_unlocked).
+
+        The entries of the cycle have consecutive indices (a cut starts a new cycle),
+        so every entry below its first was flushed at the checkpoint: _recover refuses
+        a log that lacks one of them, rather than cutting acknowledged entries."""
         if not self._wal_path.exists():
-            return
+            return 0
         data = self._wal_path.read_bytes()
         logged = [ref for _offset, refs in wal_batches(data) for ref in refs]
-        if logged:
-            held: set[int] = set()  # only the files of the blocks the WAL names
-            for key in {(ref.shard, ref.hour, ref.part) for ref in logged}:
-                path = block_path(self.root, key)
-                if path.exists():
-                    held.update(ref.index for ref in segment.recover(path))
-            missing = [ref for ref in logged if ref.index not in held]
-            touched: set[BlockKey] = set()
+        if not logged:
+            return 0
+        by_block: dict[BlockKey, list[RecordRef]] = {}
+        for ref in logged:
+            by_block.setdefault((ref.shard, ref.hour, ref.part), []).append(ref)
+        for key, refs in sorted(by_block.items()):
+            path = block_path(self.root, key)
+            held = self._cut_at_first_bad(path) if path.exists() else []
+            last = held[-1].index if held else 0
+            have = {ref.index for ref in held}
+            missing = [ref for ref in refs if ref.index not in have]
+            if missing and missing[0].index <= last:
+                raise segment.CorruptSegment(
+                    f"{path}: entry {missing[0].index} is missing before entry {last}"
+                )
+            fd, _created = self._open(key)
             for entry in segment.entries_in(data, missing, str(self._wal_path)):
-                fd, _created = self._open(entry.block)
                 os.write(fd, segment.encode(entry))
-                touched.add(entry.block)
-            for key in {(ref.shard, ref.hour, ref.part) for ref in logged} - touched:
-                if block_path(self.root, key).exists():  # held, maybe in the page cache only
-                    self._open(key)
-            self._fsync(list(self._fds.values()))
-            self._fsync_dirs(self._fds)
-            for key in list(self._fds):
-                self._close(key)
+        self._fsync(list(self._fds.values()))
+        self._fsync_dirs(self._fds)
+        for key in list(self._fds):
+            self._close(key)
+        return logged[0].index - 1
+
+    @staticmethod
+    def _cut_at_first_bad(path: Path) -> list[RecordRef]:
+        """The file's records up to its first bad one; the rest is cut (not flushed:
+        the caller fsyncs)."""
+        data = path.read_bytes()
+        refs, good = segment.intact_prefix(data)
+        if good < len(data):
+            with open(path, "r+b") as fh:
+                fh.truncate(good)
+        return refs
 
     def _start_wal(self) -> None:
         """Start a new cycle: an empty batch with a new random id at the file's start,
@@ -344,7 +372,10 @@ class ReplicaLog:
             self._wal_size += os.pwrite(self._wal_fd, chunk, self._wal_size)
         os.fsync(self._wal_fd)
 
-    def _recover(self) -> None:
+    def _recover(self, flushed: int) -> None:
+        """Track the longest gap-free run of entries in the block files and cut the
+        rest (entries of a batch that was never flushed); entries up to ``flushed``
+        were flushed, and a log that lacks one of them is refused, not cut."""
         refs: list[tuple[RecordRef, BlockKey]] = []
         for path in sorted((self.root / "blocks").glob("s*/*.seg")):
             for ref in segment.recover(path):
@@ -363,6 +394,11 @@ class ReplicaLog:
             if ref.index != keep + 1:
                 break
             keep += 1
+        if keep < flushed:
+            raise segment.CorruptSegment(
+                f"{self.root}: entry {keep + 1} is missing or damaged, though entries "
+                f"up to {flushed} were flushed"
+            )
         for ref, key in refs[:keep]:
             self._track(ref, key)
         if keep < len(refs):
@@ -479,6 +515,7 @@ class ReplicaLog:
         touched: set[BlockKey] = set()
         frames: list[bytes] = []
         spans: dict[BlockKey, list[int]] = {}  # [first offset, end] written per file
+        per_file: dict[BlockKey, list[bytes]] = {}
         for entry in entries:
             key = entry.block
             fd = self._fds.get(key)
@@ -487,9 +524,13 @@ class ReplicaLog:
                 if created:
                     self._created.add(key)
             frame = segment.encode(entry)
-            offset = os.lseek(fd, 0, os.SEEK_END)
-            os.write(fd, frame)
-            spans.setdefault(key, [offset, 0])[1] = offset + len(frame)
+            span = spans.get(key)
+            if span is None:
+                span = spans[key] = [os.lseek(fd, 0, os.SEEK_END)] * 2
+                per_file[key] = []
+            offset = span[1]
+            span[1] += len(frame)
+            per_file[key].append(frame)
             ref = RecordRef(
                 offset,
                 len(entry.payload),
@@ -511,6 +552,14 @@ class ReplicaLog:
         require(written_here == len(wal), "a short write to the write-ahead file")
         os.fdatasync(self._wal_fd)  # the one flush an append waits for
         self._wal_bytes += len(wal)
+        # Only now the block files: none holds a record whose batch the write-ahead
+        # file may not have, so what a crash leaves of their unflushed bytes (pages
+        # written back in any order, with holes) is always behind a record the
+        # write-ahead file names, and recovery rewrites it (see _replay_wal).
+        for key, parts in per_file.items():
+            chunk = parts[0] if len(parts) == 1 else b"".join(parts)
+            wrote = os.write(self._fds[key], chunk)
+            require(wrote == len(chunk), f"a short write to block file {key}")
         self._unsynced |= touched
         self._write_back(spans)
         self._reserve(spans)

@@ -165,10 +165,12 @@ def _check_record(data: bytes, pos: int) -> str | None:
 def _is_torn_tail(data: bytes, pos: int) -> bool:
     """A bad record is a torn write only if no intact record follows it.
 
-    Writes are appended and fsynced in order, so a crash can only damage the end: a
-    partial record, or zeros where the file grew but data never landed. Any intact
-    record after the bad one means the bad one was once whole, so it is corruption,
-    whatever its damaged length field claims.
+    For a file of which nothing else is known, a crash is taken to damage only the
+    end: a partial record, or zeros where the file grew but data never landed. Any
+    intact record after the bad one then means the bad one was once whole, so it is
+    corruption, whatever its damaged length field claims. (The page cache does write
+    a file's pages back in any order; a replica's block files are repaired from its
+    write-ahead file before this check, see replica_log._replay_wal.)
     """
     magic = struct.pack("<H", MAGIC)
     at = data.find(magic, pos + 1)
