@@ -20,6 +20,7 @@ reply; if the connection breaks first, their outcome is unknown (:class:`LinkDow
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import itertools
 import logging
@@ -295,6 +296,17 @@ class Link:
             return await asyncio.wait_for(future, timeout)
         finally:
             self._calls.pop(call_id, None)
+
+    async def connect(self, timeout: float) -> bool:
+        """Connect now, if not connected (a first call then finds the connection made);
+        whether connected, within ``timeout``."""
+        if not self.connected and not self._closed:
+            self._ensure_connecting()
+            task = self._connecting
+            if task is not None:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(task), timeout)
+        return self.connected
 
     def close(self) -> None:
         self._closed = True

@@ -30,7 +30,7 @@ from flowray.config import Settings
 from flowray.events import EVENT_SCHEMA, TS_MIN_MS
 from flowray.ingest import HOUR_MS, GroupEvents, Piece, from_ipc, split_batch
 from flowray.router import ShardMap, shard_for_site
-from flowray.serve.app import Unavailable, create_app
+from flowray.serve.app import WARM_EVENTS, Unavailable, create_app
 from flowray.serve.cache import Cache, MemoryCache, RedisCache
 from flowray.storage.warehouse import Warehouse
 from flowray.tasks.mapreduce import map_block_slices, reduce_partials, write_units
@@ -315,6 +315,34 @@ async def test_ndjson_lines_are_events(
     assert answer.status_code == 200, answer.text
     assert answer.json() == {"accepted": len(BATCH)}
     assert_stored(ingest, BATCH_STORED)
+
+
+def test_warm_parses_and_routes_each_form_and_commits_nothing(
+    ingest: RecordingIngest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The gateway warms its app before serving: a small and a large body of each form
+    is parsed (so the exact and the fast parsers run) and routed, and nothing reaches
+    the groups."""
+    from flowray import events as ev
+
+    parsed: list[tuple[str, int]] = []
+    for name in ("parse_ndjson_events", "parse_json_events", "parse_seed_events"):
+        real = getattr(ev, name)
+
+        def spy(body: bytes, limits: ev.Limits, real: Any = real, name: str = name) -> Any:
+            out = real(body, limits)
+            parsed.append((name, ev.event_count(out)))
+            return out
+
+        monkeypatch.setattr(ev, name, spy)
+    app = make_app(ingest=ingest)
+    app.state.warm()
+    assert sorted(parsed) == sorted(
+        (name, n)
+        for name in ("parse_ndjson_events", "parse_json_events", "parse_seed_events")
+        for n in (1, WARM_EVENTS)
+    )
+    assert ingest.commits == []
 
 
 @pytest.mark.anyio

@@ -156,3 +156,9 @@ def test_a_gateway_killed_comes_back_serving(
     assert ray.get(running.processor.keep_gateway.remote(), timeout=60) is True
     assert ray.get(running.processor.keep_gateway.remote(), timeout=60) is False
     assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=10).status_code == 200
+    # and it found every group's master and connected to it before a first write
+    deadline = time.monotonic() + 30
+    while (warmed := ray.get(gateway.ping.remote(), timeout=10)["warmed"]) is None:
+        assert time.monotonic() < deadline, "the gateway did not finish warming"
+        time.sleep(0.2)
+    assert warmed == running.settings.groups

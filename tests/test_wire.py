@@ -93,6 +93,43 @@ async def test_one_way_messages_arrive_in_order_even_before_the_connection_is_up
 
 
 @pytest.mark.anyio
+async def test_connect_makes_the_connection_ahead_of_a_first_call() -> None:
+    peer, link = await started()
+    assert not link.connected
+    assert await link.connect(5) is True
+    assert link.connected
+    assert await link.connect(5) is True, "connected already: nothing to do"
+    assert await link.call("echo", 7, 5) == 7
+    link.close()
+    assert await link.connect(5) is False, "a closed link stays closed"
+    await peer.server.close()
+
+
+@pytest.mark.anyio
+async def test_connect_to_an_unreachable_peer_answers_false_in_time() -> None:
+    with socket.socket() as holder:  # a port that nothing listens on
+        holder.bind(("127.0.0.1", 0))
+        port = holder.getsockname()[1]
+
+        async def resolve() -> wire.Address:
+            return ("127.0.0.1", port, "token")
+
+        link = wire.Link(resolve, WIRE_ERRORS)
+        async with asyncio.timeout(5):
+            assert await link.connect(2) is False
+        link.close()
+
+        async def never() -> wire.Address:
+            await asyncio.sleep(60)
+            raise AssertionError("not reached")
+
+        slow = wire.Link(never, WIRE_ERRORS)
+        async with asyncio.timeout(5):
+            assert await slow.connect(0.2) is False
+        slow.close()
+
+
+@pytest.mark.anyio
 async def test_calls_answer_and_raise_the_peers_errors_as_themselves() -> None:
     peer, link = await started()
     assert await link.call("echo", [[1, 2, b"bytes", 4]], 5) == [[1, 2, b"bytes", 4]]

@@ -30,7 +30,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from flowray import events as ev
 from flowray import series
 from flowray.config import Settings
-from flowray.ingest import GroupEvents, route, routing_for
+from flowray.ingest import GroupEvents, Routing, route, routing_for
 from flowray.router import ShardMap, SiteError, normalize_site
 from flowray.serve.auth import Authorizer, Decision, Grant, allow_sites
 from flowray.serve.cache import Cache
@@ -327,6 +327,9 @@ async def read_asgi_body(headers: Headers, receive: Receive, limit: int) -> byte
 
 
 INGEST_PATHS = frozenset({"/v1/events", "/v1/logs"})
+# The large body that warm() parses: past events.SMALL_BODY_BYTES, so the fast parsers
+# run too.
+WARM_EVENTS = 1000
 # Bodies up to this size are parsed on the event loop: a thread's hand-off cost more
 # than the parse once NDJSON was parsed in C (1,000 events, 60 KB, in 0.07 ms). In a
 # gateway alone under wrk, CPU per 1,000-event request fell from 0.83-1.16 to
@@ -382,6 +385,7 @@ def create_app(
     )
     metrics = _Metrics()
     app.state.metrics = metrics
+    app.state.ingest = ingest  # the gateway warms it (RayIngest.warm)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -427,6 +431,40 @@ def create_app(
         body = await read_asgi_body(request.headers, request.receive, settings.body_bytes_max)
         return await accept_body(body, parse, grant, started)
 
+    def limits_now(routing: Routing | None) -> ev.Limits:
+        return ev.Limits(
+            now_ms=int(clock() * 1000),
+            future_skew_ms=int(settings.future_skew_s * 1000),
+            batch_events_max=settings.batch_events_max,
+            routing=routing,
+        )
+
+    def warm() -> None:
+        """Parse and route (not commit) a body of each form, small and large: their
+        first use loads what they need lazily (numpy.ma, for one: 8 of the 9 ms that a
+        first request took in a gateway, on the reference machine)."""
+        shard_map = current_map()
+        now_ms = int(clock() * 1000)
+        for count in (1, WARM_EVENTS):
+            objects = [
+                b'{"ts":%d,"site":"s%d.warm.example","path":"/"}' % (now_ms, i)
+                for i in range(count)
+            ]
+            stamp = time.strftime("%Y.%m.%d %H:%M:%S", time.gmtime(now_ms // 1000)).encode()
+            forms = (
+                (ev.parse_ndjson_events, b"\n".join(objects)),
+                (ev.parse_json_events, b"[" + b",".join(objects) + b"]"),
+                (
+                    ev.parse_seed_events,
+                    b"\n".join(b"%s.000 s%d.warm.example" % (stamp, i) for i in range(count)),
+                ),
+            )
+            for parse, body in forms:
+                routing = routing_for(shard_map)
+                route(parse(body, limits_now(routing)), shard_map, routing)
+
+    app.state.warm = warm
+
     async def accept_body(
         body: bytes | JSONResponse,
         parse: Callable[[bytes, ev.Limits], ev.Events],
@@ -438,12 +476,7 @@ def create_app(
             return body
         shard_map = current_map()
         routing = routing_for(shard_map)
-        limits = ev.Limits(
-            now_ms=int(clock() * 1000),
-            future_skew_ms=int(settings.future_skew_s * 1000),
-            batch_events_max=settings.batch_events_max,
-            routing=routing,
-        )
+        limits = limits_now(routing)
         try:
             if len(body) > PARSE_INLINE_BYTES_MAX:
                 # Arrow and C parse a large body with the GIL released: on a worker

@@ -89,12 +89,16 @@ class Gateway:
         self._server: uvicorn.Server | None = None
         self._task: asyncio.Task[None] | None = None
         self._trim: asyncio.Task[None] | None = None
+        self._warm: asyncio.Task[int] | None = None
 
     async def start(self) -> int:
-        """Serve until stopped; returns once the socket is listening."""
+        """Serve until stopped; returns once the socket is listening, and finds the
+        groups' masters and connects to them meanwhile (RayIngest.warm)."""
         if self._task is None:
+            app = build_app()
+            app.state.warm()  # before the first request, not in it
             config = uvicorn.Config(
-                IngestFastPath(build_app()),
+                IngestFastPath(app),
                 host=self.host,
                 port=self.port,
                 access_log=False,
@@ -108,6 +112,9 @@ class Gateway:
             sock = listen_socket(self.host, self.port)  # raises if the port is taken
             self._task = asyncio.create_task(self._server.serve(sockets=[sock]))
             self._trim = self._trim or asyncio.create_task(memtrim.trim_forever())
+            warm = getattr(app.state.ingest, "warm", None)
+            if warm is not None:
+                self._warm = asyncio.create_task(warm())
             for _ in range(200):
                 if self._server.started:
                     break
@@ -119,15 +126,20 @@ class Gateway:
     async def stop(self) -> None:
         if self._server is not None:
             self._server.should_exit = True
-        if self._trim is not None:
-            self._trim.cancel()
+        for task in (self._trim, self._warm):
+            if task is not None:
+                task.cancel()
         if self._task is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._task, 10)
 
     def ping(self) -> dict[str, Any]:
+        warm = self._warm
         return {
             "port": self.port,
             "pid": os.getpid(),
             "started": bool(self._server and self._server.started),
+            # groups whose master it connected to ahead of the first write; None: not
+            # done yet (RayIngest.warm)
+            "warmed": warm.result() if warm is not None and warm.done() else None,
         }
