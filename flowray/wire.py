@@ -331,6 +331,9 @@ class Link:
             self._retry_at = time.monotonic() + RETRY_BACKOFF_S
             self._pending, self._pending_bytes = [], 0
             return
+        if self._closed:  # closed while it connected
+            writer.close()
+            return
         writer.write(frame(HELLO, token.encode()))
         if self._pending:
             writer.write(b"".join(self._pending))

@@ -516,10 +516,20 @@ def test_a_block_file_is_written_only_after_its_batch_is_flushed(
     log.close()
 
 
-def test_a_damaged_flushed_entry_is_refused_not_cut(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("damaged", "refusal"),
+    [
+        (0, "a bad record at byte 0 before flushed entry 6"),  # entry 3: 6 intact after it
+        (1, "entry 6 is missing or damaged, though entries up to 6 were flushed"),
+    ],
+)
+def test_a_damaged_flushed_entry_is_refused_on_every_open(
+    tmp_path: Path, damaged: int, refusal: str
+) -> None:
     """Entries before the write-ahead cycle's first were flushed at its checkpoint: one
     of them damaged is corruption, and cutting the log there would drop acknowledged
-    entries (that a majority may count on), so the log refuses to open."""
+    entries (that a majority may count on), so the log refuses to open, and again on
+    the next try: the write-ahead file that proves it is kept."""
     entries = interleaved()
     log = ReplicaLog(tmp_path)
     log.append(entries[:6])
@@ -528,10 +538,15 @@ def test_a_damaged_flushed_entry_is_refused_not_cut(tmp_path: Path) -> None:
     log.close()
     path = block_path(tmp_path, B)  # entries 3 and 6 flushed, 9 in the write-ahead file
     raw = bytearray(path.read_bytes())
-    raw[HEADER_BYTES + 1] ^= 0xFF  # entry 3's payload
+    record = scan(bytes(raw))[0][damaged]
+    raw[record.offset + HEADER_BYTES] ^= 0xFF  # its payload's first byte
     path.write_bytes(bytes(raw))
-    with pytest.raises(CorruptSegment, match="entry 3 is missing or damaged"):
-        ReplicaLog(tmp_path)
+    for _attempt in range(3):
+        with pytest.raises(CorruptSegment, match=refusal):
+            ReplicaLog(tmp_path)
+    assert [r.index for r in wal_records(tmp_path)] == [7, 8, 9], "the proof is kept"
+    if damaged == 0:
+        assert path.read_bytes() == bytes(raw), "refused untouched"
 
 
 # --------------------------------------------------------------------------- property

@@ -445,7 +445,7 @@ def create_app(
         first request took in a gateway, on the reference machine)."""
         shard_map = current_map()
         now_ms = int(clock() * 1000)
-        for count in (1, WARM_EVENTS):
+        for count in (1, min(WARM_EVENTS, settings.batch_events_max)):
             objects = [
                 b'{"ts":%d,"site":"s%d.warm.example","path":"/"}' % (now_ms, i)
                 for i in range(count)

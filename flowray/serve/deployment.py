@@ -8,8 +8,8 @@ variable of the replica's runtime environment.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
+import logging
 import math
 import os
 import uuid
@@ -35,6 +35,8 @@ from flowray.serve.cache import make_cache
 from flowray.storage.catalog import LiveShardMap
 from flowray.storage.warehouse import Warehouse
 from flowray.wire import LinkDown
+
+log = logging.getLogger("flowray.deployment")
 
 SETTINGS_ENV = "FLOWRAY_SETTINGS_JSON"
 LOCAL_MODE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
@@ -189,12 +191,13 @@ class RayIngest:
 
         async def one(group: int) -> bool:
             while loop.time() < end:
-                with contextlib.suppress(*_UNAVAILABLE):
+                try:
                     replica, _handle = await self.directory.master(group)
                     link = self.directory.link(group, replica)
                     if await link.connect(max(0.0, end - loop.time())):
                         return True
-                    self.directory.forget(group)
+                except Exception as exc:  # only a head start: writes find masters anyway
+                    log.debug("warming group %d: %s", group, exc)
                 await asyncio.sleep(WARM_RETRY_S)
             return False
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import socket
 from collections.abc import Iterator
@@ -28,6 +29,8 @@ import uvicorn
 from flowray import memtrim
 from flowray.serve.app import IngestFastPath
 from flowray.serve.deployment import build_app
+
+log = logging.getLogger("flowray.gateway")
 
 GATEWAY_NAME = "flowray-gateway"
 LISTEN_BACKLOG = 4096
@@ -96,7 +99,10 @@ class Gateway:
         groups' masters and connects to them meanwhile (RayIngest.warm)."""
         if self._task is None:
             app = build_app()
-            app.state.warm()  # before the first request, not in it
+            try:  # before the first request, not in it; only a head start
+                app.state.warm()
+            except Exception:
+                log.warning("warming the ingest path failed", exc_info=True)
             config = uvicorn.Config(
                 IngestFastPath(app),
                 host=self.host,
@@ -134,12 +140,14 @@ class Gateway:
                 await asyncio.wait_for(self._task, 10)
 
     def ping(self) -> dict[str, Any]:
-        warm = self._warm
+        warm, warmed = self._warm, None
+        if warm is not None and warm.done() and not warm.cancelled() and not warm.exception():
+            warmed = warm.result()
         return {
             "port": self.port,
             "pid": os.getpid(),
             "started": bool(self._server and self._server.started),
             # groups whose master it connected to ahead of the first write; None: not
-            # done yet (RayIngest.warm)
-            "warmed": warm.result() if warm is not None and warm.done() else None,
+            # done (RayIngest.warm)
+            "warmed": warmed,
         }

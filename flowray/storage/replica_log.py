@@ -41,6 +41,7 @@ Terms are kept as runs, one per term in the log.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import errno
 import os
 import struct
@@ -252,7 +253,15 @@ class ReplicaLog:
         self._lock = threading.RLock()
         self._syncer: ThreadPoolExecutor | None = None
         self._wal_path = root / WAL_NAME
-        flushed = self._replay_wal()
+        self._unsynced: set[BlockKey] = set()  # block files written since the checkpoint
+        self._created: set[BlockKey] = set()  # block files created since the checkpoint
+        # Recovered before the new cycle starts: a log refused (_recover) keeps its
+        # write-ahead file, so it is refused again on every open, not cut the next time.
+        try:
+            self._recover(self._replay_wal())
+        except BaseException:
+            self._release_resources()
+            raise
         created = not self._wal_path.exists()
         self._wal_fd = os.open(self._wal_path, os.O_RDWR | os.O_CREAT, 0o644)
         if created:
@@ -262,9 +271,6 @@ class ReplicaLog:
         self._wal_cycle = 0
         self._wal_limit = WAL_BYTES_MAX  # a checkpoint's size, drawn for each cycle
         self._start_wal()
-        self._unsynced: set[BlockKey] = set()  # block files written since the checkpoint
-        self._created: set[BlockKey] = set()  # block files created since the checkpoint
-        self._recover(flushed)
 
     # ---- state ---------------------------------------------------------------
     @property
@@ -313,12 +319,13 @@ class ReplicaLog:
         logged = [ref for _offset, refs in wal_batches(data) for ref in refs]
         if not logged:
             return 0
+        flushed = logged[0].index - 1
         by_block: dict[BlockKey, list[RecordRef]] = {}
         for ref in logged:
             by_block.setdefault((ref.shard, ref.hour, ref.part), []).append(ref)
         for key, refs in sorted(by_block.items()):
             path = block_path(self.root, key)
-            held = self._cut_at_first_bad(path) if path.exists() else []
+            held = self._cut_at_first_bad(path, flushed) if path.exists() else []
             last = held[-1].index if held else 0
             have = {ref.index for ref in held}
             missing = [ref for ref in refs if ref.index not in have]
@@ -333,15 +340,22 @@ class ReplicaLog:
         self._fsync_dirs(self._fds)
         for key in list(self._fds):
             self._close(key)
-        return logged[0].index - 1
+        return flushed
 
     @staticmethod
-    def _cut_at_first_bad(path: Path) -> list[RecordRef]:
+    def _cut_at_first_bad(path: Path, flushed: int) -> list[RecordRef]:
         """The file's records up to its first bad one; the rest is cut (not flushed:
-        the caller fsyncs)."""
+        the caller fsyncs), unless an intact record after it is one of the entries up
+        to ``flushed``: then the bad one is damage to flushed data, and the file is
+        refused untouched."""
         data = path.read_bytes()
         refs, good = segment.intact_prefix(data)
         if good < len(data):
+            after = [ref.index for ref in segment.intact_after(data, good) if ref.index <= flushed]
+            if after:
+                raise segment.CorruptSegment(
+                    f"{path}: a bad record at byte {good} before flushed entry {after[0]}"
+                )
             with open(path, "r+b") as fh:
                 fh.truncate(good)
         return refs
@@ -556,11 +570,11 @@ class ReplicaLog:
         # file may not have, so what a crash leaves of their unflushed bytes (pages
         # written back in any order, with holes) is always behind a record the
         # write-ahead file names, and recovery rewrites it (see _replay_wal).
+        self._unsynced |= touched  # first: a checkpoint after a failed write flushes them
         for key, parts in per_file.items():
             chunk = parts[0] if len(parts) == 1 else b"".join(parts)
             wrote = os.write(self._fds[key], chunk)
             require(wrote == len(chunk), f"a short write to block file {key}")
-        self._unsynced |= touched
         self._write_back(spans)
         self._reserve(spans)
         for key in touched:
@@ -898,5 +912,14 @@ class ReplicaLog:
         for key in list(self._fds):
             self._close(key)
         os.close(self._wal_fd)
+        if self._syncer is not None:
+            self._syncer.shutdown(wait=False)
+
+    def _release_resources(self) -> None:
+        """After a refused open: close what recovery opened, stop the fsync threads."""
+        for fd in self._fds.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._fds.clear()
         if self._syncer is not None:
             self._syncer.shutdown(wait=False)

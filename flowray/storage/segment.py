@@ -162,6 +162,22 @@ def _check_record(data: bytes, pos: int) -> str | None:
     return None
 
 
+def intact_after(data: bytes, pos: int) -> Iterator[RecordRef]:
+    """The intact records that begin after byte ``pos`` (a bad record's), wherever a
+    record's magic starts one."""
+    magic = struct.pack("<H", MAGIC)
+    at = data.find(magic, pos + 1)
+    while at != -1:
+        if _check_record(data, at) is None:
+            _m, _v, kind, shard, part, hour, length, _c, term, index = _parse_header(
+                data[at : at + HEADER_BYTES]
+            )
+            yield RecordRef(at, length, kind, term, index, shard, hour, part)
+            at += HEADER_BYTES + length
+            continue
+        at = data.find(magic, at + 1)
+
+
 def _is_torn_tail(data: bytes, pos: int) -> bool:
     """A bad record is a torn write only if no intact record follows it.
 
@@ -172,13 +188,7 @@ def _is_torn_tail(data: bytes, pos: int) -> bool:
     a file's pages back in any order; a replica's block files are repaired from its
     write-ahead file before this check, see replica_log._replay_wal.)
     """
-    magic = struct.pack("<H", MAGIC)
-    at = data.find(magic, pos + 1)
-    while at != -1:
-        if _check_record(data, at) is None:
-            return False
-        at = data.find(magic, at + 1)
-    return True
+    return next(intact_after(data, pos), None) is None
 
 
 def recover(path: Path) -> list[RecordRef]:
