@@ -41,6 +41,12 @@ def bodies(start_ms: int) -> dict[str, tuple[str, bytes, str, int]]:
             16,
         ),
         "json1k": ("/v1/events", orjson.dumps(k1), "application/json", 16),
+        "ndjson5k_ids": (  # flowray ingest's requests
+            "/v1/events",
+            ndjson(make_events(5000, start_ms, ids=True)),
+            "application/x-ndjson",
+            8,
+        ),
         "ndjson100": ("/v1/events", ndjson(k1[:100]), "application/x-ndjson", 16),
         "ndjson10k": ("/v1/events", ndjson(k10), "application/x-ndjson", 8),
         "seed10k": ("/v1/logs", seed_lines(k10), "text/plain", 8),
@@ -94,9 +100,9 @@ def main() -> None:
     parser.add_argument(
         "--body",
         default="ndjson1k",
-        help="ndjson1k, ndjson1k_ids (each event a unique id), json1k (a JSON array), "
-        "ndjson100, ndjson10k, seed10k or single; several, comma-separated, take turns "
-        "in each round on the same cluster",
+        help="ndjson1k, ndjson1k_ids (each event a unique id), ndjson5k_ids, json1k (a JSON "
+        "array), ndjson100, ndjson10k, seed10k or single; several, comma-separated, take "
+        "turns in each round on the same cluster",
     )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=int, default=8, help="per round (whole seconds)")

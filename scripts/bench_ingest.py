@@ -6,8 +6,8 @@
 Measures, each on this machine in this run:
 - raw append + fsync of the same bytes (one file, and three files in turn as three
   replicas on one disk would do): what the disk allows;
-- flowray batched ingest (NDJSON bodies of 1,000 and 10,000 events, a JSON array of
-  1,000, seed lines) and
+- flowray batched ingest (NDJSON bodies of 1,000 and 10,000 events, of 1,000 and
+  5,000 events with ids, a JSON array of 1,000, seed lines) and
   single-event requests through the ingest gateway, with wrk, every answer after a
   majority fsync in 3-replica groups;
 - acknowledgement latency p50/p99 at the seed's fleet rate (11,600 events/s in
@@ -527,6 +527,9 @@ def main() -> None:
             url, ndjson(batch1k_ids), "application/x-ndjson", s, 16
         )
         results["rss_mib_after_ids"] = fr.rss_mib()  # the masters hold the ids seen
+        results["flowray_ndjson_5k_ids"] = wrk(  # flowray ingest's requests
+            url, ndjson(make_events(5000, start_ms, ids=True)), "application/x-ndjson", s, 8
+        )
         results["flowray_ndjson_10k"] = wrk(url, ndjson(batch10k), "application/x-ndjson", s, 8)
         results["flowray_seed_10k"] = wrk(
             f"{fr.ingest}/v1/logs", seed_lines(batch10k), "text/plain", s, 8
@@ -573,6 +576,8 @@ def render(r: dict[str, Any]) -> str:
         f"| memory of all cluster processes before / after the run with ids | "
         f"{r['rss_mib_before_ids']:,.0f} / {r['rss_mib_after_ids']:,.0f} MiB "
         f"({id_bytes:,.0f} B an event) |",
+        f"| flowray NDJSON, 5,000 events/request, each with a unique id (`flowray ingest`'s "
+        f"requests) | {ev(r['flowray_ndjson_5k_ids']['rps'], 5000)} |",
         f"| flowray NDJSON, 10,000 events/request | {ev(r['flowray_ndjson_10k']['rps'], 10_000)} |",
         f"| flowray seed lines, 10,000 events/request | "
         f"{ev(r['flowray_seed_10k']['rps'], 10_000)} |",
