@@ -257,20 +257,22 @@ class ReplicaLog:
         self._created: set[BlockKey] = set()  # block files created since the checkpoint
         # Recovered before the new cycle starts: a log refused (_recover) keeps its
         # write-ahead file, so it is refused again on every open, not cut the next time.
+        self._wal_fd = -1
+        self._wal_bytes = 0  # where the next batch goes
+        self._wal_size = 0  # zeros or older cycles past it
+        self._wal_cycle = 0
+        self._wal_limit = WAL_BYTES_MAX  # a checkpoint's size, drawn for each cycle
         try:
             self._recover(self._replay_wal())
+            created = not self._wal_path.exists()
+            self._wal_fd = os.open(self._wal_path, os.O_RDWR | os.O_CREAT, 0o644)
+            if created:
+                fsync_path(root)
+            self._wal_size = os.fstat(self._wal_fd).st_size
+            self._start_wal()
         except BaseException:
             self._release_resources()
             raise
-        created = not self._wal_path.exists()
-        self._wal_fd = os.open(self._wal_path, os.O_RDWR | os.O_CREAT, 0o644)
-        if created:
-            fsync_path(root)
-        self._wal_bytes = 0  # where the next batch goes
-        self._wal_size = os.fstat(self._wal_fd).st_size  # zeros or older cycles past it
-        self._wal_cycle = 0
-        self._wal_limit = WAL_BYTES_MAX  # a checkpoint's size, drawn for each cycle
-        self._start_wal()
 
     # ---- state ---------------------------------------------------------------
     @property
@@ -916,10 +918,12 @@ class ReplicaLog:
             self._syncer.shutdown(wait=False)
 
     def _release_resources(self) -> None:
-        """After a refused open: close what recovery opened, stop the fsync threads."""
-        for fd in self._fds.values():
-            with contextlib.suppress(OSError):
-                os.close(fd)
+        """After a failed open: close the files it opened, stop the fsync threads."""
+        for fd in [*self._fds.values(), self._wal_fd]:
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
         self._fds.clear()
+        self._wal_fd = -1
         if self._syncer is not None:
             self._syncer.shutdown(wait=False)
