@@ -528,7 +528,6 @@ class ReplicaLog:
         entries = list(entries)
         self._check_append(entries)
         written = 0
-        touched: set[BlockKey] = set()
         frames: list[bytes] = []
         spans: dict[BlockKey, list[int]] = {}  # [first offset, end] written per file
         per_file: dict[BlockKey, list[bytes]] = {}
@@ -558,7 +557,6 @@ class ReplicaLog:
                 entry.part,
             )
             self._track(ref, key)
-            touched.add(key)
             frames.append(frame)
             written += len(frame)
         wal = wal_batch(self._wal_cycle, frames)
@@ -572,14 +570,14 @@ class ReplicaLog:
         # file may not have, so what a crash leaves of their unflushed bytes (pages
         # written back in any order, with holes) is always behind a record the
         # write-ahead file names, and recovery rewrites it (see _replay_wal).
-        self._unsynced |= touched  # first: a checkpoint after a failed write flushes them
+        self._unsynced |= spans.keys()  # first: a checkpoint after a failed write flushes them
         for key, parts in per_file.items():
             chunk = parts[0] if len(parts) == 1 else b"".join(parts)
             wrote = os.write(self._fds[key], chunk)
             require(wrote == len(chunk), f"a short write to block file {key}")
         self._write_back(spans)
         self._reserve(spans)
-        for key in touched:
+        for key in spans:
             if self.blocks[key].sealed:
                 self._close(key)
         if self._wal_bytes > self._wal_limit:

@@ -129,14 +129,20 @@ def intact_prefix(
     refs: list[RecordRef] = []
     pos = start
     while pos < end and _check_record(data, pos) is None:
-        _m, _v, kind, shard, part, hour, length, _c, term, index = _parse_header(
-            data[pos : pos + HEADER_BYTES]
-        )
-        if pos + HEADER_BYTES + length > end:
+        ref = _ref_at(data, pos)
+        if pos + HEADER_BYTES + ref.length > end:
             break
-        refs.append(RecordRef(pos, length, kind, term, index, shard, hour, part))
-        pos += HEADER_BYTES + length
+        refs.append(ref)
+        pos += HEADER_BYTES + ref.length
     return refs, pos
+
+
+def _ref_at(data: bytes, pos: int) -> RecordRef:
+    """The record whose header is at ``pos`` (checked by the caller)."""
+    _m, _v, kind, shard, part, hour, length, _c, term, index = _parse_header(
+        data[pos : pos + HEADER_BYTES]
+    )
+    return RecordRef(pos, length, kind, term, index, shard, hour, part)
 
 
 def record_crc(data: bytes, offset: int = 0) -> bytes:
@@ -169,11 +175,9 @@ def intact_after(data: bytes, pos: int) -> Iterator[RecordRef]:
     at = data.find(magic, pos + 1)
     while at != -1:
         if _check_record(data, at) is None:
-            _m, _v, kind, shard, part, hour, length, _c, term, index = _parse_header(
-                data[at : at + HEADER_BYTES]
-            )
-            yield RecordRef(at, length, kind, term, index, shard, hour, part)
-            at += HEADER_BYTES + length
+            ref = _ref_at(data, at)
+            yield ref
+            at += HEADER_BYTES + ref.length
             continue
         at = data.find(magic, at + 1)
 
