@@ -69,6 +69,13 @@ class Settings:
     election_ticks: int = 10
     heartbeat_ticks: int = 2
     rpc_timeout_s: float = 5.0
+    # How long the ingress waits for a group's master to commit a proposal before it
+    # gives that master up (paused, partitioned, its disk hung), finds the new one and
+    # resends the proposal when every event in it has an id (otherwise it answers 503:
+    # the write may still commit). Proposals of many bytes get longer (see ingest).
+    propose_deadline_s: float = 1.0
+    # 1: replicas honour fault files in their directories (tests of hung disks only).
+    fault_injection: int = 0
     process_timeout_s: float = 600.0
     # Query limits: the longest range per interval, in days.
     query_minute_days_max: int = 31
@@ -111,6 +118,11 @@ class Settings:
             raise ValueError(f"batch_events_max must be at least 1, got {self.batch_events_max}")
         if not self.future_skew_s >= 0:  # also refuses NaN
             raise ValueError(f"future_skew_s must be 0 or more, got {self.future_skew_s}")
+        if not 0 < self.propose_deadline_s < self.commit_timeout_s:
+            raise ValueError(
+                f"propose_deadline_s must be above 0 and below commit_timeout_s "
+                f"({self.commit_timeout_s}), got {self.propose_deadline_s}"
+            )
         if self.auth not in AUTH_MODES:
             raise ValueError(f"auth must be one of {', '.join(AUTH_MODES)}, got {self.auth!r}")
         return self

@@ -24,6 +24,20 @@ itself included, has it on disk, counting only entries of its own term; a new ma
 appends a no-op so earlier entries commit through it; a master that has not heard
 from a majority for an election timeout steps down (check quorum).
 
+Silence is detected by time, not only by a connection ending: a follower that hears
+nothing from its master for a randomized election timeout stands. It first asks
+for *pre-votes* (Raft thesis, 9.6): would a majority vote for it in the next term?
+Only then does it raise its term. Replicas that heard from a live master within the
+minimum election timeout (its lease) refuse, so a replica that was itself paused, or
+whose incoming link alone is cut, cannot depose a healthy master when it comes back.
+The master keeps when it last heard from each follower, counted in ticks, and steps
+down at the first tick at which a majority has been silent for an election timeout.
+The shell feeds the ticks that wall-clock time owes before anything else (a paused
+process that resumes first sees its pause), so a master stopped for longer than an
+election timeout steps down before it reads a single message that queued meanwhile,
+and answers no waiting client as master of a term that others may have ended.
+(Commits it counted before the pause stay committed: a majority held them.)
+
 A replica that lost its disk (Ray restarted it on another node, in an empty
 directory) has forgotten its term and vote, and its log: voting, it could vote twice
 in a term or help a candidate that lacks committed entries win. So it starts
@@ -62,6 +76,7 @@ ABSTAIN_UNKNOWN = -1
 
 class Role(StrEnum):
     FOLLOWER = "follower"
+    PRE_CANDIDATE = "pre-candidate"
     CANDIDATE = "candidate"
     LEADER = "master"
 
@@ -78,7 +93,9 @@ class NotLeader(RuntimeError):
 class Msg:
     """A message between replicas. Which fields matter depends on ``kind``."""
 
-    kind: str  # "vote", "vote_resp", "append", "append_resp", "timeout_now"
+    # "pre_vote", "pre_vote_resp", "vote", "vote_resp", "append", "append_resp",
+    # "timeout_now"; a pre-vote's term is the one its sender would stand in.
+    kind: str
     src: int
     dst: int
     term: int
@@ -120,7 +137,7 @@ class Progress:
 
     match: int = 0
     next: int = 1
-    active: bool = False
+    heard_at: int = 0  # Node.ticks when this follower last answered in this term
 
 
 @dataclass(frozen=True)
@@ -168,6 +185,7 @@ class Node:
         self.progress: dict[int, Progress] = {}
         self.elapsed = 0
         self.heartbeat_elapsed = 0
+        self.ticks = 0  # every tick since start: the master's clock for its lease
         self.timeout = self._random_timeout()
         self._pending = _Pending()
         self.transferee: int | None = None  # master: handing over to this peer
@@ -229,24 +247,24 @@ class Node:
 
     # ---- input -----------------------------------------------------------------------
     def tick(self) -> None:
-        """One unit of time. Elections and heartbeats are counted in ticks."""
+        """One unit of time. Elections, heartbeats and the lease are counted in ticks."""
+        self.ticks += 1
         if self.role == Role.LEADER:
             if self.transferee is not None:
                 self.transfer_elapsed += 1
                 if self.transfer_elapsed >= self.timing.election_ticks:
                     self.transferee = None  # the handover failed: take proposals again
+            if not self.lease_valid():
+                self._become_follower(self.term, None)  # check quorum: step down
+                return
             self.heartbeat_elapsed += 1
-            self.elapsed += 1
             if self.heartbeat_elapsed >= self.timing.heartbeat_ticks:
                 self.heartbeat_elapsed = 0
                 self._broadcast_append(heartbeat=True)
-            if self.elapsed >= self.timing.election_ticks:
-                self.elapsed = 0
-                self._check_quorum()
             return
         self.elapsed += 1
         if self.elapsed >= self.timeout:
-            self.campaign()
+            self.pre_campaign()
 
     def leader_gone(self, peer: int) -> None:
         """The shell saw ``peer``'s connection end (its process died, most likely).
@@ -268,6 +286,26 @@ class Node:
         rank = sorted(p for p in self.peers if p != peer).index(self.id)
         wait = (2 * self.timing.heartbeat_ticks + 1) * (rank + 1)
         self.elapsed = max(self.elapsed, self.timeout - wait)
+
+    def pre_campaign(self) -> None:
+        """Ask whether a majority would elect this replica in the next term, without
+        raising its own term: a replica that cannot win (its log behind, or the others
+        still hearing from a live master) then disturbs nobody."""
+        if self.abstain is not None:
+            self.elapsed = 0
+            return
+        if len(self.peers) == 1:
+            self.campaign()
+            return
+        self.role = Role.PRE_CANDIDATE
+        self.leader = None
+        self.votes = {self.id}
+        self.elapsed = 0
+        self.timeout = self._random_timeout()
+        for peer in self._others():
+            self._send(
+                Msg("pre_vote", self.id, peer, self.term + 1, self.last_index, self.last_term)
+            )
 
     def campaign(self, transfer: bool = False) -> None:
         """Stand for election under a new term (``transfer``: asked to by the master)."""
@@ -329,6 +367,12 @@ class Node:
             return  # misrouted: ignore, never crash on the network's mistakes
         if msg.kind == "vote" and msg.term > self.term and self._in_lease() and not msg.transfer:
             return  # a live master is known: do not let a stray candidate depose it
+        if msg.kind == "pre_vote":
+            self._on_pre_vote(msg)  # never changes this replica's term
+            return
+        if msg.kind == "pre_vote_resp":
+            self._on_pre_vote_resp(msg)
+            return
         if msg.term > self.term:
             leader = msg.src if msg.kind == "append" else None
             waited = (self.elapsed, self.timeout) if self.role != Role.LEADER else None
@@ -427,20 +471,27 @@ class Node:
         self.leader = self.id
         self.elapsed = 0
         self.heartbeat_elapsed = 0
-        self.progress = {p: Progress(next=self.last_index + 1) for p in self._others()}
+        self.progress = {
+            p: Progress(next=self.last_index + 1, heard_at=self.ticks) for p in self._others()
+        }
         self.transferee = None
         self.propose([(KIND_NOOP, CONTROL_SHARD, 0, 0, b"")])
 
     def _in_lease(self) -> bool:
-        """Heard from the master within the minimum election timeout."""
+        """A master heard from within the minimum election timeout (by a follower), or,
+        for a master, a majority heard from within it."""
+        if self.role == Role.LEADER:
+            return self.lease_valid()
         return self.leader is not None and self.elapsed < self.timing.election_ticks
 
-    def _check_quorum(self) -> None:
-        active = 1 + sum(1 for pr in self.progress.values() if pr.active)
-        for pr in self.progress.values():
-            pr.active = False
-        if active < majority(len(self.peers)):
-            self._become_follower(self.term, None)
+    def lease_valid(self) -> bool:
+        """Whether this master heard from a majority, itself included, within the last
+        election timeout (check quorum): if not, it steps down at its next tick."""
+        if self.role != Role.LEADER:
+            return False
+        since = self.ticks - self.timing.election_ticks
+        heard = 1 + sum(1 for pr in self.progress.values() if pr.heard_at > since)
+        return heard >= majority(len(self.peers))
 
     # ---- messages --------------------------------------------------------------------
     def _send(self, msg: Msg) -> None:
@@ -454,6 +505,25 @@ class Node:
             self._set_hard_state(self.term, msg.src)
             self.elapsed = 0
         self._send(Msg("vote_resp", self.id, msg.src, self.term, ok=grant))
+
+    def _on_pre_vote(self, msg: Msg) -> None:
+        up_to_date = (msg.log_term, msg.index) >= (self.last_term, self.last_index)
+        grant = msg.term > self.term and up_to_date and not self._in_lease()
+        # A granted pre-vote answers in the term asked about; a refusal in this
+        # replica's own, which tells a pre-candidate of an older term to catch up.
+        term = msg.term if grant else self.term
+        self._send(Msg("pre_vote_resp", self.id, msg.src, term, ok=grant))
+
+    def _on_pre_vote_resp(self, msg: Msg) -> None:
+        if not msg.ok:
+            if msg.term > self.term:
+                self._become_follower(msg.term, None)
+            return
+        if self.role != Role.PRE_CANDIDATE or msg.term != self.term + 1:
+            return  # a late answer to an earlier round
+        self.votes.add(msg.src)
+        if len(self.votes) >= majority(len(self.peers)):
+            self.campaign()
 
     def _on_vote_resp(self, msg: Msg) -> None:
         if self.role != Role.CANDIDATE or msg.term != self.term or not msg.ok:
@@ -506,7 +576,7 @@ class Node:
         if self.role != Role.LEADER or msg.term != self.term:
             return
         pr = self.progress[msg.src]
-        pr.active = True
+        pr.heard_at = self.ticks
         if msg.ok:
             if msg.index > pr.match:
                 pr.match = msg.index

@@ -1,19 +1,23 @@
 """A deterministic simulator of a shard group: the real replication core, a fake
 network and a fake disk, all driven by one seeded random generator.
 
-The network drops, delays, duplicates and reorders messages and partitions replicas;
-the disk loses the unsynced part of a write when a replica crashes mid-persist, a
-replica whose disk is corrupted stays down, and a replica may come back on a new,
-empty disk (its node lost: it abstains until caught up). After every step the
-simulator checks:
+The network drops, delays (now and then by a whole election timeout), duplicates and
+reorders messages, partitions replicas and cuts single links in one direction; a
+replica's process may pause (no ticks, its incoming messages wait) and resume, fed
+the ticks it was owed first, as the Ray shell does; the disk loses the unsynced part
+of a write when a replica crashes mid-persist, a replica whose disk is corrupted
+stays down, and a replica may come back on a new, empty disk (its node lost: it
+abstains until caught up). After every step the simulator checks:
 
 - at most one master per term;
 - replicas agree on every committed index (same term, same payload);
 - every acknowledged proposal is committed at its index and is never lost;
-- every master holds every committed entry.
+- every master holds every committed entry;
+- a master that resumes after a pause of an election timeout or more is no longer
+  master once it has taken the ticks it was owed (it reads nothing before them).
 
-At the end the network heals and every replica must converge to the same log.
-A failure names its seed; ``python -m flowray.simulator --seed N`` replays it exactly.
+At the end the network heals and every replica must converge to the same log. A
+failure names its seed; ``python -m flowray.simulator --seed N`` replays it exactly.
 """
 
 from __future__ import annotations
@@ -91,6 +95,11 @@ class Faults:
     # the survivors mostly are; at other times, spuriously (a connection that broke).
     gone_on_crash: float = 0.8
     gone_spurious: float = 0.02
+    pause: float = 0.01  # a replica's process stops (SIGSTOP, a long GC or VM stall)
+    pause_ticks_max: int = 40
+    one_way: float = 0.01  # one direction of one link is cut (heals with the partition)
+    delay_spike: float = 0.01  # a message is held up to delay_spike_ticks_max
+    delay_spike_ticks_max: int = 25
 
 
 @dataclass
@@ -114,6 +123,11 @@ class Simulation:
         self.nodes: dict[int, Node | None] = {i: self._boot(i) for i in self.ids}
         self.dead_forever: set[int] = set()
         self.blocked: set[tuple[int, int]] = set()
+        self.paused: dict[int, int] = {}  # replica -> the tick it resumes at
+        self.paused_since: dict[int, int] = {}
+        self.pauses = 0
+        self.master_pauses = 0
+        self.stepped_down_after_pause = 0
         self.network: list[_InFlight] = []
         self.now = 0
         self.seq = 0
@@ -149,7 +163,9 @@ class Simulation:
         self._maybe_faults(f)
         for i in self.ids:
             node = self.nodes[i]
-            if node is not None:
+            if i in self.paused and self.paused[i] <= self.now:
+                self._resume(i)
+            elif node is not None and i not in self.paused:
                 node.tick()
                 self._ready(i)
         self._deliver()
@@ -183,11 +199,25 @@ class Simulation:
             }
         elif self.blocked and self.rng.random() < f.heal:
             self.blocked = set()
-        up = [n for n in self.nodes.values() if n is not None]
+        if self.replicas > 1 and self.rng.random() < f.one_way:
+            a, b = self.rng.sample(self.ids, 2)
+            self.blocked.add((a, b))
+        running = [i for i in live if i not in self.paused and self.nodes[i] is not None]
+        if running and self.rng.random() < f.pause:
+            i = self.rng.choice(running)
+            self.paused[i] = self.now + self.rng.randint(1, f.pause_ticks_max)
+            self.paused_since[i] = self.now
+            self.pauses += 1
+            node = self.nodes[i]
+            if node is not None and node.role == Role.LEADER:
+                self.master_pauses += 1
+        up = [n for i, n in self.nodes.items() if n is not None and i not in self.paused]
         if up and self.replicas > 1 and self.rng.random() < f.gone_spurious:
             self.rng.choice(up).leader_gone(self.rng.choice(self.ids))
         masters = [
-            i for i in self.ids if (n := self.nodes[i]) is not None and n.role == Role.LEADER
+            i
+            for i in self.ids
+            if (n := self.nodes[i]) is not None and n.role == Role.LEADER and i not in self.paused
         ]
         if masters and self.replicas > 1 and self.rng.random() < f.transfer:
             i = self.rng.choice(masters)
@@ -203,10 +233,32 @@ class Simulation:
             1 for i in self.ids if i not in self.dead_forever and self.disks[i].abstain is not None
         )
 
+    def _resume(self, i: int) -> None:
+        """The paused process runs again: the ticks it is owed come first, then it reads
+        what waited for it (delivered from the next _deliver on)."""
+        owed = self.now - self.paused_since.pop(i)
+        del self.paused[i]
+        node = self.nodes[i]
+        if node is None:
+            return
+        for _ in range(owed):
+            node.tick()
+        if owed >= self.timing.election_ticks:
+            self._require(
+                node.role != Role.LEADER,
+                f"replica {i} is still master after a pause of {owed} ticks",
+            )
+            self.stepped_down_after_pause += 1
+        self._ready(i)
+
     def _crash(self, i: int) -> None:
+        self.paused.pop(i, None)
+        self.paused_since.pop(i, None)
         self.nodes[i] = None
         self.pending = [p for p in self.pending if p[0] != i]
-        for node in self.nodes.values():
+        for j, node in self.nodes.items():
+            if j in self.paused:
+                continue  # it sees the connection end when it runs again, as a timeout
             if node is not None and self.rng.random() < self.faults.gone_on_crash:
                 node.leader_gone(i)
 
@@ -236,12 +288,16 @@ class Simulation:
         copies = 2 if self.rng.random() < f.duplicate else 1
         for _ in range(copies):
             self.seq += 1
-            due = self.now + self.rng.randint(0, f.delay_ticks_max)
+            delay_max = f.delay_ticks_max
+            if self.rng.random() < f.delay_spike:
+                delay_max = f.delay_spike_ticks_max
+            due = self.now + self.rng.randint(0, delay_max)
             self.network.append(_InFlight(due, self.seq, msg))
 
     def _deliver(self) -> None:
-        due = [m for m in self.network if m.due <= self.now]
-        self.network = [m for m in self.network if m.due > self.now]
+        # Messages to a paused process wait in its socket until it runs again.
+        due = [m for m in self.network if m.due <= self.now and m.msg.dst not in self.paused]
+        self.network = [m for m in self.network if m.due > self.now or m.msg.dst in self.paused]
         self.rng.shuffle(due)  # reorder
         for item in due:
             msg = item.msg
@@ -253,7 +309,9 @@ class Simulation:
 
     def _propose(self) -> None:
         leaders = [
-            i for i in self.ids if (n := self.nodes[i]) is not None and n.role == Role.LEADER
+            i
+            for i in self.ids
+            if (n := self.nodes[i]) is not None and n.role == Role.LEADER and i not in self.paused
         ]
         if not leaders:
             return
@@ -273,6 +331,9 @@ class Simulation:
         still = []
         for i, index, term, payload in self.pending:
             node = self.nodes[i]
+            if i in self.paused:
+                still.append((i, index, term, payload))  # a paused process answers no one
+                continue
             if node is None or node.term != term or node.role != Role.LEADER:
                 continue  # the client sees an error and would retry with its id
             if node.commit_index >= index and node.term_at(index) == term:
@@ -348,8 +409,13 @@ class Simulation:
             corrupt=0,
             propose=0,
             wipe=0,
+            pause=0,
+            one_way=0,
+            delay_spike=0,
         )
         self.blocked = set()
+        for i in list(self.paused):
+            self._resume(i)
         for i in self.ids:
             if self.nodes[i] is None and i not in self.dead_forever:
                 self.nodes[i] = self._boot(i)

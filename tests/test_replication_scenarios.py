@@ -11,6 +11,11 @@ delivers only what the script says, with fake disks. Commands (node ids are numb
     propose ID NAME [fails]         propose a payload on a replica (or expect refusal)
     deliver [A->B]                  deliver pending messages (all, or A to B), until quiet
     drop [A->B]                     drop pending messages (all, or A to B)
+    cut A->B / mend A->B            lose every message from A to B from now on (one way)
+    pause ID                        the replica's process stops: no ticks, and messages
+                                    to it wait (in its socket) instead of arriving
+    resume ID TICKS                 it runs again: first the TICKS the clock owes it
+                                    (as the shell feeds them), then what waited arrives
     crash ID / restart ID           crash keeps only what was persisted
     wipe ID                         the replica comes back on a new, empty disk
     expect role ID ROLE             master, follower or candidate
@@ -48,6 +53,8 @@ class Harness:
         self.disks = {i: MemLog() for i in self.ids}
         self.nodes: dict[int, Node | None] = {i: self._boot(i) for i in self.ids}
         self.pending: list[Msg] = []
+        self.cut: set[tuple[int, int]] = set()
+        self.paused: set[int] = set()
 
     def _boot(self, i: int) -> Node:
         disk = self.disks[i]
@@ -66,6 +73,7 @@ class Harness:
     def node(self, i: int) -> Node:
         node = self.nodes[i]
         assert node is not None, f"replica {i} is down"
+        assert i not in self.paused, f"replica {i} is paused"
         return node
 
     def flush(self, i: int) -> None:
@@ -78,13 +86,13 @@ class Harness:
 
     def deliver(self, src: int | None, dst: int | None) -> None:
         for _ in range(1000):
-            batch = [m for m in self.pending if _matches(m, src, dst)]
+            batch = [m for m in self.pending if _matches(m, src, dst) and m.dst not in self.paused]
             if not batch:
                 return
-            self.pending = [m for m in self.pending if not _matches(m, src, dst)]
+            self.pending = [m for m in self.pending if m not in batch]
             for msg in batch:
                 node = self.nodes.get(msg.dst)
-                if node is not None:
+                if node is not None and (msg.src, msg.dst) not in self.cut:
                     node.step(msg)
                     self.flush(msg.dst)
         raise AssertionError("messages never stopped flowing")
@@ -112,6 +120,20 @@ class Harness:
                 self.deliver(src, dst)
             else:
                 self.pending = [m for m in self.pending if not _matches(m, src, dst)]
+        elif cmd in ("cut", "mend"):
+            src, dst = (int(x) for x in args[0].split("->"))
+            if cmd == "cut":
+                self.cut.add((src, dst))
+            else:
+                self.cut.discard((src, dst))
+        elif cmd == "pause":
+            self.node(int(args[0]))
+            self.paused.add(int(args[0]))
+        elif cmd == "resume":
+            self.paused.discard(int(args[0]))
+            for _ in range(int(args[1])):
+                self.node(int(args[0])).tick()
+            self.flush(int(args[0]))
         elif cmd == "crash":
             self.nodes[int(args[0])] = None
             self.pending = [m for m in self.pending if m.src != int(args[0])]

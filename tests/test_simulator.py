@@ -49,6 +49,19 @@ def test_faults_really_happen() -> None:
     assert acked > 50 * 20
 
 
+def test_pauses_really_happen() -> None:
+    """Processes pause, masters among them, and long pauses are checked on resume."""
+    pauses, master_pauses, checked = 0, 0, 0
+    for seed in range(100):
+        sim = run_seed(seed)
+        pauses += sim.pauses
+        master_pauses += sim.master_pauses
+        checked += sim.stepped_down_after_pause
+    assert pauses > 100, "almost no pauses: the fault schedule is too gentle"
+    assert master_pauses > 20
+    assert checked > 20, "too few long pauses to check that a resumed master steps down"
+
+
 def test_a_single_replica_group_commits_alone() -> None:
     sim = Simulation(7, replicas=1)
     for _ in range(100):

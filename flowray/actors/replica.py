@@ -1,11 +1,15 @@
 """A replica of a shard group as a Ray actor: a thin shell around the replication core.
 
-The core (:mod:`flowray.replication`) decides; this shell does the I/O it asks for, in
-the order it asks: persist the hard state and the log (fsync) before sending, send
-messages to the other replicas as fire-and-forget actor calls, then advance the core
-and answer the proposals that are committed. A tick task drives elections and
-heartbeats. Ray restarts a replica whose process dies; it then recovers from its own
-directory (cutting a torn tail) and catches up from the master.
+The core (:mod:`flowray.replication`) decides; this shell does the I/O it asks for,
+in the order it asks: persist the hard state and the log (fsync) before sending,
+send messages to the other replicas over direct links (:mod:`flowray.wire`), never
+waited for, then advance the core and answer the proposals that are committed. A
+tick task drives elections, heartbeats and the master's lease from the monotonic
+clock: whatever handler runs first after the process was stopped (SIGSTOP, a long GC
+or VM stall) first feeds the core the ticks it missed, so a paused master steps down
+before it reads what queued meanwhile. Ray restarts a replica whose process dies; it
+then recovers from its own directory (cutting a torn tail) and catches up from the
+master.
 """
 
 from __future__ import annotations
@@ -52,6 +56,8 @@ LIVE_COUNT_INTERVAL_S = 0.05
 # space they take on disk.
 LIVE_APPLY_PAYLOADS_MAX = 256
 READ_THREADS = 2  # block slices for processing, live counts for queries
+# The most ticks fed at once after a stall: enough to step down and stand for election.
+TICKS_OWED_MAX = 100
 
 
 class NotMaster(RuntimeError):
@@ -106,7 +112,7 @@ class Replica:
         s = self.settings = Settings.from_json(settings_json)
         self.group, self.replica = group, replica
         self.root = s.replica_dir(group, replica)
-        self.log = ReplicaLog(self.root)
+        self.log = ReplicaLog(self.root, fault_injection=bool(s.fault_injection))
         self.state_file = self.root / "state.json"
         state = json.loads(self.state_file.read_text()) if self.state_file.exists() else {}
         # Restarted by Ray with no state: on another node, in an empty directory. It
@@ -158,6 +164,7 @@ class Replica:
         self.restarts = 0
         self._wake: asyncio.Event | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._ticked_at = time.monotonic()
 
     # ---- lifecycle -------------------------------------------------------------------
     def _ensure_started(self) -> None:
@@ -221,11 +228,35 @@ class Replica:
     async def _tick_loop(self) -> None:
         tick_s = self.settings.tick_s
         while True:
-            await asyncio.sleep(tick_s)
-            self.node.tick()
-            self._kick()
+            await asyncio.sleep(max(0.0, self._ticked_at + tick_s - time.monotonic()))
+            self._catch_up()
             if self.node.role == Role.LEADER and self.blocks_term == self.node.term:
                 self._update_live(force=True)
+
+    def _catch_up(self) -> None:
+        """Feed the core the ticks the monotonic clock owes it (at most TICKS_OWED_MAX).
+        Called first by every handler, so that after a stall time passes before any
+        message that queued during it is read."""
+        tick_s = self.settings.tick_s
+        owed = int((time.monotonic() - self._ticked_at) / tick_s)
+        if owed <= 0:
+            return
+        if owed > TICKS_OWED_MAX:
+            log.warning(
+                "group %s replica %s: stalled for %.1f s",
+                self.group,
+                self.replica,
+                owed * tick_s,
+            )
+            self._ticked_at = time.monotonic()
+        else:
+            self._ticked_at += owed * tick_s
+        was_master = self.node.role == Role.LEADER
+        for _ in range(min(owed, TICKS_OWED_MAX)):
+            self.node.tick()
+        if was_master and self.node.role != Role.LEADER:
+            self._after_advance()  # stepped down: its waiting writers learn it now
+        self._kick()
 
     def _kick(self) -> None:
         """Wake the ready loop when the core has work or newly committed entries."""
@@ -454,6 +485,7 @@ class Replica:
 
     # ---- messages from peers ---------------------------------------------------------
     def _receive(self, msgs: list[Msg]) -> None:
+        self._catch_up()
         for msg in msgs:
             self.node.step(msg)
         self._kick()
@@ -466,7 +498,14 @@ class Replica:
 
     # ---- proposals -------------------------------------------------------------------
     def _require_master(self) -> None:
-        if self.node.role != Role.LEADER or self.blocks_term != self.node.term:
+        """Proposals and live counts are a master's, within its lease: a master that
+        has not heard from a majority for an election timeout may have been replaced."""
+        self._catch_up()
+        if (
+            self.node.role != Role.LEADER
+            or self.blocks_term != self.node.term
+            or not self.node.lease_valid()
+        ):
             raise NotMaster(
                 f"replica {self.replica} of group {self.group} is not the master",
                 self.node.leader if self.node.leader != self.replica else None,

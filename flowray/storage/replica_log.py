@@ -46,6 +46,7 @@ import errno
 import os
 import struct
 import threading
+import time
 import zlib
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -71,6 +72,10 @@ BlockKey = tuple[int, int, int]  # (shard, hour since epoch, part)
 HOUR_MS = 3_600_000
 FSYNC_THREADS = 4
 WAL_NAME = "wal.seg"
+# Fault injection (tests only): the file in a replica's directory that makes its
+# write-ahead flushes hang, and the longest such a hang lasts.
+HANG_FLUSH_FILE = "fault-hang-flush"
+HANG_FLUSH_S_MAX = 60.0
 WAL_BYTES_MAX = 32 * 1024 * 1024
 # Each cycle checkpoints at a random size from WAL_BYTES_MAX less up to this share of
 # it: the replicas of a group write the same bytes, and all six of a cluster's
@@ -228,8 +233,11 @@ class _Recent:
 class ReplicaLog:
     """Append, truncate and read one replica's log; durable when a call returns."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, fault_injection: bool = False) -> None:
         self.root = root
+        # Tests make this replica's disk hang by creating this file (see
+        # _hang_while_faulted); None in production, where nothing is looked up.
+        self.hang_flush_file = root / HANG_FLUSH_FILE if fault_injection else None
         make_dirs_durably(root / "blocks")
         # Entry i's term is _run_terms[k] for the last run k with _run_starts[k] <= i.
         self._run_starts: list[int] = []
@@ -361,6 +369,14 @@ class ReplicaLog:
             with open(path, "r+b") as fh:
                 fh.truncate(good)
         return refs
+
+    @staticmethod
+    def _hang_while_faulted(path: Path) -> None:
+        """A flush that hangs, as on a full or failing disk: while ``path`` exists (at
+        most HANG_FLUSH_S_MAX), the append waits before its fdatasync."""
+        deadline = time.monotonic() + HANG_FLUSH_S_MAX
+        while path.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
 
     def _start_wal(self) -> None:
         """Start a new cycle: an empty batch with a new random id at the file's start,
@@ -564,6 +580,8 @@ class ReplicaLog:
             self._zero_wal_to(self._wal_bytes + len(wal) + WAL_ZERO_AHEAD)
         written_here = os.pwrite(self._wal_fd, wal, self._wal_bytes)
         require(written_here == len(wal), "a short write to the write-ahead file")
+        if self.hang_flush_file is not None:
+            self._hang_while_faulted(self.hang_flush_file)
         os.fdatasync(self._wal_fd)  # the one flush an append waits for
         self._wal_bytes += len(wal)
         # Only now the block files: none holds a record whose batch the write-ahead
