@@ -99,3 +99,54 @@ async def test_a_master_that_cannot_be_looked_up_is_forgotten(
     with pytest.raises(directory_module.NoMaster, match="replica 2"):
         await directory.master(0)
     assert 0 not in directory._master, "the next call asks the replicas again"
+
+
+class _Answers:
+    """Replica handles whose ``leader`` answers are set by the test."""
+
+    def __init__(self, answers: dict[int, tuple[int | None, int, str]]) -> None:
+        self.answers = answers
+
+    def handle(self, replica: int) -> object:
+        answers = self.answers
+
+        class _Method:
+            @staticmethod
+            def remote() -> object:
+                async def answer() -> tuple[int | None, int, str]:
+                    return answers[replica]
+
+                return answer()
+
+        class _Handle:
+            leader = _Method()
+
+        return _Handle()
+
+
+@pytest.mark.anyio
+async def test_a_suspected_master_is_passed_over_until_a_newer_term(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Followers that have not noticed their master's silence still name it; once it is
+    suspected the lookup waits for the election instead of returning to it."""
+    replicas = _Answers({0: (0, 3, "master"), 1: (0, 3, "follower"), 2: (0, 3, "follower")})
+    directory = Directory(Settings())
+
+    async def handle_async(group: int, replica: int) -> object:
+        return replicas.handle(replica)
+
+    monkeypatch.setattr(directory, "handle_async", handle_async)
+    assert (await directory.master(0))[0] == 0
+    directory.suspect(0, 0)
+    with pytest.raises(directory_module.NoMaster):
+        await directory.master(0)
+    replicas.answers = {0: (0, 3, "master"), 1: (1, 4, "master"), 2: (1, 4, "follower")}
+    assert (await directory.master(0))[0] == 1
+    # A suspect elected again in a newer term is trusted again at once.
+    directory.suspect(0, 1)
+    replicas.answers = {0: (1, 4, "follower"), 1: (1, 4, "master"), 2: (1, 4, "follower")}
+    with pytest.raises(directory_module.NoMaster):
+        await directory.master(0)
+    replicas.answers = {0: (1, 5, "follower"), 1: (1, 5, "master"), 2: (1, 5, "follower")}
+    assert (await directory.master(0))[0] == 1

@@ -147,3 +147,82 @@ async def test_writes_after_a_recent_proposal_wait_for_each_other(
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+class _SilentLink:
+    """A paused master's link: the call is sent, and no answer ever comes."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def call(self, method: str, payload: Any, timeout: float) -> int:
+        self.calls += 1
+        await asyncio.sleep(timeout)
+        raise TimeoutError
+
+
+class _FailoverDirectory:
+    """Replica 0 is master until it is suspected; then replica 1 is."""
+
+    def __init__(self) -> None:
+        self.links: dict[int, Any] = {0: _SilentLink(), 1: _Link(asyncio.Event())}
+        self.links[1].gate.set()
+        self.suspected: list[int] = []
+
+    async def master(self, group: int) -> tuple[int, Any]:
+        return (1 if self.suspected else 0), None
+
+    def link(self, group: int, replica: int) -> Any:
+        return self.links[replica]
+
+    def forget(self, group: int, hint: int | None = None) -> None:
+        pass
+
+    def suspect(self, group: int, replica: int) -> None:
+        self.suspected.append(replica)
+
+
+def _rows_with_ids(n: int) -> list[Row]:
+    return [(1_700_000_000_000 + i, "a.com", None, None, None, None, f"e{i}") for i in range(n)]
+
+
+@pytest.mark.anyio
+async def test_a_silent_master_is_given_up_and_a_proposal_with_ids_resent() -> None:
+    settings = Settings(propose_deadline_s=0.2, commit_timeout_s=5.0)
+    directory = _FailoverDirectory()
+    ingress = deployment.RayIngest(settings, directory)  # type: ignore[arg-type]
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    await ingress.commit({0: _rows_with_ids(3)})
+    waited = loop.time() - began
+    assert directory.suspected == [0], "the silent master should be suspected"
+    assert directory.links[0].calls == 1 and len(directory.links[1].calls) == 1
+    assert 0.2 <= waited < 2.0, f"answered after {waited:.2f} s, not after one deadline"
+    resent = from_ipc(directory.links[1].calls[0][0][2])
+    assert resent.column("id").to_pylist() == ["e0", "e1", "e2"], "the same events, ids and all"
+
+
+@pytest.mark.anyio
+async def test_a_proposal_without_ids_is_not_resent_but_answered_503_in_time() -> None:
+    settings = Settings(propose_deadline_s=0.2, commit_timeout_s=5.0)
+    directory = _FailoverDirectory()
+    ingress = deployment.RayIngest(settings, directory)  # type: ignore[arg-type]
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    with pytest.raises(Unavailable):
+        await ingress.commit({0: _rows(3) + _rows_with_ids(2)})
+    assert loop.time() - began < 2.0
+    assert directory.links[1].calls == [], "a copy without ids may commit: never resend it"
+    # The next write goes to the new master without waiting.
+    began = loop.time()
+    await ingress.commit({0: _rows(1)})
+    assert loop.time() - began < 0.2
+    assert len(directory.links[1].calls) == 1
+
+
+def test_a_proposal_deadline_grows_with_its_bytes() -> None:
+    settings = Settings(propose_deadline_s=1.0)
+    assert deployment.deadline_for(settings, 0) == 1.0
+    assert deployment.deadline_for(settings, 64 * 1024 * 1024) == 2.0
+    with pytest.raises(ValueError, match="propose_deadline_s"):
+        Settings(propose_deadline_s=20.0, commit_timeout_s=10.0).validate()

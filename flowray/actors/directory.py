@@ -4,6 +4,11 @@ The ingress, the admin calls and the processor all need the current master of a
 group. A replica that is asked to do a master's work and is not the master answers
 NotMaster with the master it knows of; the directory then forgets its guess, and the
 next lookup asks every replica of the group and trusts the highest term.
+
+A master that does not answer in time (paused, cut off, its disk hung) is *suspected*:
+until SUSPECT_S passes, answers that name it in the term it was master in are passed
+over, so the lookup waits for the election that its silence starts instead of finding
+it again through followers that have not noticed yet. A higher term clears it.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -30,6 +36,9 @@ class NoMaster(RuntimeError):
 # at most this many: a lookup that hangs keeps its thread, and on the default pool such
 # threads would starve the ingress's parsing, which runs there too.
 LOOKUP_THREADS = 2
+# How long a master that missed a deadline is passed over (two longest election
+# timeouts at the default timing: its followers have stood by then).
+SUSPECT_S = 2.0
 _lookup_pool: ThreadPoolExecutor | None = None
 
 
@@ -58,6 +67,10 @@ class Directory:
         self._looking: dict[tuple[int, int], asyncio.Future[Any]] = {}
         self._links: dict[tuple[int, int], Link] = {}
         self._master: dict[int, int] = {}
+        # group -> (replica, term): the master a lookup found, and in which term
+        self._found: dict[int, tuple[int, int]] = {}
+        # group -> (replica, its term if known, until when on the monotonic clock)
+        self._suspects: dict[int, tuple[int, int | None, float]] = {}
 
     def handle(self, group: int, replica: int) -> Any:
         key = (group, replica)
@@ -115,6 +128,25 @@ class Directory:
             self._links[key] = Link(resolve, WIRE_ERRORS)
         return self._links[key]
 
+    def suspect(self, group: int, replica: int) -> None:
+        """``replica`` missed a deadline as ``group``'s master: pass it over for a while."""
+        found = self._found.get(group)
+        term = found[1] if found is not None and found[0] == replica else None
+        self._suspects[group] = (replica, term, time.monotonic() + SUSPECT_S)
+        if self._master.get(group) == replica:
+            self._master.pop(group, None)
+
+    def _suspected(self, group: int, replica: int, term: int) -> bool:
+        entry = self._suspects.get(group)
+        if entry is None:
+            return False
+        who, suspected_term, until = entry
+        newer = suspected_term is not None and term > suspected_term
+        if time.monotonic() >= until or newer:
+            del self._suspects[group]
+            return False
+        return who == replica
+
     def forget(self, group: int, hint: int | None = None) -> None:
         """The guess for ``group`` was wrong; ``hint`` is who a replica says is master."""
         self._master.pop(group, None)
@@ -150,10 +182,13 @@ class Directory:
                 replica, answer = await next_answer
                 if answer is None:
                     continue
-                leader, _term, role = answer
-                if role == "master":
+                leader, term, role = answer
+                if role == "master" and not self._suspected(group, replica, term):
+                    self._found[group] = (replica, term)
                     return await self._master_handle(group, replica)
-                if leader is not None:  # a follower's master: a guess, checked by the call
+                # A follower's master: a guess, checked by the call.
+                if leader is not None and not self._suspected(group, leader, term):
+                    self._found[group] = (leader, term)
                     return await self._master_handle(group, leader)
                 answered += 1
                 if answered >= majority(self.settings.replicas):

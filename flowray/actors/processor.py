@@ -31,6 +31,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from flowray import logic as logics
 from flowray import memtrim
 from flowray.actors.directory import Directory, lookup_actor
+from flowray.actors.replica import NotMaster
 from flowray.config import Settings
 from flowray.router import ShardMap, normalize_site, reduce_key_for_shard, shard_for_site
 from flowray.serve.gateway import gateway_name
@@ -45,6 +46,10 @@ from flowray.tasks.mapreduce import (
 
 HOUR_MS = 3_600_000
 READER_TRIES = 5
+# Runs of one processing cycle that found a master gone, and the pause between them
+# (an election takes 0.5-1 s at the default timing).
+RUN_ATTEMPTS = 3
+RUN_RETRY_S = 1.0
 JOBS_KEPT = 20  # finished jobs remembered for their results
 DIFF_SITES_MAX = 10_000  # per-site diff rows a job reports (largest changes first)
 SITES_MAX = 10_000  # sites one re-processing run may name
@@ -109,15 +114,23 @@ class Processor:
         return out
 
     async def run(self, mode: str = "due") -> dict[str, Any]:
-        """Seal what ``mode`` says is due, process every sealed block, publish."""
+        """Seal what ``mode`` says is due, process every sealed block, publish. A run
+        that met a replica no longer master (a failover since the masters were looked
+        up) starts over with the new masters, up to RUN_ATTEMPTS times."""
         await self.start()
         async with self._lock:
-            try:
-                return await self._run_locked(mode)
-            except Exception:
-                for group in range(self.settings.groups):
-                    self.directory.forget(group)  # a master may have moved: ask again
-                raise
+            for attempt in range(1, RUN_ATTEMPTS + 1):
+                try:
+                    return await self._run_locked(mode)
+                except Exception as exc:
+                    for group in range(self.settings.groups):
+                        self.directory.forget(group)  # a master may have moved: ask again
+                    inner = getattr(exc, "cause", None) or exc
+                    if attempt == RUN_ATTEMPTS or not isinstance(inner, NotMaster):
+                        raise
+                    log.info("processing: %s; again with the new masters", inner)
+                    await asyncio.sleep(RUN_RETRY_S)
+        raise AssertionError("unreachable")  # pragma: no cover
 
     async def _run_locked(self, mode: str) -> dict[str, Any]:
         timeout = self.settings.rpc_timeout_s + self.settings.commit_timeout_s

@@ -80,6 +80,14 @@ _UNAVAILABLE = (
     LinkDown,
 )
 RETRY_AFTER_ELECTION_S = 1
+# While a group has no master (an election), the ingress asks again this often, within
+# commit_timeout_s.
+MASTER_RETRY_S = 0.05
+# Tries of one proposal (new masters, resends), at most, within commit_timeout_s.
+PROPOSE_ATTEMPTS_MAX = 200
+# A proposal's deadline grows by a second per this many bytes beyond the base
+# (propose_deadline_s): the fleet's largest proposals take milliseconds a megabyte.
+DEADLINE_BYTES_PER_S = 64 * 1024 * 1024
 RESTART_JOB_PREFIX = "restart-"
 RESTARTER_GONE_POLLS = 100  # x 0.1 s
 ACTOR_START_TIMEOUT_S = 45.0  # below the CLI client's 60 s
@@ -142,6 +150,14 @@ class _Batch:
         else:
             self.rows.extend(events)
         self.futures.append(future)
+
+    def all_have_ids(self) -> bool:
+        """Whether every event carries an id: then the proposal may be sent again after
+        its outcome became unknown, since counting keeps one event per (site, id)."""
+        return all(row[6] is not None for row in self.rows) and all(
+            "id" in r.table.column_names and r.table.column("id").null_count == 0
+            for r in self.routed
+        )
 
     def pieces(self, shard_count: int) -> list[Piece]:
         """The proposal's pieces: each request's runs sliced, those of one (shard,
@@ -234,7 +250,7 @@ class RayIngest:
                     pieces = await asyncio.to_thread(batch.pieces, self.settings.shards)
                 else:
                     pieces = batch.pieces(self.settings.shards)
-                await self._propose(group, pieces)
+                await self._propose(group, pieces, batch.all_have_ids())
             except Unavailable as exc:
                 for f in batch.futures:
                     if not f.done():
@@ -251,13 +267,31 @@ class RayIngest:
                 if not f.done():
                     f.set_result(None)
 
-    async def _propose(self, group: int, pieces: list[Piece]) -> None:
+    async def _propose(self, group: int, pieces: list[Piece], resendable: bool) -> None:
+        """Send one proposal to the group's master and wait for its commit.
+
+        Every wait is bounded: the master has ``deadline_for`` to commit, and all tries
+        together have commit_timeout_s. A master that misses its deadline (paused, cut
+        off, its disk hung) is given up: the directory suspects it, and the proposal
+        goes to the group's next master, but only if ``resendable`` (every event has an
+        id: a copy that the first master appended may still commit, and counting keeps
+        one event per id). Otherwise the writer gets 503 without waiting any longer."""
         payload = [(p.shard, p.hour, p.payload, p.events) for p in pieces]
-        timeout = self.settings.commit_timeout_s + self.settings.rpc_timeout_s
-        for _attempt in range(3):
+        deadline_s = deadline_for(self.settings, sum(len(p.payload) for p in pieces))
+        loop = asyncio.get_running_loop()
+        end = loop.time() + self.settings.commit_timeout_s
+        for _attempt in range(PROPOSE_ATTEMPTS_MAX):
+            left = end - loop.time()
+            if left <= 0:
+                break
             try:
-                replica, _handle = await self.directory.master(group)
-                await self.directory.link(group, replica).call("propose", payload, timeout)
+                replica, _handle = await asyncio.wait_for(self.directory.master(group), left)
+            except (NoMaster, TimeoutError):
+                await asyncio.sleep(MASTER_RETRY_S)  # an election is on: ask again soon
+                continue
+            try:
+                link = self.directory.link(group, replica)
+                await link.call("propose", payload, min(deadline_s, max(left, 0.001)))
                 return
             except _UNAVAILABLE as exc:
                 inner = cause(exc)
@@ -266,11 +300,23 @@ class RayIngest:
                 # Refused before anything was appended, with a better guess: try it now.
                 if isinstance(inner, NotMaster) and inner.refused and hint is not None:
                     continue
-                raise Unavailable(
-                    f"group {group} cannot commit now: {type(inner).__name__}: {inner}",
-                    RETRY_AFTER_ELECTION_S,
-                ) from exc
-        raise Unavailable(f"group {group}: the master keeps moving", RETRY_AFTER_ELECTION_S)
+                if isinstance(inner, TimeoutError):
+                    self.directory.suspect(group, replica)
+                if not resendable or isinstance(inner, Overloaded):
+                    raise Unavailable(
+                        f"group {group} cannot commit now: {type(inner).__name__}: {inner}",
+                        RETRY_AFTER_ELECTION_S,
+                    ) from exc
+                log.info("group %d: %s; resending to the next master", group, inner)
+        raise Unavailable(
+            f"group {group}: no master committed within {self.settings.commit_timeout_s} s",
+            RETRY_AFTER_ELECTION_S,
+        )
+
+
+def deadline_for(settings: Settings, payload_bytes: int) -> float:
+    """How long a master has to commit a proposal of ``payload_bytes``."""
+    return settings.propose_deadline_s + payload_bytes / DEADLINE_BYTES_PER_S
 
 
 class RayLive:
