@@ -384,6 +384,34 @@ def unavailability_after_master_kill(fr: Flowray, start_ms: int, tries: int = 3)
     return gaps
 
 
+def unavailability_after_master_pause(
+    fr: Flowray, start_ms: int, tries: int = 3, pause_s: float = 6.0
+) -> list[float]:
+    """Seconds from SIGSTOP of group 0's master to the next acknowledged write; the
+    master is continued after ``pause_s`` (it then steps down and catches up)."""
+    gaps = []
+    body = ndjson(make_events(FLEET_BATCH, start_ms))
+    for _ in range(tries):
+        time.sleep(3)
+        pid = fr.master_pid(0)
+        probe = _KillProbe(fr.ingest, body)
+        probe.start()
+        time.sleep(1)
+        probe.killed_at = time.monotonic()
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            deadline = probe.killed_at + 30
+            while not probe.acked_after and time.monotonic() < deadline:
+                time.sleep(0.01)
+            time.sleep(max(0.0, probe.killed_at + pause_s - time.monotonic()))
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        probe.stop.set()
+        probe.join(timeout=15)
+        gaps.append(probe.acked_after - probe.killed_at if probe.acked_after else float("inf"))
+    return gaps
+
+
 # ---- NATS JetStream -------------------------------------------------------------------
 class Nats:
     def __init__(self) -> None:
@@ -473,6 +501,13 @@ def main() -> None:
         "from each kill to the next acknowledged write",
     )
     parser.add_argument(
+        "--pauses-only",
+        type=int,
+        metavar="N",
+        help="only SIGSTOP group 0's master for 6 s, N times on an idle cluster; print the "
+        "seconds from each stop to the next acknowledged write",
+    )
+    parser.add_argument(
         "--fleet-only",
         type=int,
         metavar="N",
@@ -488,6 +523,12 @@ def main() -> None:
             for _ in range(args.fleet_only):
                 r = asyncio.run(fleet_latency(fr.ingest, 2 * s, start_ms))
                 print(" ".join(f"{k} {v:.1f}" for k, v in r.items()), flush=True)
+        return
+    if args.pauses_only:
+        with Flowray() as fr:
+            time.sleep(2)
+            gaps = unavailability_after_master_pause(fr, start_ms, tries=args.pauses_only)
+        print("writes unavailable after SIGSTOP of a master (s):", *(f"{g:.2f}" for g in gaps))
         return
     if args.kills_only:
         with Flowray() as fr:
@@ -541,6 +582,7 @@ def main() -> None:
         )
         results["rss_mib_after_load"] = fr.rss_mib()
         results["master_kill_unavailable_s"] = unavailability_after_master_kill(fr, start_ms)
+        results["master_pause_unavailable_s"] = unavailability_after_master_pause(fr, start_ms)
 
     with Nats() as nt:
         results["nats_batch_1k_msgs_s"] = asyncio.run(nt.publish_rate(payload, s, 64))
@@ -590,6 +632,9 @@ def render(r: dict[str, Any]) -> str:
         f"({r['fleet_latency']['failures']:.0f} failures) |",
         "| writes unavailable after kill -9 of a master | "
         + ", ".join(f"{g:.2f} s" for g in r["master_kill_unavailable_s"])
+        + " |",
+        "| writes unavailable after SIGSTOP of a master (6 s) | "
+        + ", ".join(f"{g:.2f} s" for g in r["master_pause_unavailable_s"])
         + " |",
         f"| memory of all cluster processes: start / after the fleet-rate run / after the "
         f"throughput runs | {r['rss_mib_start']:,.0f} / {r['rss_mib_after_fleet']:,.0f} / "
