@@ -1,7 +1,7 @@
 """The optional C parser; everything else is in pyproject.toml.
 
 ``optional=True``: on a machine without a C compiler flowray installs without it and
-parses with Arrow and Python (flowray.fastparse falls back), only slower.
+parses with Arrow and Python (flowray.ingest.fastparse falls back), only slower.
 """
 
 from setuptools import Extension, setup
@@ -9,8 +9,8 @@ from setuptools import Extension, setup
 setup(
     ext_modules=[
         Extension(
-            "flowray._native",
-            ["flowray/_native.c"],
+            "flowray.ingest._native",
+            ["flowray/ingest/_native.c"],
             extra_compile_args=["-O3", "-std=c11", "-Wall", "-Wextra"],
             optional=True,
         )

@@ -5,7 +5,7 @@ HTTP client. Everything else is internal and may change.
 """
 
 from flowray.config import Settings
-from flowray.router import ShardMap, normalize_site, shard_for_site
+from flowray.core.router import ShardMap, normalize_site, shard_for_site
 
 __all__ = ["Settings", "ShardMap", "normalize_site", "shard_for_site", "__version__"]
 

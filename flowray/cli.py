@@ -224,8 +224,8 @@ def _up_foreground(settings: Settings) -> None:
     if not os.environ.get("RAY_ADDRESS"):
         # Read by Ray at import: a local single-node Ray then binds only to loopback.
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    from flowray import cluster
-    from flowray.serve.cache import redis_answers
+    from flowray.cluster import control as cluster
+    from flowray.query.cache import redis_answers
 
     if not redis_answers(settings.redis_url):
         console.print(f"no Redis at {settings.redis_url or '(none)'}: using the in-process cache")
@@ -335,7 +335,7 @@ def down(
 def _down_named(data_dir: Path) -> None:
     import ray
 
-    from flowray import cluster
+    from flowray.cluster import control as cluster
 
     layout = data_dir / "layout.json"
     if not layout.exists():
@@ -434,7 +434,7 @@ def ingest(
     batch: Annotated[int, typer.Option(help="Events per request.")] = 5000,
 ) -> None:
     """Stream events from files to the API, with a progress bar; bad lines are reported."""
-    from flowray import events as ev
+    from flowray.ingest import events as ev
 
     if format not in ev.FORMATS:
         _fail(f"--format must be one of {', '.join(ev.FORMATS)}")
@@ -834,7 +834,7 @@ def token_create(
     data_dir: DataDir = Path(DEFAULT_DATA_DIR),
 ) -> None:
     """Create a token and print it once (only its hash is kept), with its id."""
-    from flowray.serve.auth import StoreUnavailable, TokenStore
+    from flowray.api.auth import StoreUnavailable, TokenStore
 
     settings = Settings.from_env(data_dir=data_dir)
     store = TokenStore(settings.tokens_file)
@@ -861,7 +861,7 @@ def token_list(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """List tokens (ids, scopes, sites; never the tokens themselves)."""
-    from flowray.serve.auth import StoreUnavailable, TokenStore
+    from flowray.api.auth import StoreUnavailable, TokenStore
 
     try:
         records = TokenStore(Settings.from_env(data_dir=data_dir).tokens_file).records()
@@ -894,7 +894,7 @@ def token_revoke(
     data_dir: DataDir = Path(DEFAULT_DATA_DIR),
 ) -> None:
     """Revoke a token: every API process refuses it within a few seconds."""
-    from flowray.serve.auth import StoreUnavailable, TokenStore
+    from flowray.api.auth import StoreUnavailable, TokenStore
 
     try:
         record = TokenStore(Settings.from_env(data_dir=data_dir).tokens_file).revoke(token_id)

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from flowray.router import ShardMap
+from flowray.core.router import ShardMap
 
 DEFAULT_DATA_DIR = "./flowray-data"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -82,12 +82,12 @@ class Settings:
     query_hour_days_max: int = 3 * 366
     query_day_days_max: int = 50 * 366
     num_cpus: int = field(default_factory=lambda: os.cpu_count() or 2)
-    # When the API demands bearer tokens: auto, on or off (see flowray/serve/auth.py).
+    # When the API demands bearer tokens: auto, on or off (see flowray/api/auth.py).
     # The admin token itself is read from FLOWRAY_ADMIN_TOKEN by each API process and
     # is deliberately not a setting: settings travel in Ray runtime environments.
     auth: str = "auto"
     # Python modules imported by the processor and its tasks before processing, so the
-    # processing logics they register (flowray.logic.register) can be named; comma
+    # processing logics they register (flowray.core.logic.register) can be named; comma
     # separated, and importable on every node (installed, or on PYTHONPATH).
     logic_modules: str = ""
     # Where the Parquet warehouse and its catalog live; empty: DATA_DIR/warehouse. On a

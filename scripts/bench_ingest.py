@@ -543,8 +543,8 @@ def main() -> None:
         "seconds": s,
     }
 
-    from flowray.events import Limits, parse_ndjson_body
-    from flowray.ingest import to_ipc
+    from flowray.ingest.events import Limits, parse_ndjson_body
+    from flowray.ingest.pieces import to_ipc
 
     payload = to_ipc(parse_ndjson_body(ndjson(batch1k), Limits(now_ms=start_ms + 10**8)))
     results["raw_fsync_1file_batches_s"] = raw_fsync(payload, s / 2, 1)

@@ -50,11 +50,11 @@ import ray  # noqa: E402
 from flowray import cluster  # noqa: E402
 from flowray.actors.directory import Directory  # noqa: E402
 from flowray.config import Settings  # noqa: E402
-from flowray.events import EVENT_SCHEMA  # noqa: E402
-from flowray.ingest import route  # noqa: E402
-from flowray.router import ShardMap  # noqa: E402
+from flowray.core.router import ShardMap  # noqa: E402
+from flowray.ingest.events import EVENT_SCHEMA  # noqa: E402
+from flowray.ingest.pieces import route  # noqa: E402
 from flowray.serve.deployment import RayIngest  # noqa: E402
-from flowray.storage.catalog import Catalog  # noqa: E402
+from flowray.warehouse.catalog import Catalog  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 HOUR_MS = 3_600_000

@@ -32,11 +32,11 @@ import pyarrow as pa
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_ingest import RawHttp, ensure_tool, free_port, publish  # noqa: E402
 
-from flowray.router import shard_for_site  # noqa: E402
-from flowray.serve.cache import redis_answers  # noqa: E402
-from flowray.storage.catalog import Catalog, Unit  # noqa: E402
+from flowray.core.router import shard_for_site  # noqa: E402
+from flowray.query.cache import redis_answers  # noqa: E402
 from flowray.storage.durable import write_json_atomic  # noqa: E402
-from flowray.storage.warehouse import (  # noqa: E402
+from flowray.warehouse.catalog import Catalog, Unit  # noqa: E402
+from flowray.warehouse.files import (  # noqa: E402
     Warehouse,
     merge_day,
     merged_path,

@@ -27,7 +27,7 @@ DEFAULT_TEST_REDIS = "redis://127.0.0.1:6379/0"
 @pytest.fixture(scope="session")
 def redis_url() -> str:
     """A Redis that answers; the test command starts a private one when needed."""
-    from flowray.serve.cache import redis_answers
+    from flowray.query.cache import redis_answers
 
     url = os.environ.get(REDIS_URL_ENV, DEFAULT_TEST_REDIS)
     if not redis_answers(url):

@@ -7,9 +7,9 @@ from typing import Any
 import httpx
 from fastapi import FastAPI
 
-from flowray.events import events_table
-from flowray.ingest import GroupEvents, Piece, Routed, merge_pieces, split_pieces
-from flowray.serve.app import IngestFastPath
+from flowray.api.app import IngestFastPath
+from flowray.ingest.events import events_table
+from flowray.ingest.pieces import GroupEvents, Piece, Routed, merge_pieces, split_pieces
 
 
 def client_for(app: FastAPI, front: str = "fastapi") -> httpx.AsyncClient:

@@ -12,7 +12,7 @@ from typing import Any
 
 import httpx
 
-from flowray import cluster
+from flowray.cluster import control as cluster
 from flowray.config import Settings
 
 HEALTH_TIMEOUT_S = 120.0

@@ -11,7 +11,7 @@ import time
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from flowray.logic import register
+from flowray.core.logic import register
 
 BOT_PATTERN = "(?i)bot|spider|crawl"
 SLOW_LOGIC_DELAY_S = 3.0

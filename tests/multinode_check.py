@@ -27,13 +27,13 @@ from ray.cluster_utils import Cluster  # noqa: E402
 
 from flowray import cluster  # noqa: E402
 from flowray.actors.directory import Directory  # noqa: E402
+from flowray.api.app import Unavailable  # noqa: E402
 from flowray.config import Settings  # noqa: E402
-from flowray.events import EVENT_SCHEMA  # noqa: E402
-from flowray.ingest import route  # noqa: E402
-from flowray.router import ShardMap  # noqa: E402
-from flowray.serve.app import Unavailable  # noqa: E402
+from flowray.core.router import ShardMap  # noqa: E402
+from flowray.ingest.events import EVENT_SCHEMA  # noqa: E402
+from flowray.ingest.pieces import route  # noqa: E402
 from flowray.serve.deployment import RayIngest  # noqa: E402
-from flowray.storage.catalog import Catalog  # noqa: E402
+from flowray.warehouse.catalog import Catalog  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tests.ports import free_port  # noqa: E402

@@ -26,14 +26,14 @@ import pytest
 from fastapi import FastAPI
 from fastapi.routing import APIRoute
 
+from flowray.api.app import WARM_EVENTS, Unavailable, create_app
 from flowray.config import Settings
-from flowray.events import EVENT_SCHEMA, TS_MIN_MS
-from flowray.ingest import HOUR_MS, GroupEvents, Piece, from_ipc, split_batch
-from flowray.router import ShardMap, shard_for_site
-from flowray.serve.app import WARM_EVENTS, Unavailable, create_app
-from flowray.serve.cache import Cache, MemoryCache, RedisCache
-from flowray.storage.warehouse import Warehouse
+from flowray.core.router import ShardMap, shard_for_site
+from flowray.ingest.events import EVENT_SCHEMA, TS_MIN_MS
+from flowray.ingest.pieces import HOUR_MS, GroupEvents, Piece, from_ipc, split_batch
+from flowray.query.cache import Cache, MemoryCache, RedisCache
 from flowray.tasks.mapreduce import map_block_slices, reduce_partials, write_units
+from flowray.warehouse.files import Warehouse
 from tests.fakes import FakeAdmin, as_pieces, client_for
 
 NOW_S = 1_700_000_000.0  # 2023-11-14T22:13:20Z, the injected server clock
@@ -324,7 +324,7 @@ def test_warm_parses_and_routes_each_form_and_commits_nothing(
     """The gateway warms its app before serving: a small and a large body of each form
     is parsed (so the exact and the fast parsers run) and routed, and nothing reaches
     the groups."""
-    from flowray import events as ev
+    from flowray.ingest import events as ev
 
     parsed: list[tuple[str, int]] = []
     for name in ("parse_ndjson_events", "parse_json_events", "parse_seed_events"):
@@ -1250,7 +1250,7 @@ async def test_a_query_slower_than_the_timeout_is_503(shared: Warehouse) -> None
 
 @pytest.mark.anyio
 async def test_queries_answer_when_redis_is_down(shared: Warehouse) -> None:
-    from flowray.serve.cache import RedisCache
+    from flowray.query.cache import RedisCache
     from tests.conftest import free_port
 
     dead = RedisCache(f"redis://127.0.0.1:{free_port()}/0", timeout_s=0.05)

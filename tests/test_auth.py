@@ -19,13 +19,8 @@ import pytest
 from fastapi import FastAPI
 from typer.testing import CliRunner
 
-from flowray.cli import app as cli_app
-from flowray.config import Settings
-from flowray.events import EVENT_SCHEMA
-from flowray.ingest import GroupEvents, Piece, from_ipc, split_batch
-from flowray.router import ShardMap
-from flowray.serve.app import create_app
-from flowray.serve.auth import (
+from flowray.api.app import create_app
+from flowray.api.auth import (
     RELOAD_S,
     Authorizer,
     Grant,
@@ -37,9 +32,14 @@ from flowray.serve.auth import (
     bearer_token,
     check_grant,
 )
-from flowray.serve.cache import MemoryCache
-from flowray.storage.warehouse import Warehouse
+from flowray.cli import app as cli_app
+from flowray.config import Settings
+from flowray.core.router import ShardMap
+from flowray.ingest.events import EVENT_SCHEMA
+from flowray.ingest.pieces import GroupEvents, Piece, from_ipc, split_batch
+from flowray.query.cache import MemoryCache
 from flowray.tasks.mapreduce import map_block_slices, reduce_partials, write_units
+from flowray.warehouse.files import Warehouse
 from tests.fakes import FakeAdmin, as_pieces, client_for
 
 NOW_S = 1_700_000_000.0  # 2023-11-14T22:13:20Z, the server clock of ingest

@@ -1,10 +1,10 @@
-"""Tests for flowray.actors.blocks: block placement and the sealing rule, driven by numbers."""
+"""Tests for flowray.storage.blocks: block placement and the sealing rule, driven by numbers."""
 
 from __future__ import annotations
 
 import pytest
 
-from flowray.actors.blocks import HOUR_MS, BlockTable, SealPolicy
+from flowray.storage.blocks import HOUR_MS, BlockTable, SealPolicy
 from flowray.storage.replica_log import BlockInfo, BlockKey
 from flowray.storage.segment import CONTROL_SHARD
 

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Iterator
 import anyio
 import pytest
 
-from flowray.serve.cache import Cache, MemoryCache, RedisCache, make_cache, redis_answers
+from flowray.query.cache import Cache, MemoryCache, RedisCache, make_cache, redis_answers
 from tests.ports import free_port
 
 CONTRACT_TIMEOUT_S = 0.5

@@ -1,4 +1,4 @@
-"""Tests for flowray.storage.catalog: atomic publishes, forward-only cursors, sharing."""
+"""Tests for flowray.warehouse.catalog: atomic publishes, forward-only cursors, sharing."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from flowray.storage.catalog import Catalog, CatalogError, Unit
+from flowray.warehouse.catalog import Catalog, CatalogError, Unit
 
 HOUR = 438_000
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from flowray.cluster import MALLOC_ENV
+from flowray.cluster.control import MALLOC_ENV
 from tests.conftest import free_port
 
 COMMANDS = ["up", "down", "status", "ingest", "process", "query", "demo", "bench"]

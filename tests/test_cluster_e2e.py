@@ -24,10 +24,10 @@ import orjson
 import pyarrow as pa
 import pytest
 
-from flowray import cluster
+from flowray.cluster import control as cluster
 from flowray.config import Settings
-from flowray.ingest import from_ipc
-from flowray.router import ShardMap
+from flowray.core.router import ShardMap
+from flowray.ingest.pieces import from_ipc
 from flowray.storage import segment
 from flowray.storage.segment import KIND_DATA
 from tests.helpers import cluster_settings, running_cluster
@@ -309,7 +309,7 @@ def test_bad_input_is_rejected_whole_and_the_cluster_keeps_serving(
 
 def test_scoped_tokens_on_the_real_cluster(running: tuple[cluster.Cluster, str]) -> None:
     """Last in this module: creating a token switches the cluster's auth on (auto)."""
-    from flowray.serve.auth import TokenStore
+    from flowray.api.auth import TokenStore
 
     the_cluster, url = running
     gateway = f"http://127.0.0.1:{the_cluster.settings.ingest_port}"

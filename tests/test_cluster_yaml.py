@@ -22,7 +22,7 @@ import yaml
 from click import ClickException
 from ray.autoscaler._private.util import prepare_config, validate_config
 
-from flowray.cluster import MALLOC_ENV
+from flowray.cluster.control import MALLOC_ENV
 
 ROOT = Path(__file__).resolve().parent.parent
 AWS = ROOT / "cluster.yaml"

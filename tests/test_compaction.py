@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from flowray.router import shard_for_site
-from flowray.storage.catalog import DAY_HOURS, Catalog, Unit
-from flowray.storage.warehouse import Warehouse, merge_day, merged_path, unit_path, write_unit
+from flowray.core.router import shard_for_site
+from flowray.warehouse.catalog import DAY_HOURS, Catalog, Unit
+from flowray.warehouse.files import Warehouse, merge_day, merged_path, unit_path, write_unit
 
 SHARDS = 2
 DAY = 18_335  # 2020-03-14

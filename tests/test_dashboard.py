@@ -25,7 +25,7 @@ from urllib.parse import urlencode
 import httpx
 import pytest
 
-from flowray import cluster
+from flowray.cluster import control as cluster
 from tests.helpers import cluster_settings, running_cluster
 
 CHROMIUM = Path("/usr/bin/chromium")

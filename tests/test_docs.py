@@ -30,10 +30,10 @@ def _routes() -> list[str]:
     """The app's own routes (FastAPI's /docs helpers aside), from the app itself."""
     from fastapi.routing import APIRoute
 
+    from flowray.api.app import create_app
     from flowray.config import Settings
-    from flowray.router import ShardMap
-    from flowray.serve.app import create_app
-    from flowray.serve.cache import MemoryCache
+    from flowray.core.router import ShardMap
+    from flowray.query.cache import MemoryCache
 
     app = create_app(
         settings=Settings(),

@@ -1,4 +1,4 @@
-"""Tests for flowray.events: every body form, every kind of bad input, and log files."""
+"""Tests for flowray.ingest.events: every body form, every kind of bad input, and log files."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flowray.events import (
+from flowray.ingest.events import (
     EVENT_SCHEMA,
     TS_MIN_MS,
     BatchRejected,

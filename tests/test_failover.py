@@ -20,11 +20,11 @@ import pytest
 import ray
 from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
 
-from flowray import cluster
 from flowray.actors.replica import Replica, actor_name
+from flowray.cluster import control as cluster
 from flowray.config import Settings
-from flowray.events import EVENT_SCHEMA
-from flowray.ingest import to_ipc
+from flowray.ingest.events import EVENT_SCHEMA
+from flowray.ingest.pieces import to_ipc
 from flowray.storage import segment
 from flowray.storage.segment import KIND_DATA
 from tests.helpers import (

@@ -18,8 +18,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flowray import events as ev
-from flowray import fastparse
+from flowray.ingest import events as ev
+from flowray.ingest import fastparse
 
 NOW_MS = 1_795_600_000_000
 LIMITS = ev.Limits(now_ms=NOW_MS, batch_events_max=50)

@@ -1,4 +1,4 @@
-"""Tests for flowray.ingest.split_batch: every event in exactly one right piece."""
+"""Tests for flowray.ingest.pieces.split_batch: every event in exactly one right piece."""
 
 from __future__ import annotations
 
@@ -10,8 +10,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flowray.events import EVENT_SCHEMA
-from flowray.ingest import (
+from flowray.core.invariant import InvariantError
+from flowray.core.router import ShardMap, shard_for_site
+from flowray.ingest.events import EVENT_SCHEMA
+from flowray.ingest.pieces import (
     COMPRESS_ROWS_MIN,
     HOUR_MS,
     Piece,
@@ -24,8 +26,6 @@ from flowray.ingest import (
     to_ipc,
     to_ipc_compressed,
 )
-from flowray.invariant import InvariantError
-from flowray.router import ShardMap, shard_for_site
 
 SEED_MAP = ShardMap.round_robin(10, 5)
 T0 = 1_584_170_439_595  # 2020-03-14T07:20:39.595Z

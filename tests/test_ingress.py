@@ -9,12 +9,12 @@ from typing import Any
 import pyarrow as pa
 import pytest
 
+from flowray.api.app import Unavailable
 from flowray.config import Settings
-from flowray.events import Row, rows_table
-from flowray.ingest import HOUR_MS, Routed, from_ipc, ordered
-from flowray.router import shard_for_site
+from flowray.core.router import shard_for_site
+from flowray.ingest.events import Row, rows_table
+from flowray.ingest.pieces import HOUR_MS, Routed, from_ipc, ordered
 from flowray.serve import deployment
-from flowray.serve.app import Unavailable
 
 
 class _Link:

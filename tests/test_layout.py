@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from flowray.cluster import LayoutError, settle_layout
+from flowray.cluster.control import LayoutError, settle_layout
 from flowray.config import Settings
 
 

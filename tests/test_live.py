@@ -16,11 +16,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flowray import cluster
-from flowray import live as live_module
-from flowray.events import EVENT_SCHEMA
-from flowray.ingest import from_ipc, to_ipc
-from flowray.live import LiveCounts
+from flowray.cluster import control as cluster
+from flowray.ingest.events import EVENT_SCHEMA
+from flowray.ingest.pieces import from_ipc, to_ipc
+from flowray.query import live as live_module
+from flowray.query.live import LiveCounts
 from tests.helpers import cluster_settings, kill9, replica_pid, running_cluster
 
 HOUR_MS = 3_600_000

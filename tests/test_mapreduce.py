@@ -18,10 +18,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flowray.events import EVENT_SCHEMA
-from flowray.ingest import HOUR_MS, to_ipc
-from flowray.router import reduce_key_for_shard, shard_for_site
-from flowray.storage.catalog import Unit
+from flowray.core.router import reduce_key_for_shard, shard_for_site
+from flowray.ingest.events import EVENT_SCHEMA
+from flowray.ingest.pieces import HOUR_MS, to_ipc
 from flowray.tasks.mapreduce import (
     PARTIAL_SCHEMA,
     map_block_slices,
@@ -29,6 +28,7 @@ from flowray.tasks.mapreduce import (
     rewrite_units,
     write_units,
 )
+from flowray.warehouse.catalog import Unit
 
 SHARDS = 4
 T0 = 1_584_169_200_000  # 2020-03-14T07:00:00Z, the start of an hour
@@ -312,7 +312,7 @@ def test_rewrite_reports_the_diff_and_keeps_sites_not_redone(tmp_path: Path) -> 
 
 
 def test_a_logic_that_adds_rows_or_drops_columns_is_refused() -> None:
-    from flowray import logic
+    from flowray.core import logic
 
     @logic.register("test-adds-rows")
     def adds(events: pa.Table) -> pa.Table:

@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 
-from flowray import memtrim
+from flowray.actors import memtrim
 
 # In a fresh interpreter: fill the heap with 64 KiB blocks (below glibc's mmap
 # threshold, so they come from the heap), keep every 16th so that the heap's top
@@ -18,7 +18,7 @@ from flowray import memtrim
 _FRAGMENT = textwrap.dedent(
     """
     import os
-    from flowray import memtrim
+    from flowray.actors import memtrim
 
     def rss_mib():
         with open("/proc/self/statm") as f:

@@ -1,4 +1,4 @@
-"""The C NDJSON parser (flowray/_native.c) agrees with the exact parser, differentially.
+"""The C NDJSON parser (flowray/ingest/_native.c) agrees with the exact parser, differentially.
 
 Whenever it answers, the exact parser must accept the body and give the very same
 table; it may decline anything (the Arrow path and the exact parser then judge). The
@@ -25,8 +25,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flowray import events as ev
-from flowray import fastparse, router
+from flowray.core import router
+from flowray.ingest import events as ev
+from flowray.ingest import fastparse
 from tests.native_fuzz import mutate
 
 NOW_MS = 1_795_600_000_000
@@ -40,7 +41,7 @@ def test_the_c_parser_is_built_where_a_compiler_is() -> None:
     compiler = (sysconfig.get_config_var("CC") or "cc").split()[0]
     if shutil.which(compiler) is None:
         pytest.skip(f"no C compiler ({compiler}) on this machine")
-    assert fastparse._native is not None, "flowray._native was not built: pip install -e ."
+    assert fastparse._native is not None, "flowray.ingest._native was not built: pip install -e ."
 
 
 def _exact(body: bytes, form: str = "ndjson") -> pa.Table | None:
@@ -586,7 +587,7 @@ def test_the_c_parser_under_address_and_undefined_behaviour_sanitizers(tmp_path:
     flags = ["-g", "-O1", "-fsanitize=address,undefined", "-fno-sanitize-recover=all"]
     subprocess.run(
         ["gcc", *flags, "-fno-omit-frame-pointer", "-shared", "-fPIC", f"-I{include}",
-         str(root / "flowray" / "_native.c"), "-o", str(tmp_path / f"_native{suffix}")],
+         str(root / "flowray" / "ingest" / "_native.c"), "-o", str(tmp_path / f"_native{suffix}")],
         check=True, timeout=120,
     )  # fmt: skip
     env = dict(os.environ, LD_PRELOAD=runtime, ASAN_OPTIONS="detect_leaks=0")

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from flowray import cluster
+from flowray.cluster import control as cluster
 from flowray.storage.replica_log import HANG_FLUSH_FILE
 from tests.helpers import cluster_settings, running_cluster, status
 from tests.writers import HOUR_MS, Writer, check_exactly_once

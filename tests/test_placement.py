@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from flowray.cluster import placement_strategy
+from flowray.cluster.control import placement_strategy
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flowray.invariant import InvariantError
-from flowray.quorum import committed_index, majority
+from flowray.core.invariant import InvariantError
+from flowray.core.quorum import committed_index, majority
 
 
 @pytest.mark.parametrize(

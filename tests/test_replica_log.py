@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flowray.invariant import InvariantError
+from flowray.core.invariant import InvariantError
 from flowray.storage import durable, replica_log
 from flowray.storage.replica_log import WAL_NAME, BlockKey, ReplicaLog, block_path, hour_label
 from flowray.storage.segment import (

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from flowray.invariant import InvariantError
+from flowray.core.invariant import InvariantError
 from flowray.storage import replica_log
 from flowray.storage.replica_log import BlockKey, ReplicaLog
 from flowray.storage.segment import KIND_DATA, KIND_SEAL, Entry, read_payloads

@@ -1,6 +1,6 @@
 """Replication scenarios written as text scripts (tests/testdata/replication/*.txt).
 
-Each script drives real :class:`flowray.replication.Node` objects over a network that
+Each script drives real :class:`flowray.core.replication.Node` objects over a network that
 delivers only what the script says, with fake disks. Commands (node ids are numbers):
 
     nodes N [append_bytes_max B]   start N replicas with ids 1..N
@@ -31,9 +31,9 @@ from pathlib import Path
 
 import pytest
 
-from flowray.replication import ABSTAIN_UNKNOWN, Msg, Node, NotLeader, Timing
-from flowray.simulator import MemLog
+from flowray.core.replication import ABSTAIN_UNKNOWN, Msg, Node, NotLeader, Timing
 from flowray.storage.segment import KIND_DATA
+from flowray.testing.simulator import MemLog
 
 SCRIPTS = sorted((Path(__file__).parent / "testdata" / "replication").glob("*.txt"))
 

@@ -18,9 +18,9 @@ import pytest
 import ray
 from typer.testing import CliRunner
 
-from flowray import cluster
 from flowray.cli import app as cli_app
-from flowray.events import EVENT_SCHEMA
+from flowray.cluster import control as cluster
+from flowray.ingest.events import EVENT_SCHEMA
 from tests.helpers import cluster_settings, kill9, running_cluster
 from tests.logic_bots import BOT_PATTERN
 

@@ -18,10 +18,10 @@ import ray
 from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
 from typer.testing import CliRunner
 
-from flowray import cluster
 from flowray.cli import app as cli_app
 from flowray.client import Client
-from flowray.storage.catalog import Catalog
+from flowray.cluster import control as cluster
+from flowray.warehouse.catalog import Catalog
 from tests.helpers import cluster_settings, kill9, running_cluster, status
 
 HOUR_MS = 3_600_000

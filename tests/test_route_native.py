@@ -1,4 +1,4 @@
-"""The C routing pass (flowray._native.group and learn) against numpy's.
+"""The C routing pass (flowray.ingest._native.group and learn) against numpy's.
 
 route_table orders a request's rows by (rank of their site's shard, hour) with the C
 pass where it is built, and with numpy where it is not; both must give the same order
@@ -18,13 +18,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flowray import ingest
-from flowray.events import EVENT_SCHEMA, Limits, parse_json_body, parse_ndjson_body
-from flowray.ingest import HOUR_MS, route, route_table, routing_for
-from flowray.invariant import InvariantError
-from flowray.router import ShardMap, shard_for_site
+from flowray.core.invariant import InvariantError
+from flowray.core.router import ShardMap, shard_for_site
+from flowray.ingest import pieces as ingest
+from flowray.ingest.events import EVENT_SCHEMA, Limits, parse_json_body, parse_ndjson_body
+from flowray.ingest.pieces import HOUR_MS, route, route_table, routing_for
 
-native = pytest.importorskip("flowray._native")
+native = pytest.importorskip("flowray.ingest._native")
 
 T0 = 1_584_170_439_595  # 2020-03-14T07:20:39.595Z
 # Lengths 1 to 253 (a host name's bound), across the C hash's 8-byte words.

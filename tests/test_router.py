@@ -1,4 +1,4 @@
-"""Tests for flowray.router: site normalization, the stable hash, shards and groups."""
+"""Tests for flowray.core.router: site normalization, the stable hash, shards and groups."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flowray.router import (
+from flowray.core.router import (
     SHARD_SALT,
     SITE_BYTES_MAX,
     ShardMap,
@@ -58,7 +58,7 @@ def test_stable_hash64_never_changes(key: tuple[str, bytes], value: int) -> None
 def test_hash_is_the_same_in_another_process() -> None:
     """Python's hash() is salted per process; the routing hash must not be."""
     code = (
-        "from flowray.router import shard_for_site, stable_hash64, SHARD_SALT;"
+        "from flowray.core.router import shard_for_site, stable_hash64, SHARD_SALT;"
         "print(stable_hash64('taobao.com', SHARD_SALT), shard_for_site('taobao.com', 10))"
     )
     out = subprocess.run(

@@ -29,14 +29,14 @@ from fastapi import FastAPI
 from hypothesis import HealthCheck, settings
 from schemathesis.specs.openapi.checks import status_code_conformance
 
+from flowray.api.app import create_app
 from flowray.config import Settings
-from flowray.events import EVENT_SCHEMA, TS_MIN_MS
-from flowray.ingest import GroupEvents, Piece, split_batch
-from flowray.router import ShardMap
-from flowray.serve.app import create_app
-from flowray.serve.cache import MemoryCache
-from flowray.storage.warehouse import Warehouse
+from flowray.core.router import ShardMap
+from flowray.ingest.events import EVENT_SCHEMA, TS_MIN_MS
+from flowray.ingest.pieces import GroupEvents, Piece, split_batch
+from flowray.query.cache import MemoryCache
 from flowray.tasks.mapreduce import map_block_slices, reduce_partials, write_units
+from flowray.warehouse.files import Warehouse
 from tests.fakes import FakeAdmin, as_pieces
 
 NOW_S = 1_700_000_000.0  # 2023-11-14T22:13:20Z, the injected server clock

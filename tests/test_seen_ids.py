@@ -7,10 +7,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flowray import live
-from flowray.live import SeenIds
+from flowray.query import live
+from flowray.query.live import SeenIds
 
-native = pytest.importorskip("flowray._native")
+native = pytest.importorskip("flowray.ingest._native")
 
 
 def python_seen() -> SeenIds:

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flowray.invariant import InvariantError
+from flowray.core.invariant import InvariantError
 from flowray.storage import segment
 from flowray.storage.segment import (
     CONTROL_SHARD,

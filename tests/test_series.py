@@ -1,4 +1,4 @@
-"""Tests for flowray.series, checked against zoneinfo/datetime rather than the module."""
+"""Tests for flowray.query.series, checked against zoneinfo/datetime rather than the module."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flowray.invariant import InvariantError
-from flowray.series import (
+from flowray.core.invariant import InvariantError
+from flowray.query.series import (
     INTERVALS,
     Bucket,
     RangeError,

@@ -14,9 +14,9 @@ import yaml
 from ray import serve
 from ray.serve.schema import ServeDeploySchema
 
-from flowray import cluster
 from flowray.actors.replica import actor_name
-from flowray.serve.builder import build_flowray, settings_from_args
+from flowray.cluster import control as cluster
+from flowray.cluster.builder import build_flowray, settings_from_args
 from tests.helpers import cluster_settings, wait_healthy
 
 ROOT = Path(__file__).resolve().parent.parent

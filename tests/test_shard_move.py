@@ -14,10 +14,10 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
-from flowray import cluster
 from flowray.cli import app as cli_app
-from flowray.router import shard_for_site
-from flowray.storage.catalog import Catalog
+from flowray.cluster import control as cluster
+from flowray.core.router import shard_for_site
+from flowray.warehouse.catalog import Catalog
 from tests.helpers import cluster_settings, running_cluster
 from tests.test_restart import H0, Load
 

@@ -1,6 +1,6 @@
-"""Thousands of seeded runs of the replication simulator (see flowray/simulator.py).
+"""Thousands of seeded runs of the replication simulator (see flowray/testing/simulator.py).
 
-A failure message names its seed; ``python -m flowray.simulator --seed N`` replays it.
+A failure message names its seed; ``python -m flowray.testing.simulator --seed N`` replays it.
 FLOWRAY_SIM_SEEDS sets how many three-replica seeds run (five-replica: a fifth).
 """
 
@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-from flowray.simulator import Simulation, run_seed
+from flowray.testing.simulator import Simulation, run_seed
 
 SEEDS = int(os.environ.get("FLOWRAY_SIM_SEEDS", "2000"))
 CHUNK = 100

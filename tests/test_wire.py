@@ -13,9 +13,9 @@ from typing import Any
 import msgpack
 import pytest
 
-from flowray import wire
+from flowray.actors import wire
 from flowray.actors.replica import WIRE_ERRORS, NoQuorum, NotMaster
-from flowray.replication import Msg
+from flowray.core.replication import Msg
 from flowray.storage.segment import KIND_DATA, Entry
 
 
@@ -274,9 +274,9 @@ async def test_a_caller_that_reads_no_replies_is_cut_off(monkeypatch: pytest.Mon
 
 _SENDER = """
 import asyncio, sys, time
-from flowray import wire
+from flowray.actors import wire
 from flowray.actors.replica import WIRE_ERRORS
-from flowray.replication import Msg
+from flowray.core.replication import Msg
 
 async def main():
     address = (sys.argv[1], int(sys.argv[2]), sys.argv[3])

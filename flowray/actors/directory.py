@@ -23,9 +23,9 @@ from typing import Any
 import ray
 
 from flowray.actors.replica import WIRE_ERRORS, actor_name
+from flowray.actors.wire import Address, Link
 from flowray.config import Settings
-from flowray.quorum import majority
-from flowray.wire import Address, Link
+from flowray.core.quorum import majority
 
 
 class NoMaster(RuntimeError):
@@ -115,7 +115,7 @@ class Directory:
         return replica, handle
 
     def link(self, group: int, replica: int) -> Link:
-        """The direct connection to a replica, for proposals (see :mod:`flowray.wire`)."""
+        """The direct connection to a replica, for proposals (see :mod:`flowray.actors.wire`)."""
         key = (group, replica)
         if key not in self._links:
 

@@ -28,14 +28,13 @@ import pyarrow as pa
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from flowray import logic as logics
-from flowray import memtrim
+from flowray.actors import memtrim
 from flowray.actors.directory import Directory, lookup_actor
 from flowray.actors.replica import NotMaster
 from flowray.config import Settings
-from flowray.router import ShardMap, normalize_site, reduce_key_for_shard, shard_for_site
+from flowray.core import logic as logics
+from flowray.core.router import ShardMap, normalize_site, reduce_key_for_shard, shard_for_site
 from flowray.serve.gateway import gateway_name
-from flowray.storage.catalog import Catalog, CatalogError, Unit
 from flowray.tasks.mapreduce import (
     DIFF_SCHEMA,
     map_task,
@@ -43,6 +42,7 @@ from flowray.tasks.mapreduce import (
     reduce_rewrite_task,
     reduce_write_task,
 )
+from flowray.warehouse.catalog import Catalog, CatalogError, Unit
 
 HOUR_MS = 3_600_000
 READER_TRIES = 5

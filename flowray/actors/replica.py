@@ -1,8 +1,8 @@
 """A replica of a shard group as a Ray actor: a thin shell around the replication core.
 
-The core (:mod:`flowray.replication`) decides; this shell does the I/O it asks for,
+The core (:mod:`flowray.core.replication`) decides; this shell does the I/O it asks for,
 in the order it asks: persist the hard state and the log (fsync) before sending,
-send messages to the other replicas over direct links (:mod:`flowray.wire`), never
+send messages to the other replicas over direct links (:mod:`flowray.actors.wire`), never
 waited for, then advance the core and answer the proposals that are committed. A
 tick task drives elections, heartbeats and the master's lease from the monotonic
 clock: whatever handler runs first after the process was stopped (SIGSTOP, a long GC
@@ -29,17 +29,17 @@ from typing import Any
 
 import ray
 
-from flowray import memtrim
-from flowray.actors.blocks import BlockTable, SealPolicy
+from flowray.actors import memtrim
+from flowray.actors.wire import MSGS, Address, Link, Server, encode_msgs
 from flowray.config import Settings
-from flowray.invariant import require
-from flowray.live import LiveCounts
-from flowray.replication import ABSTAIN_UNKNOWN, Msg, Node, NotLeader, Ready, Role, Timing
-from flowray.storage.catalog import Catalog
+from flowray.core.invariant import require
+from flowray.core.replication import ABSTAIN_UNKNOWN, Msg, Node, NotLeader, Ready, Role, Timing
+from flowray.query.live import LiveCounts
+from flowray.storage.blocks import BlockTable, SealPolicy
 from flowray.storage.durable import write_json_atomic
 from flowray.storage.replica_log import BlockKey, ReplicaLog
 from flowray.storage.segment import CONTROL_SHARD, KIND_DATA, KIND_SEAL
-from flowray.wire import MSGS, Address, Link, Server, encode_msgs
+from flowray.warehouse.catalog import Catalog
 
 log = logging.getLogger("flowray.replica")
 PENDING_PROPOSALS_MAX = 10_000
@@ -193,7 +193,7 @@ class Replica:
         self._wire_ready.set()  # type: ignore[union-attr]
 
     async def wire_address(self) -> Address:
-        """(host, port, token) of this replica's wire server (see :mod:`flowray.wire`)."""
+        """(host, port, token) of this replica's wire server (see :mod:`flowray.actors.wire`)."""
         self._ensure_started()
         await asyncio.wait_for(self._wire_ready.wait(), self.settings.rpc_timeout_s)  # type: ignore[union-attr]
         require(self.wire is not None, "the wire server is not up")

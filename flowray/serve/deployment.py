@@ -24,17 +24,17 @@ from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
 
 from flowray.actors.directory import Directory, NoMaster
 from flowray.actors.replica import NoQuorum, NotMaster, Overloaded
-from flowray.actors.restarter import RESTARTER_NAME, Restarter
+from flowray.actors.wire import LinkDown
+from flowray.api.app import Unavailable, create_app
+from flowray.api.auth import ADMIN_TOKEN_ENV, Authorizer, TokenStore
+from flowray.cluster.restarter import RESTARTER_NAME, Restarter
 from flowray.config import Settings
-from flowray.events import Row, rows_table
-from flowray.ingest import GroupEvents, Piece, Routed, merge_pieces, ordered
-from flowray.router import ShardMap
-from flowray.serve.app import Unavailable, create_app
-from flowray.serve.auth import ADMIN_TOKEN_ENV, Authorizer, TokenStore
-from flowray.serve.cache import make_cache
-from flowray.storage.catalog import LiveShardMap
-from flowray.storage.warehouse import Warehouse
-from flowray.wire import LinkDown
+from flowray.core.router import ShardMap
+from flowray.ingest.events import Row, rows_table
+from flowray.ingest.pieces import GroupEvents, Piece, Routed, merge_pieces, ordered
+from flowray.query.cache import make_cache
+from flowray.warehouse.catalog import LiveShardMap
+from flowray.warehouse.files import Warehouse
 
 log = logging.getLogger("flowray.deployment")
 

@@ -26,8 +26,8 @@ from typing import Any
 import ray
 import uvicorn
 
-from flowray import memtrim
-from flowray.serve.app import IngestFastPath
+from flowray.actors import memtrim
+from flowray.api.app import IngestFastPath
 from flowray.serve.deployment import build_app
 
 log = logging.getLogger("flowray.gateway")

@@ -57,7 +57,7 @@ from pathlib import Path
 
 import numpy as np
 
-from flowray.invariant import require
+from flowray.core.invariant import require
 from flowray.storage import segment
 from flowray.storage.durable import (
     fsync_path,

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from flowray.invariant import require
+from flowray.core.invariant import require
 
 MAGIC = 0xF10E
 VERSION = 1

@@ -25,12 +25,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 
-from flowray import logic as logics
-from flowray.ingest import from_ipc_many
-from flowray.router import reduce_key_for_shard
-from flowray.storage.catalog import DAY_HOURS, Unit
+from flowray.core import logic as logics
+from flowray.core.router import reduce_key_for_shard
+from flowray.ingest.pieces import from_ipc_many
 from flowray.storage.segment import read_payloads
-from flowray.storage.warehouse import (
+from flowray.warehouse.catalog import DAY_HOURS, Unit
+from flowray.warehouse.files import (
     UNIT_SCHEMA,
     merge_day,
     merged_path,

@@ -17,13 +17,13 @@ from collections.abc import Iterable
 import numpy as np
 import pyarrow as pa
 
-from flowray.ingest import from_ipc, from_ipc_many
-from flowray.invariant import require
+from flowray.core.invariant import require
+from flowray.ingest.pieces import from_ipc, from_ipc_many
 from flowray.storage.replica_log import BlockKey
 
 _native: types.ModuleType | None
 try:
-    from flowray import _native
+    from flowray.ingest import _native
 except ImportError:  # not built: (site, id) pairs in a Python set, slower and larger
     _native = None
 

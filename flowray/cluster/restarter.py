@@ -84,7 +84,7 @@ class Restarter:
             self.progress["seconds"] = round((_now_ms() - self.progress["started_ms"]) / 1000, 3)
 
     async def _restart_all(self) -> None:
-        from flowray import cluster
+        from flowray.cluster import control as cluster
         from flowray.serve.deployment import PROCESSOR_NAME
         from flowray.serve.gateway import gateway_name
 

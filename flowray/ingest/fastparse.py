@@ -3,7 +3,7 @@
 Most batches are well-formed. These functions parse them with Arrow's C++ readers and
 check them with vectorized compute, and answer ``None`` at the first doubt — a type
 Arrow would coerce, a bad site, a timestamp out of range, anything unusual — so the
-exact parsers in :mod:`flowray.events` run instead and report every bad item with its
+exact parsers in :mod:`flowray.ingest.events` run instead and report every bad item with its
 position. A fast path never accepts what the exact parser would reject, and gives the
 same table for what it accepts (tests/test_fastparse.py checks both, differentially).
 """
@@ -20,18 +20,18 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.json as pjson
 
-from flowray.invariant import require
-from flowray.router import SiteError, normalize_site
-from flowray.schema import EVENT_SCHEMA, PATH_CHARS_MAX, TS_MIN_MS, VISITOR_CHARS_MAX
+from flowray.core.invariant import require
+from flowray.core.router import SiteError, normalize_site
+from flowray.ingest.schema import EVENT_SCHEMA, PATH_CHARS_MAX, TS_MIN_MS, VISITOR_CHARS_MAX
 
 _native: types.ModuleType | None
 try:  # the C parser, built at install where a compiler is found (see setup.py)
-    from flowray import _native
+    from flowray.ingest import _native
 except ImportError:  # pragma: no cover - exercised by the pure path's tests
     _native = None
 
 if TYPE_CHECKING:
-    from flowray.events import Limits
+    from flowray.ingest.events import Limits
 
 _STRINGS = ("path", "referrer", "ua", "visitor", "id")
 _JSON_SCHEMA = pa.schema(
@@ -83,7 +83,7 @@ def ndjson(body: bytes, limits: Limits) -> pa.Table | None:
 
 
 def native_ndjson(body: bytes, limits: Limits) -> pa.Table | None:
-    """NDJSON by the C parser (flowray/_native.c), which answers None at any doubt —
+    """NDJSON by the C parser (flowray/ingest/_native.c), which answers None at any doubt —
     a nested value, a number for a string, a bad escape, bytes that are not UTF-8 —
     for the Arrow path to judge."""
     return _native_table("ndjson", body, limits)
@@ -107,7 +107,7 @@ def native_json(body: bytes, limits: Limits) -> pa.Table | None:
 
 def _native_table(form: str, body: bytes, limits: Limits) -> pa.Table | None:
     if _native is None:
-        raise RuntimeError("flowray._native is not built (no C compiler at install)")
+        raise RuntimeError("flowray.ingest._native is not built (no C compiler at install)")
     args = [
         body,
         limits.now_ms,

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from flowray.config import AUTH_MODES
-from flowray.router import SiteError, normalize_site
+from flowray.core.router import SiteError, normalize_site
 from flowray.storage.durable import make_dirs_durably
 
 log = logging.getLogger(__name__)

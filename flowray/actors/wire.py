@@ -32,11 +32,11 @@ from typing import Any
 
 import msgpack
 
-from flowray.invariant import require
-from flowray.replication import Msg
+from flowray.core.invariant import require
+from flowray.core.replication import Msg
 from flowray.storage.segment import Entry
 
-log = logging.getLogger("flowray.wire")
+log = logging.getLogger("flowray.actors.wire")
 
 FRAME = struct.Struct("!IB")  # body length, frame type
 HELLO, MSGS, CALL, REPLY = range(4)

@@ -65,8 +65,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol
 
-from flowray.invariant import require
-from flowray.quorum import committed_index, majority
+from flowray.core.invariant import require
+from flowray.core.quorum import committed_index, majority
 from flowray.storage.segment import CONTROL_SHARD, KIND_NOOP, Entry
 
 APPEND_BYTES_MAX = 8 * 1024 * 1024

@@ -1,9 +1,9 @@
 /*
- * flowray._native: the NDJSON and JSON-array ingest parser in C.
+ * flowray.ingest._native: the NDJSON and JSON-array ingest parser in C.
  *
  * A batch of tracker events (flat JSON objects, one a line or in an array) becomes
  * the columns of an Arrow table in one pass over the body, with the GIL released. Like every fast
- * path in flowray.fastparse it is strict: it accepts the usual form exactly and
+ * path in flowray.ingest.fastparse it is strict: it accepts the usual form exactly and
  * answers None at the first doubt — a nested value, a repeated or missing field, a
  * number where a string belongs, a bad escape, a time out of range or in an unusual
  * spelling —
@@ -409,7 +409,7 @@ static int parse_line(const char *p, const char *end, const Rules *rules, Line *
     return p != NULL && skip_space(p, end) == end; /* nothing after the object */
 }
 
-/* Whether flowray.router.normalize_site returns this site unchanged: 1 to 253 bytes of
+/* Whether flowray.core.router.normalize_site returns this site unchanged: 1 to 253 bytes of
  * [a-z0-9.-] in labels of 1 to 63 bytes that neither begin nor end with "-" (so no
  * upper case, spaces, trailing dot or IDNA to fold). Anything else is left to it. */
 static int site_is_normal(const char *p, size_t n) {
@@ -511,7 +511,7 @@ static int parse_json(const char *body, size_t size, const Rules *rules, Out *ou
 
 /*
  * Routing: the rows of a table in (rank, hour) order, where a row's rank is that of
- * its site's shard (ranks order shards by owning group, see flowray.ingest). Each
+ * its site's shard (ranks order shards by owning group, see flowray.ingest.pieces). Each
  * row's site is found in a cache of (shard count, site) -> shard kept here across
  * calls (sites repeat across requests; Python hashes the ones it has not seen, with
  * BLAKE2b, and adds them with learn()); a counting sort over the distinct keys then
@@ -786,7 +786,7 @@ fail:
 
 /* Each parsed row's key (rank << HOUR_BITS | hour) from the site cache, and whether
  * they are in order; 0 if a site is not cached or a time or rank is out of range:
- * then the rows stay as parsed, and flowray.ingest orders them. */
+ * then the rows stay as parsed, and flowray.ingest.pieces orders them. */
 static int parsed_keys(const Column *sites, const int64_t *times, Py_ssize_t n,
                        Py_ssize_t shard_count, const char *ranks, long long hour_ms,
                        int64_t *keys, int *in_order) {
@@ -1002,7 +1002,7 @@ static PyObject *columns_of(PyObject *args, Parser parse, int json) {
         Py_ssize_t n = out.n;
         /* In routing order, when asked and every site is in its normal form and cached
          * (with the GIL held: the cache is shared). Rows from other bodies stay as
-         * parsed, and flowray.ingest orders them. */
+         * parsed, and flowray.ingest.pieces orders them. */
         if (shard_count > 0 && out.sites_normal) {
             keys = malloc((size_t)n * sizeof(int64_t));
             if (keys == NULL) {
@@ -1107,7 +1107,7 @@ static PyObject *json(PyObject *self, PyObject *args) {
  * loop over the pairs about 0.7 us each. Two different pairs share a hash with a chance
  * of about 2^-128 per pair of pairs: never, in practice.
  */
-#define SEEN_CAPSULE "flowray._native.seen"
+#define SEEN_CAPSULE "flowray.ingest._native.seen"
 #define SEEN_PREFETCH 16 /* rows */
 
 typedef struct {
@@ -1348,8 +1348,8 @@ static PyMethodDef methods[] = {
 };
 
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "flowray._native",
-    "flowray's ingest parsers in C (optional: flowray.fastparse works without them).", -1,
+    PyModuleDef_HEAD_INIT, "flowray.ingest._native",
+    "flowray's ingest parsers in C (optional: flowray.ingest.fastparse works without them).", -1,
     methods, NULL, NULL, NULL, NULL,
 };
 

@@ -22,10 +22,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from flowray.router import shard_for_site
-from flowray.storage.catalog import Catalog
+from flowray.core.router import shard_for_site
 from flowray.storage.durable import make_dirs_durably, replace_durably
 from flowray.storage.replica_log import hour_label
+from flowray.warehouse.catalog import Catalog
 
 HOUR_MS = 3_600_000
 # Small row groups let a one-site query decompress little: measured over 100,000 sites

@@ -17,13 +17,13 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from flowray.events import Events, Routing, Row
-from flowray.invariant import require
-from flowray.router import ShardMap, shard_for_site
+from flowray.core.invariant import require
+from flowray.core.router import ShardMap, shard_for_site
+from flowray.ingest.events import Events, Routing, Row
 
 _native: types.ModuleType | None
 try:  # the C parser and routing pass, built at install where a compiler is found
-    from flowray import _native
+    from flowray.ingest import _native
 except ImportError:  # pragma: no cover - exercised by the numpy path's tests
     _native = None
 
@@ -209,7 +209,7 @@ def _native_runs(table: pa.Table, shard_map: ShardMap) -> tuple[np.ndarray | Non
     sites, on the reference machine on a slow day."""
     native = _native
     if native is None:
-        raise RuntimeError("flowray._native is not built (no C compiler at install)")
+        raise RuntimeError("flowray.ingest._native is not built (no C compiler at install)")
     site = table.column("site").combine_chunks()
     ts = table.column("ts").combine_chunks()
     require(site.type == pa.string() and ts.type == pa.int64(), "an event table's types")

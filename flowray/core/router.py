@@ -13,7 +13,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from flowray.invariant import require
+from flowray.core.invariant import require
 
 SITE_BYTES_MAX = 253
 _LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")  # fullmatch: "$" would pass "a\n"

@@ -1,5 +1,5 @@
-"""The event schema and its limits: shared by the parsers (flowray.events and its fast
-paths in flowray.fastparse) without either importing the other."""
+"""The event schema and its limits: shared by the parsers (flowray.ingest.events and its fast
+paths in flowray.ingest.fastparse) without either importing the other."""
 
 from __future__ import annotations
 

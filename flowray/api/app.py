@@ -27,14 +27,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from flowray import events as ev
-from flowray import series
+from flowray.api.auth import Authorizer, Decision, Grant, allow_sites
+from flowray.api.dashboard import DASHBOARD_HTML
 from flowray.config import Settings
-from flowray.ingest import GroupEvents, Routing, route, routing_for
-from flowray.router import ShardMap, SiteError, normalize_site
-from flowray.serve.auth import Authorizer, Decision, Grant, allow_sites
-from flowray.serve.cache import Cache
-from flowray.serve.dashboard import DASHBOARD_HTML
+from flowray.core.router import ShardMap, SiteError, normalize_site
+from flowray.ingest import events as ev
+from flowray.ingest.pieces import GroupEvents, Routing, route, routing_for
+from flowray.query import series
+from flowray.query.cache import Cache
 
 AUTH_RESPONSES: dict[int | str, dict[str, Any]] = {
     401: {"description": "No token, or an unknown or revoked one (when auth is enforced)"},

@@ -31,7 +31,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import numpy as np
 
-from flowray.invariant import InvariantError, require
+from flowray.core.invariant import InvariantError, require
 
 INTERVALS = ("minute", "hour", "day")
 

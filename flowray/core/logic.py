@@ -1,13 +1,13 @@
 """Named processing logic: which raw events count as traffic.
 
-A logic is a function from a table of raw events (see ``flowray.events.EVENT_SCHEMA``)
+A logic is a function from a table of raw events (see ``flowray.ingest.events.EVENT_SCHEMA``)
 to the table of events that count. It has a name so that a warehouse version records
 which logic produced it, and history can be re-processed with another one.
 
 A user writes logic in a module of their own and registers it::
 
     import pyarrow.compute as pc
-    from flowray.logic import register
+    from flowray.core.logic import register
 
     @register("no-bots")
     def exclude_bots(events):

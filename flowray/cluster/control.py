@@ -28,13 +28,13 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from flowray.actors.processor import Processor
 from flowray.actors.replica import Replica, actor_name
-from flowray.actors.restarter import RESTARTER_NAME
+from flowray.cluster.restarter import RESTARTER_NAME
 from flowray.config import NODES_TIMEOUT_S, Settings
 from flowray.serve.deployment import LOCAL_MODE_ENV, PROCESSOR_NAME, SETTINGS_ENV, Api
 from flowray.serve.gateway import Gateway, gateway_name, require_port_free
 from flowray.storage.durable import write_json_atomic
 
-log = logging.getLogger("flowray.cluster")
+log = logging.getLogger("flowray.cluster.control")
 APP_NAME = "flowray"
 DEPLOY_GENERATION_ENV = "FLOWRAY_DEPLOY_GENERATION"
 START_TIMEOUT_S = 120.0

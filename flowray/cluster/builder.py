@@ -14,7 +14,7 @@ from typing import Any
 
 from ray.serve import Application
 
-from flowray import cluster
+from flowray.cluster import control as cluster
 from flowray.config import Settings
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from flowray.invariant import require
+from flowray.core.invariant import require
 
 
 def majority(voters: int) -> int:

@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from flowray.router import ShardMap
+from flowray.core.router import ShardMap
 from flowray.storage.durable import make_dirs_durably
 
 SCHEMA = """
@@ -385,7 +385,7 @@ class Catalog:
     def move_shard(self, shard: int, from_group: int, to_group: int) -> None:
         """Record that ``shard``'s new writes go to ``to_group`` from now on. Its older
         blocks stay in the groups that wrote them; processing reads every group that
-        ever owned the shard (see flowray.router.ShardMap.with_moves)."""
+        ever owned the shard (see flowray.core.router.ShardMap.with_moves)."""
         with self._tx():
             self._db.execute(
                 "INSERT INTO shard_moves (shard, from_grp, to_grp, at_ms) VALUES (?, ?, ?, ?)",

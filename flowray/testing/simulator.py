@@ -17,7 +17,7 @@ abstains until caught up). After every step the simulator checks:
   master once it has taken the ticks it was owed (it reads nothing before them).
 
 At the end the network heals and every replica must converge to the same log. A
-failure names its seed; ``python -m flowray.simulator --seed N`` replays it exactly.
+failure names its seed; ``python -m flowray.testing.simulator --seed N`` replays it exactly.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ import random
 import sys
 from dataclasses import dataclass, field
 
-from flowray.invariant import InvariantError, require
-from flowray.replication import ABSTAIN_UNKNOWN, Msg, Node, NotLeader, Ready, Role, Timing
+from flowray.core.invariant import InvariantError, require
+from flowray.core.replication import ABSTAIN_UNKNOWN, Msg, Node, NotLeader, Ready, Role, Timing
 from flowray.storage.segment import KIND_DATA, Entry
 
 # Each step re-checks the newest committed entries of every replica; the end of a run

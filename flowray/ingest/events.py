@@ -35,10 +35,10 @@ import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from flowray import fastparse
-from flowray.invariant import InvariantError
-from flowray.router import normalize_site
-from flowray.schema import EVENT_SCHEMA, PATH_CHARS_MAX, TS_MIN_MS, VISITOR_CHARS_MAX
+from flowray.core.invariant import InvariantError
+from flowray.core.router import normalize_site
+from flowray.ingest import fastparse
+from flowray.ingest.schema import EVENT_SCHEMA, PATH_CHARS_MAX, TS_MIN_MS, VISITOR_CHARS_MAX
 
 ERRORS_LISTED_MAX = 1000
 # The optional string fields of an event and the longest value each may hold.
@@ -101,7 +101,7 @@ class BatchRejected(ValueError):
 @dataclass
 class Routing:
     """Asks the C parser for a request's rows in routing order (that of
-    :func:`flowray.ingest.route_table` for a shard map), which spares the ingress a
+    :func:`flowray.ingest.pieces.route_table` for a shard map), which spares the ingress a
     second pass over the sites and a take of every column. The parser sets ``table``
     and ``runs`` (rank, hour, first row, rows) when it gave its rows so: when every
     site was in its normal form and its shard was known."""
