@@ -20,7 +20,8 @@ import pytest
 import ray
 from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
 
-from flowray.actors.replica import Replica, actor_name
+from flowray.actors.names import actor_name
+from flowray.actors.replica import Replica
 from flowray.cluster import control as cluster
 from flowray.config import Settings
 from flowray.ingest.events import EVENT_SCHEMA

@@ -6,7 +6,8 @@ import socket
 
 import pytest
 
-from flowray.serve.gateway import gateway_name, listen_socket, require_port_free
+from flowray.actors.names import gateway_name
+from flowray.serve.gateway import listen_socket, require_port_free
 from tests.ports import free_port
 
 

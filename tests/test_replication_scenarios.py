@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pytest
 
-from flowray.core.replication import ABSTAIN_UNKNOWN, Msg, Node, NotLeader, Timing
+from flowray.core.replication import ABSTAIN_UNKNOWN, Msg, Node, NotMaster, Timing
 from flowray.storage.segment import KIND_DATA
 from flowray.testing.simulator import MemLog
 
@@ -150,7 +150,7 @@ class Harness:
     def _propose(self, i: int, name: str, fails: bool, where: str) -> None:
         try:
             self.node(i).propose([(KIND_DATA, 0, 0, 0, name.encode())])
-        except NotLeader:
+        except NotMaster:
             assert fails, f"{where}: replica {i} refused a proposal"
             return
         assert not fails, f"{where}: replica {i} accepted a proposal it should refuse"

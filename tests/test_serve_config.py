@@ -14,9 +14,10 @@ import yaml
 from ray import serve
 from ray.serve.schema import ServeDeploySchema
 
-from flowray.actors.replica import actor_name
+from flowray.actors.names import actor_name
 from flowray.cluster import control as cluster
 from flowray.cluster.builder import build_flowray, settings_from_args
+from flowray.serve.deployment import APP_NAME
 from tests.helpers import cluster_settings, wait_healthy
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -52,10 +53,10 @@ def test_the_builder_brings_up_a_working_flowray(
     settings = settings_from_args(args)
     serve.start(http_options={"host": "127.0.0.1", "port": serve_port})
     try:
-        serve.run(build_flowray(args), name=cluster.APP_NAME, route_prefix="/")
+        serve.run(build_flowray(args), name=APP_NAME, route_prefix="/")
         first = ray.get_actor(actor_name(0, 0), namespace=settings.namespace)
         # A redeploy runs the builder again: it finds the running actors.
-        serve.run(build_flowray(args), name=cluster.APP_NAME, route_prefix="/")
+        serve.run(build_flowray(args), name=APP_NAME, route_prefix="/")
         again = ray.get_actor(actor_name(0, 0), namespace=settings.namespace)
         assert first._actor_id == again._actor_id
         url = f"http://127.0.0.1:{serve_port}"
@@ -72,7 +73,7 @@ def test_the_builder_brings_up_a_working_flowray(
             ).json()
             assert body["total"] == 5
     finally:
-        serve.delete(cluster.APP_NAME)
+        serve.delete(APP_NAME)
         ended = cluster.stop_named(settings)
     assert actor_name(0, 0) in ended and "flowray-processor" in ended
     with pytest.raises(ValueError):

@@ -22,7 +22,8 @@ from typing import Any
 
 import ray
 
-from flowray.actors.replica import WIRE_ERRORS, actor_name
+from flowray.actors.names import actor_name
+from flowray.actors.replica import WIRE_ERRORS
 from flowray.actors.wire import Address, Link
 from flowray.config import Settings
 from flowray.core.quorum import majority

@@ -30,11 +30,12 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from flowray.actors import memtrim
 from flowray.actors.directory import Directory, lookup_actor
+from flowray.actors.names import gateway_name
 from flowray.actors.replica import NotMaster
 from flowray.config import Settings
 from flowray.core import logic as logics
 from flowray.core.router import ShardMap, normalize_site, reduce_key_for_shard, shard_for_site
-from flowray.serve.gateway import gateway_name
+from flowray.core.units import HOUR_MS
 from flowray.tasks.mapreduce import (
     DIFF_SCHEMA,
     map_task,
@@ -44,7 +45,6 @@ from flowray.tasks.mapreduce import (
 )
 from flowray.warehouse.catalog import Catalog, CatalogError, Unit
 
-HOUR_MS = 3_600_000
 READER_TRIES = 5
 # Runs of one processing cycle that found a master gone, and the pause between them
 # (an election takes 0.5-1 s at the default timing).

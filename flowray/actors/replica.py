@@ -30,10 +30,11 @@ from typing import Any
 import ray
 
 from flowray.actors import memtrim
+from flowray.actors.names import actor_name
 from flowray.actors.wire import MSGS, Address, Link, Server, encode_msgs
 from flowray.config import Settings
 from flowray.core.invariant import require
-from flowray.core.replication import ABSTAIN_UNKNOWN, Msg, Node, NotLeader, Ready, Role, Timing
+from flowray.core.replication import ABSTAIN_UNKNOWN, Msg, Node, NotMaster, Ready, Role, Timing
 from flowray.query.live import LiveCounts
 from flowray.storage.blocks import BlockTable, SealPolicy
 from flowray.storage.durable import write_json_atomic
@@ -60,23 +61,6 @@ READ_THREADS = 2  # block slices for processing, live counts for queries
 TICKS_OWED_MAX = 100
 
 
-class NotMaster(RuntimeError):
-    """This replica is not (or no longer) the master; ``leader`` is who it thinks is.
-
-    ``refused`` means nothing was appended, so the caller may send the same write to
-    ``leader`` at once; otherwise the write may still commit, and only a retry with
-    event ids is safe.
-    """
-
-    def __init__(self, message: str, leader: int | None = None, refused: bool = True) -> None:
-        super().__init__(message)
-        self.leader = leader
-        self.refused = refused
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (NotMaster, (str(self), self.leader, self.refused))
-
-
 class NoQuorum(RuntimeError):
     """A majority did not confirm in time; the write may or may not commit later."""
 
@@ -89,10 +73,6 @@ class Overloaded(RuntimeError):
 WIRE_ERRORS: dict[str, type[BaseException]] = {
     cls.__name__: cls for cls in (NotMaster, NoQuorum, Overloaded)
 }
-
-
-def actor_name(group: int, replica: int) -> str:
-    return f"flowray-g{group:03d}-r{replica}"
 
 
 def _now_ms() -> int:
@@ -230,7 +210,7 @@ class Replica:
         while True:
             await asyncio.sleep(max(0.0, self._ticked_at + tick_s - time.monotonic()))
             self._catch_up()
-            if self.node.role == Role.LEADER and self.blocks_term == self.node.term:
+            if self.node.role == Role.MASTER and self.blocks_term == self.node.term:
                 self._update_live(force=True)
 
     def _catch_up(self) -> None:
@@ -251,10 +231,10 @@ class Replica:
             self._ticked_at = time.monotonic()
         else:
             self._ticked_at += owed * tick_s
-        was_master = self.node.role == Role.LEADER
+        was_master = self.node.role == Role.MASTER
         for _ in range(min(owed, TICKS_OWED_MAX)):
             self.node.tick()
-        if was_master and self.node.role != Role.LEADER:
+        if was_master and self.node.role != Role.MASTER:
             self._after_advance()  # stepped down: its waiting writers learn it now
         self._kick()
 
@@ -322,13 +302,13 @@ class Replica:
     def _after_advance(self) -> None:
         node = self.node
         if (
-            node.role == Role.LEADER
+            node.role == Role.MASTER
             and self.blocks_term != node.term
             and node.stable_last == self.log.last_index
         ):
             self.blocks.load(self.log.blocks, _now_ms())
             self.blocks_term = node.term
-        if node.role == Role.LEADER and self.blocks_term == node.term:
+        if node.role == Role.MASTER and self.blocks_term == node.term:
             self._update_live(force=False)
         elif self.live_term != -1:
             self.live_term = self.live_ready_term = -1  # only a master serves live counts
@@ -337,7 +317,7 @@ class Replica:
         for w in self.waiters:
             if w.future.done():
                 continue
-            if node.role != Role.LEADER or node.term != w.term:
+            if node.role != Role.MASTER or node.term != w.term:
                 # Appended but not committed: it may still commit under the next
                 # master, so the caller must not resend it elsewhere at once.
                 w.future.set_exception(
@@ -502,7 +482,7 @@ class Replica:
         has not heard from a majority for an election timeout may have been replaced."""
         self._catch_up()
         if (
-            self.node.role != Role.LEADER
+            self.node.role != Role.MASTER
             or self.blocks_term != self.node.term
             or not self.node.lease_valid()
         ):
@@ -514,10 +494,7 @@ class Replica:
     async def _propose(self, items: list[tuple[int, int, int, int, bytes]]) -> int:
         if len(self.waiters) >= PENDING_PROPOSALS_MAX:
             raise Overloaded("too many writes waiting for a commit; retry shortly")
-        try:
-            _first, last = self.node.propose(items)
-        except NotLeader as exc:
-            raise NotMaster(str(exc), exc.leader) from None
+        _first, last = self.node.propose(items)
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self.waiters.append(_Waiter(last, self.node.term, future))
         self._kick()
@@ -574,7 +551,7 @@ class Replica:
         ticks = 2 * self.settings.election_ticks
         for _ in range(ticks):
             await asyncio.sleep(self.settings.tick_s)
-            if node.role != Role.LEADER:
+            if node.role != Role.MASTER:
                 return node.leader
         return None
 
@@ -632,7 +609,7 @@ class Replica:
         open_blocks = [
             b for b in self.log.blocks.values() if not b.sealed and b.key[0] != CONTROL_SHARD
         ]
-        is_master = node.role == Role.LEADER
+        is_master = node.role == Role.MASTER
         return {
             "group": self.group,
             "replica": self.replica,

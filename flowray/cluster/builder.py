@@ -16,6 +16,7 @@ from ray.serve import Application
 
 from flowray.cluster import control as cluster
 from flowray.config import Settings
+from flowray.serve.deployment import api_application
 
 
 def settings_from_args(args: dict[str, Any]) -> Settings:
@@ -30,4 +31,4 @@ def build_flowray(args: dict[str, Any]) -> Application:
     settings = settings_from_args(args)
     settings = cluster.resolved(cluster.settle_layout(settings))
     cluster.start_backend(settings, gateway=True, detached=True)
-    return cluster.api_application(settings)
+    return api_application(settings)

@@ -18,7 +18,6 @@ from typing import Any
 
 import ray
 from ray import serve
-from ray.serve import Application
 from ray.util.placement_group import (
     get_placement_group,
     placement_group,
@@ -26,17 +25,21 @@ from ray.util.placement_group import (
 )
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from flowray.actors.names import PROCESSOR_NAME, RESTARTER_NAME, actor_name, gateway_name
 from flowray.actors.processor import Processor
-from flowray.actors.replica import Replica, actor_name
-from flowray.cluster.restarter import RESTARTER_NAME
+from flowray.actors.replica import Replica
+from flowray.cluster.restarter import Restarter
 from flowray.config import NODES_TIMEOUT_S, Settings
-from flowray.serve.deployment import LOCAL_MODE_ENV, PROCESSOR_NAME, SETTINGS_ENV, Api
-from flowray.serve.gateway import Gateway, gateway_name, require_port_free
+from flowray.serve.deployment import (
+    APP_NAME,
+    LOCAL_MODE_ENV,
+    SETTINGS_ENV,
+    deploy_api,
+)
+from flowray.serve.gateway import Gateway, require_port_free
 from flowray.storage.durable import write_json_atomic
 
 log = logging.getLogger("flowray.cluster.control")
-APP_NAME = "flowray"
-DEPLOY_GENERATION_ENV = "FLOWRAY_DEPLOY_GENERATION"
 START_TIMEOUT_S = 120.0
 
 
@@ -155,6 +158,7 @@ class Cluster:
     processor: Any
     gateways: list[Any] = field(default_factory=list)
     placement_groups: list[Any] = field(default_factory=list)
+    restarter: Any = None  # held: a non-detached actor ends with its last handle
 
     def masters(self, timeout_s: float = START_TIMEOUT_S) -> dict[int, int]:
         """The master replica of every group, waiting for elections to finish."""
@@ -235,6 +239,10 @@ def start_backend(settings: Settings, gateway: bool = True, detached: bool = Fal
         name=PROCESSOR_NAME, namespace=ns, **extra
     ).remote(blob)
     ray.get(running.processor.start.remote(), timeout=START_TIMEOUT_S)
+    # Idle until the API asks for a rolling restart; found by name (RESTARTER_NAME).
+    running.restarter = Restarter.options(  # type: ignore[attr-defined]
+        name=RESTARTER_NAME, namespace=ns, **extra
+    ).remote(blob)
     if gateway and settings.ingest_port:
         env = {SETTINGS_ENV: json.dumps(blob), LOCAL_MODE_ENV: os.environ.get(LOCAL_MODE_ENV, "1")}
         running.gateways = [
@@ -287,23 +295,6 @@ def stop_named(settings: Settings) -> list[str]:
     return ended
 
 
-def api_application(settings: Settings, generation: str = "") -> Application:
-    """The Serve application of the API, its settings in the replicas' environment. A
-    new ``generation`` changes that environment, so Serve replaces the replicas one by
-    one (a rolling update)."""
-    env = {SETTINGS_ENV: json.dumps(settings.to_json())}
-    if generation:
-        env[DEPLOY_GENERATION_ENV] = generation
-    return Api.options(  # type: ignore[attr-defined,no-any-return]
-        ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": env}}
-    ).bind()
-
-
-def deploy_api(settings: Settings, generation: str = "") -> None:
-    """Deploy (or redeploy) the Serve app; see ``api_application``."""
-    serve.run(api_application(settings, generation), name=APP_NAME, route_prefix="/")
-
-
 def stop(cluster: Cluster, serve_app: bool = True) -> None:
     """Stop the API, the processor and the replicas this cluster started."""
     if serve_app:
@@ -316,8 +307,10 @@ def stop(cluster: Cluster, serve_app: bool = True) -> None:
             ray.get(gw.stop.remote(), timeout=15)
     for handle in [cluster.processor, *cluster.replicas.values(), *cluster.gateways]:
         ray.kill(handle, no_restart=True)
-    with contextlib.suppress(ValueError):  # no rolling restart was ever asked for
-        ray.kill(ray.get_actor(RESTARTER_NAME, namespace=cluster.settings.namespace))
+    with contextlib.suppress(ValueError):  # a cluster started without one
+        ray.kill(
+            ray.get_actor(RESTARTER_NAME, namespace=cluster.settings.namespace), no_restart=True
+        )
     for group_pg in cluster.placement_groups:
         with contextlib.suppress(Exception):  # gone with its actors already
             remove_placement_group(group_pg)

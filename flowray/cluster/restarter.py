@@ -7,8 +7,10 @@ mastership over to its most up-to-date follower (writes are refused for that mom
 Then the processor, the ingest gateway and the Serve replicas (a Serve rolling update).
 New processes load the code installed now, so this is also how flowray is upgraded.
 
-The restarter is a detached actor of its own, so that restarting the API process
-that asked for it does not stop it; it remembers its progress for whoever polls.
+The restarter is a detached actor of its own, started with the cluster and named
+RESTARTER_NAME, so that restarting the API process that asked for a restart does not
+stop it; the API finds it by name (it imports nothing of this module) and it
+remembers the progress of its last job for whoever polls.
 """
 
 from __future__ import annotations
@@ -24,10 +26,11 @@ import ray
 from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 
 from flowray.actors.directory import Directory, NoMaster
+from flowray.actors.names import PROCESSOR_NAME, gateway_name
 from flowray.actors.replica import NotMaster
 from flowray.config import Settings
+from flowray.serve.deployment import deploy_api
 
-RESTARTER_NAME = "flowray-restarter"
 CATCH_UP_TIMEOUT_S = 180.0
 POLL_S = 0.2
 HANDOVER_ATTEMPTS = 10
@@ -38,12 +41,19 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
-@ray.remote(num_cpus=0, max_restarts=0)
+@ray.remote(num_cpus=0, max_restarts=-1)
 class Restarter:
-    def __init__(self, settings_json: dict[str, Any], job_id: str) -> None:
+    def __init__(self, settings_json: dict[str, Any]) -> None:
         self.settings = Settings.from_json(settings_json)
         self.directory = Directory(self.settings)
-        self.progress: dict[str, Any] = {
+        self.progress: dict[str, Any] = {"job": None, "kind": "restart", "state": "idle"}
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self, job_id: str) -> dict[str, Any]:
+        """Begin a rolling restart as job ``job_id``; ValueError while one is running."""
+        if self._task is not None and not self._task.done():
+            raise ValueError(f"a rolling restart is already running ({self.progress['job']})")
+        self.progress = {
             "job": job_id,
             "kind": "restart",
             "state": "running",
@@ -54,11 +64,7 @@ class Restarter:
             "error": None,
             "started_ms": _now_ms(),
         }
-        self._task: asyncio.Task[None] | None = None
-
-    async def start(self) -> dict[str, Any]:
-        if self._task is None:
-            self._task = asyncio.create_task(self._run())
+        self._task = asyncio.create_task(self._run())
         return dict(self.progress)
 
     async def status(self) -> dict[str, Any]:
@@ -84,9 +90,6 @@ class Restarter:
             self.progress["seconds"] = round((_now_ms() - self.progress["started_ms"]) / 1000, 3)
 
     async def _restart_all(self) -> None:
-        from flowray.cluster import control as cluster
-        from flowray.serve.deployment import PROCESSOR_NAME
-        from flowray.serve.gateway import gateway_name
 
         s, ns = self.settings, self.settings.namespace
         replicas = {
@@ -112,7 +115,7 @@ class Restarter:
             await self._restart_actor(gateway)
             await self._when_up(gateway.start.remote)
             self._step(f"ingest gateway {i} restarted")
-        await asyncio.to_thread(cluster.deploy_api, s, uuid.uuid4().hex)
+        await asyncio.to_thread(deploy_api, s, uuid.uuid4().hex)
         self._step("Serve replicas replaced (rolling update)")
 
     async def _restart_followers(self, g: int, group: dict[int, Any]) -> int:

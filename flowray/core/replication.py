@@ -63,11 +63,11 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Protocol
+from typing import Any, Protocol
 
+from flowray.core.entry import CONTROL_SHARD, KIND_NOOP, Entry
 from flowray.core.invariant import require
 from flowray.core.quorum import committed_index, majority
-from flowray.storage.segment import CONTROL_SHARD, KIND_NOOP, Entry
 
 APPEND_BYTES_MAX = 8 * 1024 * 1024
 # ``Node.abstain`` of a replica that lost its state and has not yet heard from a master.
@@ -78,15 +78,24 @@ class Role(StrEnum):
     FOLLOWER = "follower"
     PRE_CANDIDATE = "pre-candidate"
     CANDIDATE = "candidate"
-    LEADER = "master"
+    MASTER = "master"
 
 
-class NotLeader(RuntimeError):
-    """A proposal reached a replica that is not the master."""
+class NotMaster(RuntimeError):
+    """This replica is not (or no longer) the master; ``leader`` is who it thinks is.
 
-    def __init__(self, leader: int | None, message: str | None = None) -> None:
-        super().__init__(message or f"not the master (master is {leader})")
+    ``refused`` means nothing was appended, so the caller may send the same write to
+    ``leader`` at once; otherwise the write may still commit, and only a retry with
+    event ids is safe.
+    """
+
+    def __init__(self, message: str, leader: int | None = None, refused: bool = True) -> None:
+        super().__init__(message)
         self.leader = leader
+        self.refused = refused
+
+    def __reduce__(self) -> tuple[Any, ...]:  # crosses Ray and the wire as itself
+        return (NotMaster, (str(self), self.leader, self.refused))
 
 
 @dataclass(frozen=True)
@@ -249,7 +258,7 @@ class Node:
     def tick(self) -> None:
         """One unit of time. Elections, heartbeats and the lease are counted in ticks."""
         self.ticks += 1
-        if self.role == Role.LEADER:
+        if self.role == Role.MASTER:
             if self.transferee is not None:
                 self.transfer_elapsed += 1
                 if self.transfer_elapsed >= self.timing.election_ticks:
@@ -333,8 +342,8 @@ class Node:
     def transfer(self, to: int) -> None:
         """Hand mastership over to follower ``to``: refuse proposals from now on, bring
         ``to`` up to date, then tell it to stand for election at once."""
-        if self.role != Role.LEADER:
-            raise NotLeader(self.leader)
+        if self.role != Role.MASTER:
+            raise NotMaster(f"not the master (master is {self.leader})", self.leader)
         require(to in self.peers and to != self.id, f"cannot hand over to {to}")
         self.transferee = to
         self.transfer_elapsed = 0
@@ -345,10 +354,10 @@ class Node:
 
     def propose(self, items: Sequence[tuple[int, int, int, int, bytes]]) -> tuple[int, int]:
         """Append (kind, shard, hour, part, payload) items; returns (first, last) index."""
-        if self.role != Role.LEADER:
-            raise NotLeader(self.leader)
+        if self.role != Role.MASTER:
+            raise NotMaster(f"not the master (master is {self.leader})", self.leader)
         if self.transferee is not None:
-            raise NotLeader(self.transferee, f"handing mastership over to {self.transferee}")
+            raise NotMaster(f"handing mastership over to {self.transferee}", self.transferee)
         require(bool(items), "an empty proposal")
         first = self.last_index + 1
         entries = [
@@ -375,7 +384,7 @@ class Node:
             return
         if msg.term > self.term:
             leader = msg.src if msg.kind == "append" else None
-            waited = (self.elapsed, self.timeout) if self.role != Role.LEADER else None
+            waited = (self.elapsed, self.timeout) if self.role != Role.MASTER else None
             self._become_follower(msg.term, leader)
             if leader is None and waited is not None:
                 # A higher term without a master (a candidate's vote request) does not
@@ -413,7 +422,7 @@ class Node:
             messages=self._pending.messages,
             commit_index=self.commit_index,
             abstain=self.abstain,
-            send_first=self.role == Role.LEADER
+            send_first=self.role == Role.MASTER
             and not self._pending.hard_state_changed
             and not self.need_truncate,
         )
@@ -432,7 +441,7 @@ class Node:
                 break
             self.unstable.pop(0)
             self.stable_last = entry.index
-        if self.role == Role.LEADER:
+        if self.role == Role.MASTER:
             self._maybe_commit()
 
     # ---- roles -----------------------------------------------------------------------
@@ -467,7 +476,7 @@ class Node:
         self.timeout = self._random_timeout()
 
     def _become_leader(self) -> None:
-        self.role = Role.LEADER
+        self.role = Role.MASTER
         self.leader = self.id
         self.elapsed = 0
         self.heartbeat_elapsed = 0
@@ -480,14 +489,14 @@ class Node:
     def _in_lease(self) -> bool:
         """A master heard from within the minimum election timeout (by a follower), or,
         for a master, a majority heard from within it."""
-        if self.role == Role.LEADER:
+        if self.role == Role.MASTER:
             return self.lease_valid()
         return self.leader is not None and self.elapsed < self.timing.election_ticks
 
     def lease_valid(self) -> bool:
         """Whether this master heard from a majority, itself included, within the last
         election timeout (check quorum): if not, it steps down at its next tick."""
-        if self.role != Role.LEADER:
+        if self.role != Role.MASTER:
             return False
         since = self.ticks - self.timing.election_ticks
         heard = 1 + sum(1 for pr in self.progress.values() if pr.heard_at > since)
@@ -573,7 +582,7 @@ class Node:
             self.campaign(transfer=True)
 
     def _on_append_resp(self, msg: Msg) -> None:
-        if self.role != Role.LEADER or msg.term != self.term:
+        if self.role != Role.MASTER or msg.term != self.term:
             return
         pr = self.progress[msg.src]
         pr.heard_at = self.ticks

@@ -19,6 +19,7 @@ import pyarrow as pa
 
 from flowray.core.invariant import require
 from flowray.core.router import ShardMap, shard_for_site
+from flowray.core.units import HOUR_MS
 from flowray.ingest.events import Events, Routing, Row
 
 _native: types.ModuleType | None
@@ -26,8 +27,6 @@ try:  # the C parser and routing pass, built at install where a compiler is foun
     from flowray.ingest import _native
 except ImportError:  # pragma: no cover - exercised by the numpy path's tests
     _native = None
-
-HOUR_MS = 3_600_000
 
 
 @dataclass(frozen=True)

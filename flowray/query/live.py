@@ -18,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 
 from flowray.core.invariant import require
+from flowray.core.units import MINUTE_MS
 from flowray.ingest.pieces import from_ipc, from_ipc_many
 from flowray.storage.replica_log import BlockKey
 
@@ -26,8 +27,6 @@ try:
     from flowray.ingest import _native
 except ImportError:  # not built: (site, id) pairs in a Python set, slower and larger
     _native = None
-
-MINUTE_MS = 60_000
 
 
 # A (site, minute) key: the site's code in the high 32 bits, the minute number (epoch

@@ -32,12 +32,10 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import numpy as np
 
 from flowray.core.invariant import InvariantError, require
+from flowray.core.units import DAY_MS, HOUR_MS, MINUTE_MS
 
 INTERVALS = ("minute", "hour", "day")
 
-MINUTE_MS = 60_000
-HOUR_MS = 3_600_000
-DAY_MS = 86_400_000
 
 # Offsets are found by sampling the zone this often and bisecting between samples that
 # differ. That is exact as long as no zone changes its offset and back within one step;

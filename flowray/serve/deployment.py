@@ -21,13 +21,14 @@ import ray
 from fastapi import FastAPI
 from ray import serve
 from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError
+from ray.serve import Application
 
 from flowray.actors.directory import Directory, NoMaster
+from flowray.actors.names import PROCESSOR_NAME, RESTARTER_NAME
 from flowray.actors.replica import NoQuorum, NotMaster, Overloaded
 from flowray.actors.wire import LinkDown
 from flowray.api.app import Unavailable, create_app
 from flowray.api.auth import ADMIN_TOKEN_ENV, Authorizer, TokenStore
-from flowray.cluster.restarter import RESTARTER_NAME, Restarter
 from flowray.config import Settings
 from flowray.core.router import ShardMap
 from flowray.ingest.events import Row, rows_table
@@ -39,15 +40,22 @@ from flowray.warehouse.files import Warehouse
 log = logging.getLogger("flowray.deployment")
 
 SETTINGS_ENV = "FLOWRAY_SETTINGS_JSON"
+APP_NAME = "flowray"  # the Serve application
+DEPLOY_GENERATION_ENV = "FLOWRAY_DEPLOY_GENERATION"
 LOCAL_MODE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
-def _bind_replica_grpc_to_loopback() -> None:
-    """In local mode, keep Serve's inter-deployment gRPC server on 127.0.0.1.
+def bind_replica_grpc_to_loopback() -> None:
+    """In local mode, keep this Serve replica's inter-deployment gRPC server on 127.0.0.1.
 
-    Ray 2.60 binds each Serve replica's internal gRPC server to ``[::]:0`` whatever
-    the node address is; a local flowray must listen on loopback only. The wrapper
-    changes only that wildcard address and only when Ray runs single-node on loopback.
+    Works around Ray 2.60's ``ray.serve._private.replica``, which binds each replica's
+    internal gRPC server to ``[::]:0`` (``add_port_to_grpc_server(self._server,
+    "[::]:0")`` in ``_on_initialized``) whatever the node address is; a local flowray
+    must listen on loopback only. Called by the deployment's constructor, in the replica
+    process, before Serve starts that server; it wraps only that wildcard address and
+    only when Ray runs single-node on loopback. Still needed while that line of Ray's
+    replica.py binds a wildcard address: check it after upgrading Ray (``ss -ltnp`` on a
+    local cluster shows any Serve replica port on ``*`` or ``[::]``).
     """
     if os.environ.get(LOCAL_MODE_ENV) != "0":
         return
@@ -66,8 +74,6 @@ def _bind_replica_grpc_to_loopback() -> None:
     serve_replica.add_port_to_grpc_server = loopback
 
 
-_bind_replica_grpc_to_loopback()
-PROCESSOR_NAME = "flowray-processor"
 _UNAVAILABLE = (
     NotMaster,
     NoQuorum,
@@ -89,7 +95,6 @@ PROPOSE_ATTEMPTS_MAX = 200
 # (propose_deadline_s): the fleet's largest proposals take milliseconds a megabyte.
 DEADLINE_BYTES_PER_S = 64 * 1024 * 1024
 RESTART_JOB_PREFIX = "restart-"
-RESTARTER_GONE_POLLS = 100  # x 0.1 s
 ACTOR_START_TIMEOUT_S = 45.0  # below the CLI client's 60 s
 # A query waits this long for live counts before answering from the warehouse alone.
 LIVE_TIMEOUT_S = 1.0
@@ -435,25 +440,15 @@ class RayAdmin:
             return None
 
     async def restart(self) -> dict[str, Any]:
-        """Start a rolling restart in a detached actor of its own (see restarter.py)."""
-        old = self._restarter()
-        if old is not None:
-            state = await self._call(old.status.remote(), what="the restarter")
-            if state["state"] == "running":
-                raise ValueError(f"a rolling restart is already running ({state['job']})")
-            ray.kill(old, no_restart=True)
-            for _ in range(RESTARTER_GONE_POLLS):  # its name is free once it is gone
-                if self._restarter() is None:
-                    break
-                await asyncio.sleep(0.1)
+        """Start a rolling restart in the cluster's restarter (a detached actor started
+        with the cluster: see flowray/cluster/restarter.py)."""
+        restarter = self._restarter()
+        if restarter is None:
+            raise Unavailable("the cluster's restarter is not running", RETRY_AFTER_ELECTION_S)
         job_id = f"{RESTART_JOB_PREFIX}{uuid.uuid4().hex[:12]}"
-        restarter = Restarter.options(  # type: ignore[attr-defined]
-            name=RESTARTER_NAME, namespace=self.settings.namespace, lifetime="detached"
-        ).remote(self.settings.to_json(), job_id)
-        # Its first call waits for a new worker process to start and import flowray:
-        # seconds on a loaded 2-core machine (the quick-call timeout failed a CI run).
+        # Ray may be restarting the restarter's process: allow for its start.
         result: dict[str, Any] = await self._call(
-            restarter.start.remote(), ACTOR_START_TIMEOUT_S, "the restarter"
+            restarter.start.remote(job_id), ACTOR_START_TIMEOUT_S, "the restarter"
         )
         return result
 
@@ -511,3 +506,23 @@ def build_authorizer(settings: Settings) -> Authorizer:
 @serve.ingress(build_app)
 class Api:
     """flowray's HTTP API on Ray Serve."""
+
+    def __init__(self) -> None:
+        bind_replica_grpc_to_loopback()
+
+
+def api_application(settings: Settings, generation: str = "") -> Application:
+    """The Serve application of the API, its settings in the replicas' environment. A
+    new ``generation`` changes that environment, so Serve replaces the replicas one by
+    one (a rolling update)."""
+    env = {SETTINGS_ENV: json.dumps(settings.to_json())}
+    if generation:
+        env[DEPLOY_GENERATION_ENV] = generation
+    return Api.options(  # type: ignore[attr-defined,no-any-return]
+        ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": env}}
+    ).bind()
+
+
+def deploy_api(settings: Settings, generation: str = "") -> None:
+    """Deploy (or redeploy) the Serve app; see ``api_application``."""
+    serve.run(api_application(settings, generation), name=APP_NAME, route_prefix="/")

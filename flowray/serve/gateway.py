@@ -32,16 +32,10 @@ from flowray.serve.deployment import build_app
 
 log = logging.getLogger("flowray.gateway")
 
-GATEWAY_NAME = "flowray-gateway"
 LISTEN_BACKLOG = 4096
 # Trackers and batch clients keep connections open; a short keep-alive makes clients
 # race the server's close and see resets.
 KEEP_ALIVE_S = 75
-
-
-def gateway_name(index: int) -> str:
-    """The Ray actor name of gateway ``index`` (the first keeps the historical name)."""
-    return GATEWAY_NAME if index == 0 else f"{GATEWAY_NAME}-{index}"
 
 
 def listen_socket(host: str, port: int) -> socket.socket:

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from flowray.core.units import HOUR_MS
 from flowray.storage.replica_log import BlockInfo, BlockKey
 from flowray.storage.segment import CONTROL_SHARD
 
-HOUR_MS = 3_600_000
 SEAL_MODES = ("due", "closed", "all")
 
 

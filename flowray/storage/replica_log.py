@@ -69,7 +69,6 @@ from flowray.storage.durable import (
 from flowray.storage.segment import CONTROL_SHARD, KIND_DATA, KIND_SEAL, Entry, RecordRef
 
 BlockKey = tuple[int, int, int]  # (shard, hour since epoch, part)
-HOUR_MS = 3_600_000
 FSYNC_THREADS = 4
 WAL_NAME = "wal.seg"
 # Fault injection (tests only): the file in a replica's directory that makes its

@@ -25,17 +25,20 @@ from pathlib import Path
 
 import numpy as np
 
+from flowray.core.entry import (
+    CONTROL_SHARD,
+    KIND_DATA,
+    KIND_NOOP,
+    KIND_SEAL,
+    KINDS,
+    Entry,
+)
 from flowray.core.invariant import require
+
+__all__ = ["CONTROL_SHARD", "KIND_DATA", "KIND_NOOP", "KIND_SEAL", "KINDS", "Entry"]
 
 MAGIC = 0xF10E
 VERSION = 1
-KIND_DATA = 1
-KIND_SEAL = 2
-# A no-op a new master appends at the start of its term, so that entries of earlier
-# terms become committed through it (Raft's rule); it lives in the control block.
-KIND_NOOP = 3
-KINDS = (KIND_DATA, KIND_SEAL, KIND_NOOP)
-CONTROL_SHARD = 0xFFFF
 HEADER = struct.Struct("<HBBHHIIIQQ")
 HEADER_BYTES = HEADER.size
 PAYLOAD_BYTES_MAX = 256 * 1024 * 1024
@@ -44,23 +47,6 @@ _CRC_AT = 16  # offset of the crc32 field; it is left out of its own checksum
 
 class CorruptSegment(RuntimeError):
     """A record failed its checksum with good data after it: not a torn tail."""
-
-
-@dataclass(frozen=True)
-class Entry:
-    """One replicated log entry: a batch of events for one block, or a block's seal."""
-
-    term: int
-    index: int
-    kind: int
-    shard: int
-    hour: int
-    part: int
-    payload: bytes = b""
-
-    @property
-    def block(self) -> tuple[int, int, int]:
-        return (self.shard, self.hour, self.part)
 
 
 def encode(entry: Entry) -> bytes:

@@ -28,7 +28,7 @@ import sys
 from dataclasses import dataclass, field
 
 from flowray.core.invariant import InvariantError, require
-from flowray.core.replication import ABSTAIN_UNKNOWN, Msg, Node, NotLeader, Ready, Role, Timing
+from flowray.core.replication import ABSTAIN_UNKNOWN, Msg, Node, NotMaster, Ready, Role, Timing
 from flowray.storage.segment import KIND_DATA, Entry
 
 # Each step re-checks the newest committed entries of every replica; the end of a run
@@ -209,7 +209,7 @@ class Simulation:
             self.paused_since[i] = self.now
             self.pauses += 1
             node = self.nodes[i]
-            if node is not None and node.role == Role.LEADER:
+            if node is not None and node.role == Role.MASTER:
                 self.master_pauses += 1
         up = [n for i, n in self.nodes.items() if n is not None and i not in self.paused]
         if up and self.replicas > 1 and self.rng.random() < f.gone_spurious:
@@ -217,7 +217,7 @@ class Simulation:
         masters = [
             i
             for i in self.ids
-            if (n := self.nodes[i]) is not None and n.role == Role.LEADER and i not in self.paused
+            if (n := self.nodes[i]) is not None and n.role == Role.MASTER and i not in self.paused
         ]
         if masters and self.replicas > 1 and self.rng.random() < f.transfer:
             i = self.rng.choice(masters)
@@ -245,7 +245,7 @@ class Simulation:
             node.tick()
         if owed >= self.timing.election_ticks:
             self._require(
-                node.role != Role.LEADER,
+                node.role != Role.MASTER,
                 f"replica {i} is still master after a pause of {owed} ticks",
             )
             self.stepped_down_after_pause += 1
@@ -311,7 +311,7 @@ class Simulation:
         leaders = [
             i
             for i in self.ids
-            if (n := self.nodes[i]) is not None and n.role == Role.LEADER and i not in self.paused
+            if (n := self.nodes[i]) is not None and n.role == Role.MASTER and i not in self.paused
         ]
         if not leaders:
             return
@@ -322,7 +322,7 @@ class Simulation:
         payload = f"p{self.seed}-{self.proposals}".encode()
         try:
             first, last = node.propose([(KIND_DATA, 0, 0, 0, payload)])  # type: ignore[union-attr]
-        except NotLeader:
+        except NotMaster:
             return
         self.pending.append((i, last, node.term, payload))  # type: ignore[union-attr]
         self._ready(i)
@@ -334,7 +334,7 @@ class Simulation:
             if i in self.paused:
                 still.append((i, index, term, payload))  # a paused process answers no one
                 continue
-            if node is None or node.term != term or node.role != Role.LEADER:
+            if node is None or node.term != term or node.role != Role.MASTER:
                 continue  # the client sees an error and would retry with its id
             if node.commit_index >= index and node.term_at(index) == term:
                 self.acked[index] = (term, payload)
@@ -362,7 +362,7 @@ class Simulation:
             node = self.nodes[i]
             if node is None:
                 continue
-            if node.role == Role.LEADER:
+            if node.role == Role.MASTER:
                 seen = self.leaders.setdefault(node.term, i)
                 self._require(seen == i, f"two masters in term {node.term}: {seen} and {i}")
             upto = min(node.commit_index, node.last_index)
@@ -372,7 +372,7 @@ class Simulation:
                 want = self.committed.setdefault(index, got)
                 self.committed_in.setdefault(index, node.term)
                 self._require(got == want, f"replica {i} disagrees at committed index {index}")
-            if node.role == Role.LEADER:
+            if node.role == Role.MASTER:
                 self._check_leader_completeness(i, node)
         for index, value in self.acked.items():
             self._require(
@@ -435,7 +435,7 @@ class Simulation:
 
     def _converged(self) -> bool:
         live = [n for n in self.nodes.values() if n is not None]
-        leaders = [n for n in live if n.role == Role.LEADER]
+        leaders = [n for n in live if n.role == Role.MASTER]
         if len(leaders) != 1:
             return False
         last = leaders[0].last_index

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from flowray.core.router import ShardMap
+from flowray.core.units import DAY_HOURS
 from flowray.storage.durable import make_dirs_durably
 
 SCHEMA = """
@@ -54,7 +55,6 @@ VERSION_COLUMNS = {
     "note": "TEXT NOT NULL DEFAULT ''",
 }
 BUSY_TIMEOUT_S = 10.0
-DAY_HOURS = 24
 
 
 @dataclass(frozen=True)
