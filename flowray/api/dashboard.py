@@ -12,6 +12,9 @@ browser's localStorage, sending it as ``Authorization: Bearer``. After each draw
 chart carries ``data-points`` and ``data-total``, which tests and scripts read.
 """
 
+from fastapi import APIRouter
+from fastapi.responses import HTMLResponse
+
 DASHBOARD_HTML = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>flowray</title>
 <meta name="viewport" content="width=device-width, initial-scale=1">
@@ -255,3 +258,14 @@ load();
 setInterval(() => { if (!document.hidden) load(); }, REFRESH_MS);
 </script></body></html>
 """
+
+
+def router() -> APIRouter:
+    """GET / serves the page."""
+    api = APIRouter()
+
+    @api.get("/", summary="Dashboard", response_class=HTMLResponse)
+    async def dashboard() -> HTMLResponse:
+        return HTMLResponse(DASHBOARD_HTML)
+
+    return api

@@ -527,6 +527,8 @@ class ReplicaLog:
         return [self._ref(int(i) + self._base + 1) for i in at if int(i) + self._base + 1 <= upto]
 
     # ---- writes --------------------------------------------------------------
+    # Long: the steps of one append in the order durability needs (frame, write-ahead
+    # write and flush, then block files); split up, that order would be harder to see.
     def _append_unlocked(self, entries: Iterable[Entry]) -> int:
         """Append entries that extend the log; durable when it returns (the write-ahead
         file holds them, fdatasynced).

@@ -1,0 +1,151 @@
+"""What the API's routers share: the dependencies they are built from, the errors they
+answer with, and the auth dependency per kind of route."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+from fastapi import Request, Security
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from flowray.api.auth import Authorizer, Decision, Grant
+from flowray.api.metrics import Metrics
+from flowray.config import Settings
+from flowray.core.router import ShardMap
+from flowray.ingest.pieces import GroupEvents
+from flowray.query.cache import Cache
+
+AUTH_RESPONSES: dict[int | str, dict[str, Any]] = {
+    401: {"description": "No token, or an unknown or revoked one (when auth is enforced)"},
+    403: {"description": "The token's scope or sites do not cover this request"},
+    429: {"description": "The token's rate limit; retry after Retry-After"},
+}
+
+
+class Unavailable(RuntimeError):
+    """A group cannot commit now (no quorum, election, overload): answer 503."""
+
+    def __init__(self, message: str, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class Denied(Exception):
+    """Raised by the auth dependency; the app answers with the decision's status."""
+
+    def __init__(self, decision: Decision) -> None:
+        super().__init__(decision.error)
+        self.decision = decision
+
+
+class Ingest(Protocol):
+    async def commit(self, groups: dict[int, GroupEvents]) -> None:
+        """Return once the events of every group are committed by a majority, or raise
+        Unavailable."""
+
+
+class Minutes(Protocol):
+    def snapshot(self) -> tuple[int, int, int | None]: ...
+
+    def minutes(
+        self, site: str, start_ms: int, end_ms: int, version: int
+    ) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+class Live(Protocol):
+    async def minutes(self, site: str, start_ms: int, end_ms: int) -> tuple[np.ndarray, np.ndarray]:
+        """Committed (minute_ms, count) of ``site`` that the warehouse does not hold yet."""
+
+
+class Admin(Protocol):
+    async def status(self) -> dict[str, Any]: ...
+
+    async def process(self, mode: str) -> dict[str, Any]: ...
+
+    async def reprocess(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Start a re-processing job (raises ValueError for a bad request)."""
+
+    async def rollback(self, to_version: int | None) -> dict[str, Any]:
+        """Start a rollback job (raises ValueError when there is nothing to return to)."""
+
+    async def job(self, job_id: str) -> dict[str, Any] | None: ...
+
+    async def versions(self) -> list[dict[str, Any]]: ...
+
+    async def restart(self) -> dict[str, Any]:
+        """Start a rolling restart (raises ValueError when one is already running)."""
+
+    async def move_shard(self, shard: int, to_group: int) -> dict[str, Any]:
+        """Send a shard's new writes to another group (ValueError for a bad move)."""
+
+
+GrantDependency = Callable[..., Awaitable[Grant | None]]
+
+
+@dataclass
+class Deps:
+    """Everything the routers are built from: the app factory's arguments, the current
+    shard map, the metrics and one auth dependency per kind of route."""
+
+    settings: Settings
+    current_map: Callable[[], ShardMap]
+    ingest: Ingest
+    warehouse: Minutes
+    admin: Admin
+    cache: Cache
+    clock: Callable[[], float]
+    authorizer: Authorizer | None
+    live: Live | None
+    metrics: Metrics
+    needs: dict[str, GrantDependency]
+
+
+def error(status: int, message: str, **extra: Any) -> JSONResponse:
+    return JSONResponse({"error": message, **extra}, status_code=status)
+
+
+def denied(decision: Decision) -> JSONResponse:
+    return JSONResponse(decision.body(), status_code=decision.status, headers=decision.headers())
+
+
+def unavailable(exc: Unavailable) -> JSONResponse:
+    return JSONResponse(
+        {"error": str(exc)}, status_code=503, headers={"Retry-After": str(exc.retry_after_s)}
+    )
+
+
+def auth_dependencies(authorizer: Authorizer | None) -> dict[str, GrantDependency]:
+    """One FastAPI dependency per kind of route (ingest, read, admin).
+
+    Each yields the request's grant, or None when the app runs open, and raises
+    Denied otherwise. Without an authorizer the dependencies do nothing and OpenAPI
+    shows no security; with one, OpenAPI shows the bearer scheme on guarded routes.
+    """
+    if authorizer is None:
+
+        async def open_route() -> Grant | None:
+            return None
+
+        return {need: open_route for need in ("ingest", "read", "admin")}
+    bearer = HTTPBearer(
+        auto_error=False,
+        description="A flowray token (`flowray token create`) or FLOWRAY_ADMIN_TOKEN.",
+    )
+
+    def guard(need: str) -> GrantDependency:
+        async def guarded(
+            request: Request,
+            _credentials: HTTPAuthorizationCredentials | None = Security(bearer),
+        ) -> Grant | None:
+            decision = authorizer.admit(request.headers.get("authorization"), need)
+            if not decision.ok:
+                raise Denied(decision)
+            return decision.grant
+
+        return guarded
+
+    return {need: guard(need) for need in ("ingest", "read", "admin")}
