@@ -5,7 +5,7 @@
 
 Starts flowray (the ``Flowray`` context manager of bench_ingest.py: 2 groups x 3
 replicas, 8 shards, free ports, a temporary data directory) and, while a background
-load ingests at the seed's fleet rate (11,600 events/s in batches of 100, open loop,
+load ingests at the fleet rate (11,600 events/s in batches of 100, open loop,
 through the ingest gateway, timestamps "now" over 200 sites), runs probes:
 
 - every ~0.5 s a probe POSTs ONE event (a unique ``id``, ``ts`` = now in epoch ms) for a
@@ -19,7 +19,7 @@ through the ingest gateway, timestamps "now" over 200 sites), runs probes:
 
 Probes run concurrently (one is started every 0.5 s, each polls on its own connection,
 one request at a time), in two phases: queries through Ray Serve, then through the
-gateway (the same app under plain uvicorn). The target (DESIGN.md) is visibility within
+gateway (the same app under plain uvicorn). The target is visibility within
 5 s, with points marked ``provisional`` until processed. Until the server has live
 counts, events show only after hourly processing, so every probe fails: that is
 reported, not hung on. Every phase is bounded (probes x 0.5 s + timeout + a margin).

@@ -10,7 +10,7 @@ Measures, each on this machine in this run:
   5,000 events with ids, a JSON array of 1,000, seed lines) and
   single-event requests through the ingest gateway, with wrk, every answer after a
   majority fsync in 3-replica groups;
-- acknowledgement latency p50/p99 at the seed's fleet rate (11,600 events/s in
+- acknowledgement latency p50/p99 at the fleet rate (11,600 events/s in
   batches of 100, sent open-loop);
 - write unavailability after kill -9 of a group's master;
 - NATS JetStream with 3 replicas (three nats-server processes on loopback, file

@@ -5,8 +5,8 @@
         [--sites 100000] [--markdown FILE]
 
 For each scale k (k x --events events in one hour), in one run on this machine:
-1. the events are generated (sites skewed: a few big, a long tail), written as the
-   seed's raw line form (``2020.03.14 07:20:39.595 taobao.com``) and committed into a
+1. the events are generated (sites skewed: a few big, a long tail), written as
+   seed-form raw lines (``2020.03.14 07:20:39.595 taobao.com``) and committed into a
    local flowray cluster (2 groups x 3 replicas, 8 shards) through the same ingest
    path the API uses (RayIngest: majority fsync, every byte replicated), so the hour
    sits in the replicated raw log as sealed blocks, as in production;
@@ -159,7 +159,7 @@ def make_chunk(rng: np.random.Generator, n: int, hour_ms: int, names: pa.Array) 
 
 
 def seed_lines(table: pa.Table) -> pa.Table:
-    """The seed's raw line form of a chunk: ``YYYY.MM.DD HH:MM:SS.mmm site``."""
+    """A chunk as seed-form raw lines: ``YYYY.MM.DD HH:MM:SS.mmm site``."""
     stamps = pc.strftime(
         table.column("ts").cast(pa.timestamp("ms", tz="UTC")), format="%Y.%m.%d %H:%M:%S"
     )

@@ -8,7 +8,7 @@ gateways) takes wrk's batched requests (10,000 seed lines, or 10,000 NDJSON even
 alternating minute by minute) without a pause. After each minute it reports the
 resident memory (RSS) and proportional set size (PSS) of each gateway, replica and
 the processor, found by their process titles in the cluster's session. Memory is
-flat when later minutes add (next to) nothing. With --fleet the load is the seed's
+flat when later minutes add (next to) nothing. With --fleet the load is the
 fleet rate instead (11,600 events/s in requests of 100, open loop, with each
 minute's ack p50/p99): many small log entries, for long runs on little disk. Their
 events are stamped as they are sent, as a tracker's are (within the last minute:

@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 AWS = ROOT / "cluster.yaml"
 LOCAL = ROOT / "deploy" / "cluster-local.yaml"
 FILES = [AWS, LOCAL]
-README = (ROOT / "README.md").read_text()
+OPERATIONS = (ROOT / "docs" / "operations.md").read_text()
 REDIS_PORT = 6379
 
 # What flowray's files must say themselves (Ray fills defaults for most of these, so a
@@ -251,8 +251,8 @@ def test_every_node_type_has_resources() -> None:
 
 
 @pytest.mark.parametrize("path", FILES, ids=lambda p: p.name)
-def test_readme_documents_every_top_level_key(path: Path) -> None:
-    section = README.split("## Deploying on a cluster", 1)
-    assert len(section) == 2, "README.md has no 'Deploying on a cluster' section"
+def test_docs_document_every_top_level_key(path: Path) -> None:
+    section = OPERATIONS.split("## Deploying on a cluster", 1)
+    assert len(section) == 2, "docs/operations.md has no 'Deploying on a cluster' section"
     missing = [key for key in load(path) if f"`{key}`" not in section[1]]
-    assert not missing, f"README.md does not document {path.name} keys: {missing}"
+    assert not missing, f"docs/operations.md does not document {path.name} keys: {missing}"

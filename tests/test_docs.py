@@ -1,14 +1,26 @@
-"""README.md documents every CLI command and every HTTP route."""
+"""The docs: README.md documents every CLI command, HTTP route and setting, and the
+repository stands alone (no doc cites a file outside it)."""
 
 from __future__ import annotations
 
+import re
+from dataclasses import fields
 from pathlib import Path
 
 import typer.main
 
 from flowray.cli import app as cli_app
+from flowray.config import Settings, settings_table
 
-README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text()
+SETTINGS_BEGIN = "<!-- settings:begin -->\n"
+SETTINGS_END = "<!-- settings:end -->"
+REGENERATE = (
+    "regenerate it with: .venv/bin/python -c "
+    "\"from flowray.config import settings_table; print(settings_table(), end='')\" "
+    "and paste the output between the markers"
+)
 
 
 def test_every_cli_command_is_documented() -> None:
@@ -27,7 +39,9 @@ def test_every_http_route_is_documented() -> None:
 
 
 def _routes() -> list[str]:
-    """The app's own routes (FastAPI's /docs helpers aside), from the app itself."""
+    """The app's own routes (FastAPI's /docs helpers aside), from the app itself: its
+    OpenAPI paths (every route of every router it includes, with its prefix) and any
+    route added to the app directly."""
     from fastapi.routing import APIRoute
 
     from flowray.api.app import create_app
@@ -43,10 +57,63 @@ def _routes() -> list[str]:
         admin=None,
         cache=MemoryCache(),  # type: ignore[arg-type]
     )
-    return [r.path for r in app.routes if isinstance(r, APIRoute)] + ["/docs"]
+    paths = set(app.openapi()["paths"])
+    paths |= {r.path for r in app.routes if isinstance(r, APIRoute)}
+    return [*sorted(paths), "/docs"]
 
 
 def test_readme_starts_with_the_two_commands() -> None:
     head = README.split("## ")[0]
     assert "scripts/up" in head and "scripts/test" in head
     assert "scripts/test" in (Path(__file__).resolve().parent.parent / ".ci" / "run").read_text()
+
+
+def test_readme_settings_table_is_generated_from_settings() -> None:
+    assert README.count(SETTINGS_BEGIN) == 1 and README.count(SETTINGS_END) == 1, (
+        f"README.md needs one {SETTINGS_BEGIN.strip()} ... {SETTINGS_END} block; {REGENERATE}"
+    )
+    written = README.split(SETTINGS_BEGIN, 1)[1].split(SETTINGS_END, 1)[0]
+    assert written == settings_table(), f"README.md's settings table is out of date; {REGENERATE}"
+
+
+def test_every_setting_has_a_description() -> None:
+    missing = [f.name for f in fields(Settings) if not str(f.metadata.get("doc", "")).strip()]
+    assert not missing, f"flowray/config.py: give these Settings fields a metadata doc: {missing}"
+    table = settings_table()
+    for f in fields(Settings):
+        assert f"`FLOWRAY_{f.name.upper()}`" in table
+
+
+def test_readme_links_the_docs() -> None:
+    for target in ("docs/architecture.md", "docs/operations.md", "BENCHMARKS.md"):
+        assert f"]({target}" in README, f"README.md does not link {target}"
+        assert (ROOT / target).is_file(), target
+
+
+def test_no_file_cites_a_document_outside_the_repository() -> None:
+    # Documents that once lay beside the repository (spelt in pieces, so that this
+    # file does not cite them itself).
+    names = [f"{stem}.md" for stem in ("DESIGN", "SEED")] + ["../" + "shared"]
+    paths = [*ROOT.glob("*.md"), *ROOT.glob("docs/**/*.md")]
+    for folder in ("flowray", "scripts", "tests"):
+        paths += ROOT.glob(f"{folder}/**/*.py")
+    cited = [
+        str(p.relative_to(ROOT))
+        for p in paths
+        if any(name in p.read_text(errors="replace") for name in names)
+    ]
+    assert not cited, f"these files cite a document outside the repository: {cited}"
+
+
+def test_relative_links_in_the_docs_resolve() -> None:
+    """Every relative markdown link of README.md, BENCHMARKS.md and docs/ names a file
+    of the repository."""
+    broken = []
+    for doc in [ROOT / "README.md", ROOT / "BENCHMARKS.md", *ROOT.glob("docs/*.md")]:
+        for target in re.findall(r"\]\(([^)\s]+)\)", doc.read_text()):
+            if re.match(r"[a-z]+:", target) or target.startswith("#"):
+                continue
+            path = target.split("#", 1)[0]
+            if not (doc.parent / path).exists():
+                broken.append(f"{doc.relative_to(ROOT)}: {target}")
+    assert not broken, f"broken links: {broken}"

@@ -91,7 +91,7 @@ def make_app(warehouse: Any) -> FastAPI:
 
 # FastAPI types every query parameter as a bare string and the ingest routes read their
 # body raw, so from the bare document a generator sends almost only 422 material and no
-# bodies at all. These schemas spell out the valid forms DESIGN.md's contract names;
+# bodies at all. These schemas spell out the valid forms the API's contract names;
 # schemathesis's negative mode then breaks them (wrong types, patterns, missing fields).
 
 
