@@ -99,7 +99,9 @@ def create_app(
     app.state.ingest_asgi = handler.ingest_asgi  # IngestFastPath's way in
     app.include_router(ingest_routes.router(handler))
     app.include_router(query_routes.router(deps))
-    app.include_router(metrics_routes.router(deps))
+    app.include_router(
+        metrics_routes.router(deps.metrics, admin.status, cache.name, settings.rpc_timeout_s)
+    )
     app.include_router(dashboard_routes.router())
     app.include_router(admin_routes.router(deps))
     return app

@@ -6,15 +6,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from fastapi import APIRouter
 from fastapi.responses import Response
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
-
-if TYPE_CHECKING:
-    from flowray.api.common import Deps
 
 
 class Metrics:
@@ -157,22 +155,26 @@ def cluster_metrics(m: Metrics, status: dict[str, Any]) -> None:
         m.last_job_s.set(seconds)
 
 
-def router(deps: Deps) -> APIRouter:
-    """/healthz and /metrics."""
+def router(
+    metrics: Metrics,
+    status: Callable[[], Awaitable[dict[str, Any]]],
+    cache_name: str,
+    timeout_s: float,
+) -> APIRouter:
+    """/healthz and /metrics; ``status`` gives the cluster's status for the gauges."""
     api = APIRouter()
-    settings, cache, admin, metrics = deps.settings, deps.cache, deps.admin, deps.metrics
 
     @api.get("/healthz", summary="Liveness")
     async def healthz() -> dict[str, Any]:
-        return {"status": "ok", "cache": cache.name, "pid": os.getpid()}
+        return {"status": "ok", "cache": cache_name, "pid": os.getpid()}
 
     @api.get("/metrics", summary="Prometheus metrics", response_class=Response)
     async def prometheus() -> Response:
         try:
-            status = await asyncio.wait_for(admin.status(), settings.rpc_timeout_s)
+            answer = await asyncio.wait_for(status(), timeout_s)
         except Exception:  # the cluster's state is unknown now: serve this process's own
-            status = {}
-        cluster_metrics(metrics, status)
+            answer = {}
+        cluster_metrics(metrics, answer)
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return api
