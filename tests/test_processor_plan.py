@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from flowray.actors.processor import _pack
+from flowray.actors.mapreduce_driver import _pack
 
 MB = 1024 * 1024
 
