@@ -11,6 +11,8 @@ setup(
         Extension(
             "flowray.ingest._native",
             ["flowray/ingest/_native.c"],
+            # Generated from flowray/ingest/rules.py: a change to it rebuilds the parser.
+            depends=["flowray/ingest/_rules.h"],
             extra_compile_args=["-O3", "-std=c11", "-Wall", "-Wextra"],
             optional=True,
         )

@@ -23,8 +23,9 @@
 #include <sys/mman.h>
 #include <time.h>
 
-enum { COL_SITE, COL_PATH, COL_REFERRER, COL_UA, COL_VISITOR, COL_ID, NCOLS };
-enum { FIELD_TS = NCOLS, NFIELDS };
+/* The columns, the field names, and the limits: generated from flowray/ingest/rules.py,
+ * which the Python parsers read too. */
+#include "_rules.h"
 
 typedef struct {
     char *data;        /* the values' bytes, back to back */
@@ -301,27 +302,6 @@ static int string_time(const char *p, size_t n, int64_t *ms) {
     return 1;
 }
 
-/* The field a key names, or -1 for a key the schema does not have. */
-static int field_of(const char *key, size_t n) {
-    switch (n) {
-    case 2:
-        if (!memcmp(key, "ts", 2)) return FIELD_TS;
-        if (!memcmp(key, "id", 2)) return COL_ID;
-        if (!memcmp(key, "ua", 2)) return COL_UA;
-        return -1;
-    case 4:
-        if (!memcmp(key, "site", 4)) return COL_SITE;
-        if (!memcmp(key, "path", 4)) return COL_PATH;
-        return -1;
-    case 7:
-        return memcmp(key, "visitor", 7) ? -1 : COL_VISITOR;
-    case 8:
-        return memcmp(key, "referrer", 8) ? -1 : COL_REFERRER;
-    default:
-        return -1;
-    }
-}
-
 /* One event object at p (after any whitespace): the byte after its "}" with the event
  * in *line, or NULL on any doubt. */
 static const char *parse_object(const char *p, const char *end, const Rules *rules,
@@ -361,7 +341,7 @@ static const char *parse_object(const char *p, const char *end, const Rules *rul
                 line->has_ts = 1;
             } else if (field >= 0) { /* a string column: field < NCOLS */
                 if ((Py_ssize_t)chars > rules->chars_max[field]) return NULL;
-                if (!(field == COL_ID && value_end == value)) { /* "" is no id */
+                if (!(RULE_EMPTY_IS_NULL(field) && value_end == value)) { /* "": null */
                     line->value[field] = value;
                     line->length[field] = (size_t)(value_end - value);
                     line->escaped[field] = escaped;
@@ -409,19 +389,20 @@ static int parse_line(const char *p, const char *end, const Rules *rules, Line *
     return p != NULL && skip_space(p, end) == end; /* nothing after the object */
 }
 
-/* Whether flowray.core.router.normalize_site returns this site unchanged: 1 to 253 bytes of
- * [a-z0-9.-] in labels of 1 to 63 bytes that neither begin nor end with "-" (so no
- * upper case, spaces, trailing dot or IDNA to fold). Anything else is left to it. */
+/* Whether flowray.core.router.normalize_site returns this site unchanged: 1 to
+ * RULE_SITE_BYTES_MAX bytes of [a-z0-9.-] in labels of 1 to RULE_SITE_LABEL_BYTES_MAX
+ * bytes that neither begin nor end with "-" (so no upper case, spaces, trailing dot or
+ * IDNA to fold). Anything else is left to it. */
 static int site_is_normal(const char *p, size_t n) {
     size_t label = 0;
-    if (n == 0 || n > 253) return 0;
+    if (n == 0 || n > RULE_SITE_BYTES_MAX) return 0;
     for (size_t i = 0; i < n; i++) {
         char c = p[i];
         if (c == '.') {
             if (label == 0 || p[i - 1] == '-') return 0;
             label = 0;
         } else if ((c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '-') {
-            if (++label > 63 || (label == 1 && c == '-')) return 0;
+            if (++label > RULE_SITE_LABEL_BYTES_MAX || (label == 1 && c == '-')) return 0;
         } else {
             return 0;
         }
@@ -984,9 +965,10 @@ static PyObject *columns_of(PyObject *args, Parser parse, int json) {
     rules.now_ms = now_ms;
     rules.ts_lo = ts_lo;
     rules.ts_hi = ts_hi;
-    for (int c = 0; c < NCOLS; c++)
-        rules.chars_max[c] = (c == COL_VISITOR || c == COL_ID) ? visitor_max : path_max;
-    rules.chars_max[COL_SITE] = PY_SSIZE_T_MAX; /* the site rules are Python's */
+    {
+        const Py_ssize_t chars_max[NCOLS] = RULE_CHARS_MAX(path_max, visitor_max);
+        memcpy(rules.chars_max, chars_max, sizeof(chars_max));
+    }
     out.sites_normal = 1;
     if (size > INT32_MAX || events_max < 1) goto doubt; /* 32-bit offsets */
     Py_BEGIN_ALLOW_THREADS
@@ -1358,5 +1340,10 @@ PyMODINIT_FUNC PyInit__native(void) {
     if (random == NULL || fread(&hash_seed, sizeof(hash_seed), 1, random) != 1)
         hash_seed = mix64((uint64_t)(uintptr_t)&hash_seed ^ (uint64_t)time(NULL));
     if (random != NULL) fclose(random);
-    return PyModule_Create(&module);
+    PyObject *m = PyModule_Create(&module);
+    if (m != NULL && PyModule_AddStringConstant(m, "RULES_DIGEST", RULES_DIGEST) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
 }

@@ -3,6 +3,9 @@ from typing import Protocol
 
 _Column = tuple[bytes, bytes, bytes | None, int]
 
+# The digest of the rules (_rules.h) it was built with: flowray.ingest.rules.header_digest().
+RULES_DIGEST: str
+
 class _Parse(Protocol):
     def __call__(
         self,

@@ -35,20 +35,29 @@ import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from flowray.core.invariant import InvariantError
+from flowray.core.invariant import InvariantError, require
 from flowray.core.router import normalize_site
 from flowray.ingest import fastparse
-from flowray.ingest.schema import EVENT_SCHEMA, PATH_CHARS_MAX, TS_MIN_MS, VISITOR_CHARS_MAX
+from flowray.ingest.rules import RULES
+from flowray.ingest.schema import EVENT_SCHEMA, TS_MIN_MS, Limits
+from flowray.ingest.schema import VISITOR_CHARS_MAX as VISITOR_CHARS_MAX  # for importers
 
 ERRORS_LISTED_MAX = 1000
 # The optional string fields of an event and the longest value each may hold.
-_OPTIONAL_FIELDS: tuple[tuple[str, int], ...] = (
-    ("path", PATH_CHARS_MAX),
-    ("referrer", PATH_CHARS_MAX),
-    ("ua", PATH_CHARS_MAX),
-    ("visitor", VISITOR_CHARS_MAX),
-    ("id", VISITOR_CHARS_MAX),
+_OPTIONAL_FIELDS: tuple[tuple[str, int], ...] = tuple(
+    (f.name, RULES.chars_max(f.name)) for f in RULES.fields if f.chars_limit is not None
 )
+# The hot paths below name these fields one by one (a loop over them costs more), Row
+# holds them in this order, and an empty id is made null by hand: a change to the rules'
+# fields must be made there too, and until it is this module refuses to load.
+require(
+    RULES.names == ("ts", "site", "path", "referrer", "ua", "visitor", "id")
+    and [name for name, _ in _OPTIONAL_FIELDS] == ["path", "referrer", "ua", "visitor", "id"]
+    and [f.name for f in RULES.fields if f.empty_is_null] == ["id"],
+    "flowray.ingest.events names other fields than flowray.ingest.rules declares",
+)
+_PATH_MAX, _REFERRER_MAX, _UA_MAX, _VISITOR_MAX, _ID_MAX = (n for _, n in _OPTIONAL_FIELDS)
+_NUMBERS_AS_TEXT = frozenset(f.name for f in RULES.fields if f.numbers_as_text)
 _DAY_MS = 86_400_000
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _EPOCH_ORDINAL = date(1970, 1, 1).toordinal()
@@ -96,36 +105,6 @@ class BatchRejected(ValueError):
             first = self.errors[0]
             detail += f"; first at position {first.position}: {first.reason}"
         super().__init__(f"{message}: {detail}")
-
-
-@dataclass
-class Routing:
-    """Asks the C parser for a request's rows in routing order (that of
-    :func:`flowray.ingest.pieces.route_table` for a shard map), which spares the ingress a
-    second pass over the sites and a take of every column. The parser sets ``table``
-    and ``runs`` (rank, hour, first row, rows) when it gave its rows so: when every
-    site was in its normal form and its shard was known."""
-
-    shard_count: int
-    ranks: bytes  # each shard's rank, int64
-    hour_ms: int
-    table: pa.Table | None = None
-    runs: list[tuple[int, int, int, int]] | None = None
-
-
-@dataclass(frozen=True)
-class Limits:
-    """What a batch may contain, with the server clock passed in rather than read."""
-
-    now_ms: int
-    future_skew_ms: int = 300_000
-    batch_events_max: int = 200_000
-    routing: Routing | None = None  # see Routing: the same rows, maybe in another order
-
-    @property
-    def ts_max_ms(self) -> int:
-        """The latest valid timestamp: a little ahead of the server, for client clock skew."""
-        return self.now_ms + self.future_skew_ms
 
 
 # --------------------------------------------------------------------------- timestamps
@@ -199,7 +178,7 @@ def parse_timestamp(value: object, received_ms: int) -> int:
 def _range_reason(ts_ms: int, limits: Limits) -> str:
     """Why ``ts_ms`` is outside the valid range (the caller already knows it is)."""
     if ts_ms < TS_MIN_MS:
-        return f"time {_format_ms(ts_ms)} is before 2000-01-01T00:00:00Z"
+        return f"time {_format_ms(ts_ms)} is before {RULES.ts_min_text}"
     return (
         f"time {_format_ms(ts_ms)} is more than {limits.future_skew_ms // 1000} s "
         f"ahead of the server clock ({_format_ms(limits.now_ms)})"
@@ -330,7 +309,7 @@ def _optional_string(event: dict[str, Any], name: str, chars_max: int, reasons: 
     if value is None:
         return None
     if type(value) is not str:
-        if name == "id" and type(value) is int:
+        if name in _NUMBERS_AS_TEXT and type(value) is int:
             return str(value)  # numeric ids are common; store them as their decimal text
         reasons.append(f"{name}: must be a string, not {_json_type(value)}")
         return None
@@ -395,11 +374,11 @@ def _add_object(batch: _Batch, position: int, event: object, fallback_id: str | 
         get("id"),
     )
     if not (
-        (path is None or (type(path) is str and len(path) <= PATH_CHARS_MAX))
-        and (referrer is None or (type(referrer) is str and len(referrer) <= PATH_CHARS_MAX))
-        and (ua is None or (type(ua) is str and len(ua) <= PATH_CHARS_MAX))
-        and (visitor is None or (type(visitor) is str and len(visitor) <= VISITOR_CHARS_MAX))
-        and (event_id is None or (type(event_id) is str and len(event_id) <= VISITOR_CHARS_MAX))
+        (path is None or (type(path) is str and len(path) <= _PATH_MAX))
+        and (referrer is None or (type(referrer) is str and len(referrer) <= _REFERRER_MAX))
+        and (ua is None or (type(ua) is str and len(ua) <= _UA_MAX))
+        and (visitor is None or (type(visitor) is str and len(visitor) <= _VISITOR_MAX))
+        and (event_id is None or (type(event_id) is str and len(event_id) <= _ID_MAX))
     ):  # the rare path: find and name every bad field
         values = [_optional_string(event, name, limit, reasons) for name, limit in _OPTIONAL_FIELDS]
         path, referrer, ua, visitor, event_id = values
@@ -683,10 +662,10 @@ def _add_combined_line(batch: _Batch, position: int, line: str, fallback_id: str
     path, referrer, ua = _request_path(request), _log_field(referrer_text), _log_field(ua_text)
     visitor = None if client == "-" else client
     if not (
-        (path is None or len(path) <= PATH_CHARS_MAX)
-        and (referrer is None or len(referrer) <= PATH_CHARS_MAX)
-        and (ua is None or len(ua) <= PATH_CHARS_MAX)
-        and (visitor is None or len(visitor) <= VISITOR_CHARS_MAX)
+        (path is None or len(path) <= _PATH_MAX)
+        and (referrer is None or len(referrer) <= _REFERRER_MAX)
+        and (ua is None or len(ua) <= _UA_MAX)
+        and (visitor is None or len(visitor) <= _VISITOR_MAX)
     ):
         event = {"path": path, "referrer": referrer, "ua": ua, "visitor": visitor}
         for name, limit in _OPTIONAL_FIELDS[:4]:

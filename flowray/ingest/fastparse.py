@@ -6,6 +6,7 @@ Arrow would coerce, a bad site, a timestamp out of range, anything unusual — s
 exact parsers in :mod:`flowray.ingest.events` run instead and report every bad item with its
 position. A fast path never accepts what the exact parser would reject, and gives the
 same table for what it accepts (tests/test_fastparse.py checks both, differentially).
+Both take the fields and limits from :mod:`flowray.ingest.rules`, as the C parser does.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import io
 import re
 import types
-from typing import TYPE_CHECKING
+import warnings
 
 import numpy as np
 import pyarrow as pa
@@ -22,21 +23,39 @@ import pyarrow.json as pjson
 
 from flowray.core.invariant import require
 from flowray.core.router import SiteError, normalize_site
-from flowray.ingest.schema import EVENT_SCHEMA, PATH_CHARS_MAX, TS_MIN_MS, VISITOR_CHARS_MAX
+from flowray.ingest.rules import RULES, header_digest
+from flowray.ingest.schema import EVENT_SCHEMA, TS_MIN_MS, Limits
+
+
+def built_from_these_rules(native: types.ModuleType | None) -> types.ModuleType | None:
+    """The C parser if it was built from the rules as they are, else None (with a
+    warning): one built before they last changed would check the old ones, while the
+    other paths follow the new ones, only slower."""
+    if native is None or getattr(native, "RULES_DIGEST", None) == header_digest():
+        return native
+    warnings.warn(
+        "flowray.ingest._native was built from other event rules than flowray.ingest.rules "
+        "declares, so it is not used: rebuild it (pip install -e .)",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+    return None
+
 
 _native: types.ModuleType | None
 try:  # the C parser, built at install where a compiler is found (see setup.py)
     from flowray.ingest import _native
 except ImportError:  # pragma: no cover - exercised by the pure path's tests
     _native = None
+_native = built_from_these_rules(_native)
 
-if TYPE_CHECKING:
-    from flowray.ingest.events import Limits
 
-_STRINGS = ("path", "referrer", "ua", "visitor", "id")
-_JSON_SCHEMA = pa.schema(
-    [("ts", pa.int64()), ("site", pa.string())] + [(name, pa.string()) for name in _STRINGS]
-)
+# The optional string fields (all but ts and site) and their limits, as the rules say.
+_STRINGS = tuple(f.name for f in RULES.fields if f.type == "string" and not f.required)
+_CHARS_MAX = {name: RULES.chars_max(name) for name in _STRINGS}
+_EMPTY_IS_NULL = frozenset(f.name for f in RULES.fields if f.empty_is_null)
+# EVENT_SCHEMA's fields, all nullable: a missing ts or site is found after reading.
+_JSON_SCHEMA = pa.schema([(f.name, f.type) for f in EVENT_SCHEMA])
 _READ_BLOCK_BYTES = 16 * 1024 * 1024
 # Searched in b"\n" + body: a leading alternation (?:^|\n) made re try every position
 # (10 ms for a 600 KB body); a literal first character lets it skip to each newline.
@@ -113,8 +132,8 @@ def _native_table(form: str, body: bytes, limits: Limits) -> pa.Table | None:
         limits.now_ms,
         TS_MIN_MS,
         limits.now_ms + limits.future_skew_ms,
-        PATH_CHARS_MAX,
-        VISITOR_CHARS_MAX,
+        RULES.path_chars_max,  # _rules.h says which columns each is for
+        RULES.visitor_chars_max,
         limits.batch_events_max,
     ]
     routing = limits.routing
@@ -140,9 +159,7 @@ def _native_table(form: str, body: bytes, limits: Limits) -> pa.Table | None:
     return table
 
 
-_ARRAY_SCHEMA = pa.schema(
-    [("ts", pa.float64()), ("site", pa.string())] + [(name, pa.string()) for name in _STRINGS]
-)
+_ARRAY_SCHEMA = _JSON_SCHEMA.set(0, pa.field("ts", pa.float64()))
 _TS_EXACT_MAX = 2**53  # every epoch millisecond of our range is exact as a float64
 
 
@@ -321,11 +338,10 @@ def _finish(table: pa.Table, limits: Limits) -> pa.Table | None:
     columns = {"ts": ts, "site": site}
     for name in _STRINGS:
         column = table.column(name)
-        limit = VISITOR_CHARS_MAX if name in ("visitor", "id") else PATH_CHARS_MAX
         longest = pc.max(pc.utf8_length(column)).as_py()
-        if longest is not None and longest > limit:
+        if longest is not None and longest > _CHARS_MAX[name]:
             return None
-        if name == "id":  # an empty id is no id, as in the exact parser
+        if name in _EMPTY_IS_NULL:  # an empty id is no id, as in the exact parser
             column = pc.if_else(pc.equal(column, ""), pa.scalar(None, pa.string()), column)
         columns[name] = column
     return pa.table(columns, schema=EVENT_SCHEMA)

@@ -20,7 +20,8 @@ import pyarrow as pa
 from flowray.core.invariant import require
 from flowray.core.router import ShardMap, shard_for_site
 from flowray.core.units import HOUR_MS
-from flowray.ingest.events import Events, Routing, Row
+from flowray.ingest.events import Events, Row
+from flowray.ingest.schema import Routing
 
 _native: types.ModuleType | None
 try:  # the C parser and routing pass, built at install where a compiler is found
