@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -14,22 +15,31 @@ from flowray.cli.common import (
     fail,
 )
 
-BENCHMARKS = ("ingest", "query", "freshness", "process", "memory", "soak", "cpu")
+
+class Benchmark(StrEnum):
+    """The scripts/bench_*.py a source checkout has."""
+
+    ingest = "ingest"
+    query = "query"
+    freshness = "freshness"
+    process = "process"
+    memory = "memory"
+    soak = "soak"
+    cpu = "cpu"
+
+
+BENCHMARKS = tuple(b.value for b in Benchmark)
 
 
 @app.command()
 def bench(
-    which: Annotated[
-        str, typer.Argument(help="ingest, query, freshness, process, memory, soak or cpu.")
-    ],
+    which: Annotated[Benchmark, typer.Argument(help="The benchmark (scripts/bench_*.py).")],
     args: Annotated[
         list[str] | None, typer.Argument(help="Passed to the script, after --.")
     ] = None,
 ) -> None:
     """Run a benchmark script from scripts/ (a source checkout); see BENCHMARKS.md."""
-    if which not in BENCHMARKS:
-        fail(f"benchmark must be one of {', '.join(BENCHMARKS)}")
-    script = Path(__file__).resolve().parents[2] / "scripts" / f"bench_{which}.py"
+    script = Path(__file__).resolve().parents[2] / "scripts" / f"bench_{which.value}.py"
     if not script.is_file():
         fail(f"{script} is missing: benchmarks run from a source checkout of flowray")
     raise typer.Exit(subprocess.call([sys.executable, str(script), *(args or [])]))

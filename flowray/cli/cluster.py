@@ -13,11 +13,15 @@ import time
 from pathlib import Path
 from typing import Annotated, Any
 
+import orjson
 import typer
+from rich.console import RenderableType
 from rich.progress import BarColumn, Progress, TextColumn
 from rich.table import Table
+from rich.text import Text
 
 from flowray.cli.common import (
+    CALL_ERRORS,
     DOWN_TIMEOUT_S,
     JOB_TIMEOUT_S,
     UP_TIMEOUT_S,
@@ -34,7 +38,7 @@ from flowray.cli.common import (
     session_pids,
     versions_table,
 )
-from flowray.client import ApiError, Client
+from flowray.client import Client
 from flowray.config import DEFAULT_DATA_DIR, NODES_TIMEOUT_S, Settings
 from flowray.storage.durable import write_json_atomic
 
@@ -274,69 +278,147 @@ def _down_named(data_dir: Path) -> None:
 def status(
     data_dir: DataDir = Path(DEFAULT_DATA_DIR),
     url: Url = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the API's answer as it is, in JSON.")
+    ] = False,
 ) -> None:
-    """Every group's replicas (role, term, last and committed index, pid, node) and more."""
+    """Every group's replicas (role, term, commit and last index, pid, node), the
+    processor and the warehouse."""
     body = ask(data_dir, url, lambda c: c.status())
     if as_json:
-        console.print_json(data=body)
+        sys.stdout.write(orjson.dumps(body, option=orjson.OPT_INDENT_2).decode() + "\n")
         return
-    table = Table(title="flowray groups")
-    for col in (
-        "group",
-        "replica",
-        "role",
-        "term",
-        "last",
-        "committed",
-        "pid",
-        "node",
-        "open",
-        "sealed",
-    ):
-        table.add_column(col)
-    for group in body["groups"]:
-        for r in group["replicas"]:
-            table.add_row(
-                *(
-                    str(r.get(k, "-"))
-                    for k in (
-                        "group",
-                        "replica",
-                        "role",
-                        "term",
-                        "last_index",
-                        "commit_index",
-                        "pid",
-                    )
-                ),
-                str(r.get("node", "-"))[:12],
-                str(r.get("blocks_open", "-")),
-                str(r.get("blocks_sealed", "-")),
+    for part in status_view(body):
+        console.print(part)
+
+
+def status_view(body: dict[str, Any]) -> list[RenderableType]:
+    """What 'flowray status' prints for the answer of GET /v1/admin/status: tables of
+    the replicas, the processor and the warehouse, then whatever needs attention."""
+    proc = body.get("processor") or {}
+    masters = [
+        r for g in body.get("groups", []) for r in g["replicas"] if r.get("role") == "master"
+    ]
+    parts: list[RenderableType] = [replicas_table(body), processor_table(proc, masters)]
+    parts.append(warehouse_table(proc.get("catalog") or {}, proc, body.get("cache")))
+    if proc.get("versions"):
+        parts.append(versions_table(proc["versions"]))
+    replicas = [r for g in body.get("groups", []) for r in g["replicas"]]
+    for r in replicas:
+        if r.get("status") == "down":
+            parts.append(
+                Text(f"group {r.get('group')} replica {r.get('replica')}: {r.get('error')}", "red")
             )
-    console.print(table)
-    masters = [r for g in body["groups"] for r in g["replicas"] if r.get("role") == "master"]
+    if proc.get("status") == "down":
+        parts.append(Text(f"processor: {proc.get('error')}", "red"))
+    if proc.get("last_error"):
+        parts.append(Text(f"last processing error: {proc['last_error']}", "yellow"))
+    return parts
+
+
+ROLE_STYLES = {"master": "bold green", "candidate": "yellow", "down": "bold red"}
+NODE_ID_SHOWN = 12
+
+
+def replicas_table(body: dict[str, Any]) -> Table:
+    """One row per replica; a replica that did not answer shows as down."""
+    layout = body.get("layout") or {}
+    caption = (
+        f"{layout['groups']} groups x {layout['replicas']} replicas, {layout['shards']} shards"
+        if layout
+        else None
+    )
+    table = Table(title="groups", caption=caption)
+    for col in ("group", "replica", "role", "term", "commit/last", "pid", "node", "host"):
+        table.add_column(col, justify="right" if col in ("term", "commit/last", "pid") else "left")
+    table.add_column("blocks open/sealed", justify="right")
+    for group in body.get("groups", []):
+        for r in group["replicas"]:
+            role = "down" if r.get("status") == "down" else str(r.get("role", "-"))
+            shown = role + (" (abstaining)" if r.get("abstaining") else "")
+            cells = [
+                str(r.get("group", group.get("group"))),
+                str(r.get("replica", "-")),
+                _cell(r.get("term")),
+                f"{_cell(r.get('commit_index'))}/{_cell(r.get('last_index'))}",
+                _cell(r.get("pid")),
+                _cell(r.get("node"))[:NODE_ID_SHOWN],
+                _cell(r.get("host")),
+                f"{_cell(r.get('blocks_open'))}/{_cell(r.get('blocks_sealed'))}",
+            ]
+            # Text, not str: a host or node name is data, never rich markup.
+            table.add_row(
+                *map(Text, cells[:2]), Text(shown, ROLE_STYLES.get(role, "")), *map(Text, cells[2:])
+            )
+    return table
+
+
+def processor_table(proc: dict[str, Any], masters: list[dict[str, Any]]) -> Table:
+    """The processor: its jobs, the last one, and the work still waiting (which the
+    groups' masters count)."""
     pending = sum(r.get("sealed_pending") or 0 for r in masters)
     late = sum(r.get("late_events") or 0 for r in masters)
-    proc = body.get("processor", {})
-    console.print(
-        f"pending: {pending} sealed blocks not yet published; late events (since the "
-        f"masters started): {late}; units re-published for late events: "
-        f"{proc.get('republished_units')}; shard-days merged: {proc.get('merged_days')}"
+    last = proc.get("last_job") or {}
+    last_job = (
+        f"{last.get('blocks')} blocks -> {last.get('units')} units, "
+        f"{last.get('events')} events in {last.get('seconds')} s"
+        if last
+        else "none yet"
     )
-    console.print(
-        f"warehouse: {proc.get('catalog')}  jobs: {proc.get('jobs')}  "
-        f"last job: {proc.get('last_job')}  cache: {body.get('cache')}"
+    running = ", ".join(
+        f"{j['kind']} {j['job']} ({j.get('done')}/{j.get('total')})"
+        for j in proc.get("jobs_running") or []
     )
-    if proc.get("shard_owners"):
-        owners = ", ".join(f"{s}->g{g}" for s, g in enumerate(proc["shard_owners"]))
-        console.print(f"shards (shard->group): {owners}")
-    if proc.get("versions"):
-        console.print(versions_table(proc["versions"]))
-    for job in proc.get("jobs_running") or []:
-        console.print(f"running: {job['kind']} job {job['job']} ({job['done']}/{job['total']})")
-    if proc.get("last_error"):
-        console.print(f"[yellow]last processing error:[/yellow] {proc['last_error']}")
+    return _pairs_table(
+        "processor",
+        [
+            ("state", "down" if proc.get("status") == "down" else "up"),
+            ("pid", _cell(proc.get("pid"))),
+            ("jobs published", _cell(proc.get("jobs"))),
+            ("last job", last_job),
+            ("running", running or "-"),
+            ("sealed blocks not yet published", str(pending)),
+            ("late events (since the masters started)", str(late)),
+            ("units re-published (late events)", _cell(proc.get("republished_units"))),
+            ("shard-days merged", _cell(proc.get("merged_days"))),
+        ],
+    )
+
+
+def warehouse_table(catalog: dict[str, Any], proc: dict[str, Any], cache: Any) -> Table:
+    """The current warehouse version, how far it is final, and where shards write."""
+    watermark = catalog.get("watermark_ms")
+    final = (
+        "-"
+        if watermark is None
+        else time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(watermark / 1000))
+    )
+    owners = proc.get("shard_owners") or []
+    return _pairs_table(
+        "warehouse",
+        [
+            ("current version", _cell(catalog.get("current_version"))),
+            ("generation", _cell(catalog.get("generation"))),
+            ("units", _cell(catalog.get("units"))),
+            ("events", _cell(catalog.get("events"))),
+            ("final up to", final),
+            ("shards (shard->group)", ", ".join(f"{s}->g{g}" for s, g in enumerate(owners))),
+            ("query cache", _cell(cache)),
+        ],
+    )
+
+
+def _pairs_table(title: str, pairs: list[tuple[str, str]]) -> Table:
+    table = Table(title=title, show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    for key, value in pairs:
+        table.add_row(key, Text(value or "-"))
+    return table
+
+
+def _cell(value: Any) -> str:
+    return "-" if value is None else str(value)
 
 
 @app.command()
@@ -379,7 +461,7 @@ def restart(
                     )
 
                 state = client.wait_job(started, JOB_TIMEOUT_S, show)
-        except (ApiError, OSError, TimeoutError) as exc:
+        except CALL_ERRORS as exc:
             fail(str(exc))
             return
     for step in state["steps"]:

@@ -7,27 +7,78 @@ import json
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
+import httpx
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from flowray import __version__
 from flowray.client import ApiError, Client, ClusterNotFound, find_url
 
 app = typer.Typer(
     help="flowray: minute-by-minute web traffic analytics on Ray.",
     no_args_is_help=True,
-    add_completion=False,
+    # --install-completion / --show-completion: typer's completion for bash, zsh, fish
+    # and PowerShell, which also completes the choices of the options below.
+    add_completion=True,
 )
 console = Console()
 err = Console(stderr=True)
 
+
+# Choices as enums, so typer refuses any other value at once and lists the choices (and
+# shell completion offers them). Written out rather than built from the server's tuples,
+# so that starting the CLI (and every completion) loads neither numpy nor pyarrow;
+# tests/test_cli_habits.py checks them against flowray.query.series.INTERVALS and
+# flowray.ingest.events.FORMATS.
+class Interval(StrEnum):
+    minute = "minute"
+    hour = "hour"
+    day = "day"
+
+
+class IngestFormat(StrEnum):
+    auto = "auto"
+    seed = "seed"
+    combined = "combined"
+    ndjson = "ndjson"
+
+
+@dataclass
+class GlobalOptions:
+    """--data-dir and --url given before the command (None: not given there); kept in
+    typer's context so that every command can fall back on them."""
+
+    data_dir: Path | None = None
+    url: str | None = None
+
+
+def _prefer_global(ctx: typer.Context, param: typer.CallbackParam, value: Any) -> Any:
+    """A command's own --data-dir/--url, given after the command, wins; otherwise one
+    given before the command; otherwise the environment variable or the default."""
+    name = param.name or ""
+    source = ctx.get_parameter_source(name)
+    # By name: typer may bring its own copy of click, with its own ParameterSource.
+    if source is not None and source.name == "COMMANDLINE":
+        return value
+    given = getattr(ctx.find_object(GlobalOptions), name, None)
+    return value if given is None else given
+
+
 DataDir = Annotated[
     Path,
-    typer.Option("--data-dir", envvar="FLOWRAY_DATA_DIR", help="Where the cluster keeps its data."),
+    typer.Option(
+        "--data-dir",
+        envvar="FLOWRAY_DATA_DIR",
+        help="Where the cluster keeps its data.",
+        callback=_prefer_global,
+    ),
 ]
 Url = Annotated[
     str | None,
@@ -35,8 +86,57 @@ Url = Annotated[
         "--url",
         envvar="FLOWRAY_URL",
         help="API URL of a running cluster (default: the one recorded in --data-dir).",
+        callback=_prefer_global,
     ),
 ]
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"flowray {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    ctx: typer.Context,
+    data_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--data-dir",
+            help="Where the cluster keeps its data, for every command (FLOWRAY_DATA_DIR; "
+            "default ./flowray-data). Also accepted after the command, where it wins.",
+            show_default=False,
+        ),
+    ] = None,
+    url: Annotated[
+        str | None,
+        typer.Option(
+            "--url",
+            help="API URL of a running cluster, for every command (FLOWRAY_URL; default: "
+            "the one recorded in --data-dir). Also accepted after the command.",
+            show_default=False,
+        ),
+    ] = None,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            help="Print flowray's version and exit.",
+            callback=_print_version,
+            is_eager=True,
+        ),
+    ] = False,
+) -> None:
+    """flowray: minute-by-minute web traffic analytics on Ray."""
+    # No envvar here: the commands' own options read FLOWRAY_DATA_DIR and FLOWRAY_URL,
+    # so a value in this context was typed before the command and beats them.
+    ctx.obj = GlobalOptions(data_dir=data_dir, url=url)
+
+
+# What a call to the cluster may raise that ends a command with a message, not a
+# traceback: httpx's errors (a refused connection to a stale --url) are no OSError.
+CALL_ERRORS = (ApiError, OSError, TimeoutError, httpx.HTTPError)
 UP_TIMEOUT_S = 180.0
 DOWN_TIMEOUT_S = 60.0
 BAD_LINES_SHOWN_MAX = 20
@@ -68,8 +168,8 @@ def ask(data_dir: Path, url: str | None, call: Callable[[Client], Any]) -> Any:
     with client_for(data_dir, url, admin=True) as client:
         try:
             return call(client)
-        except (ApiError, OSError) as exc:
-            fail(str(exc))
+        except CALL_ERRORS as exc:
+            fail(str(exc) or type(exc).__name__)
             return None
 
 

@@ -2,19 +2,27 @@
 
 from __future__ import annotations
 
+import math
 import sys
 import time
+from collections.abc import Sequence
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
 import orjson
 import typer
+from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 from flowray.cli.common import (
     BAD_LINES_SHOWN_MAX,
+    CALL_ERRORS,
     DataDir,
+    IngestFormat,
+    Interval,
     Url,
     app,
     client_for,
@@ -22,7 +30,6 @@ from flowray.cli.common import (
     err,
     fail,
 )
-from flowray.client import ApiError
 from flowray.config import DEFAULT_DATA_DIR
 
 
@@ -35,7 +42,9 @@ def ingest(
     files: Annotated[list[Path], typer.Argument(help="Log files (plain or .gz).")],
     data_dir: DataDir = Path(DEFAULT_DATA_DIR),
     url: Url = None,
-    format: Annotated[str, typer.Option(help="auto, seed, combined or ndjson.")] = "auto",
+    format: Annotated[
+        IngestFormat, typer.Option(help="The files' form (auto: told by their first lines).")
+    ] = IngestFormat.auto,
     site: Annotated[
         str | None, typer.Option(help="Site of every event (needed for combined logs).")
     ] = None,
@@ -44,8 +53,6 @@ def ingest(
     """Stream events from files to the API, with a progress bar; bad lines are reported."""
     from flowray.ingest import events as ev
 
-    if format not in ev.FORMATS:
-        fail(f"--format must be one of {', '.join(ev.FORMATS)}")
     missing = [str(f) for f in files if not f.is_file()]
     if missing:
         fail(f"no such file: {', '.join(missing)}")
@@ -64,7 +71,7 @@ def ingest(
             task = progress.add_task(path.name, total=path.stat().st_size)
             limits = ev.Limits(now_ms=int(time.time() * 1000))
             try:
-                chunks = ev.iter_file(path, format, limits, site=site, chunk_lines=batch)
+                chunks = ev.iter_file(path, format.value, limits, site=site, chunk_lines=batch)
                 for chunk in chunks:
                     for item in chunk.bad:
                         bad_total += 1
@@ -73,7 +80,7 @@ def ingest(
                     if chunk.events.num_rows:
                         accepted += client.send_events(_event_dicts(chunk.events))
                     progress.update(task, advance=chunk.bytes)
-            except (ValueError, ApiError, OSError) as exc:
+            except (ValueError, *CALL_ERRORS) as exc:
                 fail(f"{path}: {exc}")
     if bad_total > BAD_LINES_SHOWN_MAX:
         err.print(f"... and {bad_total - BAD_LINES_SHOWN_MAX} more bad lines")
@@ -92,7 +99,7 @@ def process(
     with client_for(data_dir, url, admin=True) as client, err.status("processing ..."):
         try:
             result = client.process("all" if all_blocks else "closed")
-        except (ApiError, OSError) as exc:
+        except CALL_ERRORS as exc:
             fail(str(exc))
             return
     console.print(
@@ -102,42 +109,163 @@ def process(
     )
 
 
+class QueryFormat(StrEnum):
+    table = "table"
+    json = "json"
+    csv = "csv"
+
+
 @app.command()
 def query(
     site: Annotated[str, typer.Argument(help="The site, e.g. example.com")],
-    start: Annotated[str, typer.Option(help="Inclusive start (ISO-8601, date, epoch ms).")],
-    end: Annotated[str, typer.Option(help="Exclusive end (ISO-8601, date, epoch ms).")],
+    start: Annotated[
+        str | None,
+        typer.Option(
+            help="Inclusive start (RFC 3339, date, epoch ms). Default: 24 h before --end.",
+            show_default=False,
+        ),
+    ] = None,
+    end: Annotated[
+        str | None,
+        typer.Option(
+            help="Exclusive end (RFC 3339, date, epoch ms). Default: 24 h after --start, "
+            "or the end of the current minute when neither is given.",
+            show_default=False,
+        ),
+    ] = None,
     data_dir: DataDir = Path(DEFAULT_DATA_DIR),
     url: Url = None,
-    interval: Annotated[str, typer.Option(help="minute, hour or day.")] = "minute",
+    interval: Annotated[Interval, typer.Option(help="Bucket size.")] = Interval.minute,
     tz: Annotated[str, typer.Option(help="IANA time zone.")] = "UTC",
-    format: Annotated[str, typer.Option(help="table, json or csv.")] = "table",
+    format: Annotated[QueryFormat, typer.Option(help="How to print it.")] = QueryFormat.table,
+    all_rows: Annotated[
+        bool,
+        typer.Option(
+            "--all", help="Print every row of the table (default: a long one's first and last)."
+        ),
+    ] = False,
 ) -> None:
-    """A site's traffic series."""
-    if format not in ("table", "json", "csv"):
-        fail("--format must be one of table, json, csv")
-    params = {"start": start, "end": end, "interval": interval, "tz": tz}
+    """A site's traffic series, as a sparkline and a table (or JSON, or CSV).
+
+    Without --start and --end: the last 24 hours."""
+    try:
+        start, end = query_range(start, end, tz, int(time.time() * 1000))
+    except ValueError as exc:  # series.RangeError: a bad time or zone
+        fail(str(exc))
+        return
+    params = {"start": start, "end": end, "interval": interval.value, "tz": tz}
     with client_for(data_dir, url) as client:
         try:
-            if format == "csv":
+            if format is QueryFormat.csv:
                 sys.stdout.write(client.traffic_text(site, format="csv", **params))
                 return
             body = client.traffic(site, **params)
-        except (ApiError, OSError) as exc:
+        except CALL_ERRORS as exc:
             fail(str(exc))
             return
-    if format == "json":
+    if format is QueryFormat.json:
         sys.stdout.write(orjson.dumps(body, option=orjson.OPT_INDENT_2).decode() + "\n")
         return
+    print_series(console, body, interval.value, tz, all_rows)
+
+
+QUERY_SPAN_MS = 24 * 3_600_000
+MINUTE_MS = 60_000
+
+
+def query_range(start: str | None, end: str | None, tz: str, now_ms: int) -> tuple[str, str]:
+    """The range to ask for. Bounds given are sent as typed (the server reads them); a
+    missing one is 24 h from the other; with neither, the 24 h up to the end of the
+    current minute, so the newest (provisional) minute is in. ValueError for a given
+    bound that cannot be read."""
+    if start is None:
+        if end is None:
+            end_ms = -(-now_ms // MINUTE_MS) * MINUTE_MS
+            return str(end_ms - QUERY_SPAN_MS), str(end_ms)
+        return str(_epoch_ms(end, tz) - QUERY_SPAN_MS), end
+    if end is None:
+        return start, str(_epoch_ms(start, tz) + QUERY_SPAN_MS)
+    return start, end
+
+
+def _epoch_ms(value: str, tz: str) -> int:
+    """A query time read as the server reads it (a date is midnight in ``tz``)."""
+    # Imported here: it loads numpy, which the other commands need not wait for.
+    from flowray.query.series import parse_time, parse_zone
+
+    return parse_time(value, parse_zone(tz))
+
+
+SPARK_BARS = " \u2581\u2582\u2583\u2584\u2585\u2586\u2587\u2588"
+
+
+def spark_run(count: int, width: int) -> int:
+    """How many consecutive values one mark of a sparkline ``width`` wide stands for."""
+    return max(1, -(-count // max(width, 1)))
+
+
+def sparkline(values: Sequence[float], width: int) -> str:
+    """One block character per run of consecutive values (their mean), at most ``width``
+    of them, scaled from zero to the highest run: a blank is no traffic at all, the
+    lowest block some, the full block the peak."""
+    if not values or width < 1:
+        return ""
+    size = spark_run(len(values), width)
+    runs = [values[i : i + size] for i in range(0, len(values), size)]
+    means = [sum(run) / len(run) for run in runs]
+    top = max(means)
+    steps = len(SPARK_BARS) - 1
+    if top <= 0:
+        return SPARK_BARS[0] * len(means)
+    return "".join(
+        SPARK_BARS[0] if m <= 0 else SPARK_BARS[max(1, math.ceil(m / top * steps))] for m in means
+    )
+
+
+TABLE_ROWS_MAX = 40  # a longer table shows only its first and last TABLE_ROWS_KEPT rows
+TABLE_ROWS_KEPT = 10
+
+
+def print_series(
+    out: Console, body: dict[str, Any], interval: str, tz: str, all_rows: bool
+) -> None:
+    """The sparkline of the series above its table; a long table is cut in the middle
+    unless ``all_rows``."""
+    points = body["points"]
+    _print_chart(out, points, interval)
+    cut = not all_rows and len(points) > TABLE_ROWS_MAX
+    left_out = len(points) - 2 * TABLE_ROWS_KEPT if cut else 0
     table = Table(title=f"{body['site']} per {interval} ({tz})")
     table.add_column("t")
     table.add_column("count", justify="right")
     table.add_column("provisional")
-    for p in body["points"]:
+    for i, p in enumerate(points[:TABLE_ROWS_KEPT] + points[-TABLE_ROWS_KEPT:] if cut else points):
+        if cut and i == TABLE_ROWS_KEPT:
+            table.add_row("...", "...", "")
         table.add_row(p["t"], str(p["count"]), "yes" if p["provisional"] else "")
-    console.print(table)
-    total = sum(p["count"] for p in body["points"])
-    console.print(f"total {total}; final up to {body['watermark']}")
+    out.print(table)
+    if cut:
+        out.print(Text(f"{left_out} of {len(points)} rows left out (--all prints them)", "dim"))
+    total = sum(p["count"] for p in points)
+    out.print(f"total {total}; final up to {body['watermark'] or '(nothing processed yet)'}")
+
+
+def _print_chart(out: Console, points: list[dict[str, Any]], interval: str) -> None:
+    """The sparkline, as wide as the terminal, and what its ends and marks stand for."""
+    if not any(p["count"] for p in points):
+        out.print(Text("no events in this range", style="dim"))
+        return
+    width = max(out.width - 2, 10)
+    line, size = sparkline([p["count"] for p in points], width), spark_run(len(points), width)
+    peak = max(points, key=lambda p: p["count"])
+    each = f"each mark {size} {interval}s" if size > 1 else f"each mark one {interval}"
+    out.print(Text(line, style="cyan"))
+    out.print(
+        Text(
+            f"{points[0]['t']} .. {points[-1]['t']}; {each}; peak {peak['count']} at {peak['t']}",
+            style="dim",
+        )
+    )
 
 
 @app.command()
@@ -184,7 +312,7 @@ def demo(
             ]
             try:
                 client.send_events(batch)
-            except (ApiError, OSError) as exc:
+            except CALL_ERRORS as exc:
                 fail(str(exc))
             sent += n
             progress.update(task, completed=sent)

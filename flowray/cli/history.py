@@ -10,6 +10,7 @@ import orjson
 import typer
 
 from flowray.cli.common import (
+    CALL_ERRORS,
     CHANGES_SHOWN,
     DataDir,
     Url,
@@ -22,7 +23,6 @@ from flowray.cli.common import (
     print_changes,
     versions_table,
 )
-from flowray.client import ApiError
 from flowray.config import DEFAULT_DATA_DIR
 
 
@@ -66,7 +66,7 @@ def reprocess(
     with client_for(data_dir, url, admin=True) as client:
         try:
             result = follow_job(client, client.reprocess(**request), "re-processing")
-        except (ApiError, OSError, TimeoutError) as exc:
+        except CALL_ERRORS as exc:
             fail(str(exc))
             return
     if as_json:
@@ -95,7 +95,7 @@ def rollback(
     with client_for(data_dir, url, admin=True) as client:
         try:
             result = follow_job(client, client.rollback(to), "rolling back")
-        except (ApiError, OSError, TimeoutError) as exc:
+        except CALL_ERRORS as exc:
             fail(str(exc))
             return
     console.print(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -21,6 +22,15 @@ from flowray.cli.common import (
 )
 from flowray.config import DEFAULT_DATA_DIR, Settings
 
+
+class Scope(StrEnum):
+    """Token scopes as typer choices: flowray.api.auth.SCOPES (tests/test_cli_habits.py checks)."""
+
+    ingest = "ingest"
+    read = "read"
+    admin = "admin"
+
+
 token_app = typer.Typer(
     help="Scoped access tokens, kept hashed in DATA_DIR/tokens.sqlite (no cluster needed).",
     no_args_is_help=True,
@@ -30,7 +40,7 @@ app.add_typer(token_app, name="token")
 
 @token_app.command("create")
 def token_create(
-    scope: Annotated[str, typer.Option(help="ingest, read or admin.")],
+    scope: Annotated[Scope, typer.Option(help="What the token may do.")],
     site: Annotated[
         list[str] | None,
         typer.Option(help="A site the token covers; repeat for more. Needed unless admin."),
@@ -48,7 +58,7 @@ def token_create(
     store = TokenStore(settings.tokens_file)
     try:
         was_open = not store.active() and not os.environ.get("FLOWRAY_ADMIN_TOKEN")
-        token, record = store.create(scope, site or [], rate, name)
+        token, record = store.create(scope.value, site or [], rate, name)
     except (ValueError, StoreUnavailable) as exc:
         fail(str(exc))
         return
