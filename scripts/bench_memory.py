@@ -37,7 +37,7 @@ from bench_process import (  # noqa: E402
     site_names,
 )
 
-from flowray import cluster  # noqa: E402
+from flowray.cluster import control as cluster  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -47,7 +47,7 @@ import pyarrow.csv as pacsv  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import ray  # noqa: E402
 
-from flowray import cluster  # noqa: E402
+from flowray.cluster import control as cluster  # noqa: E402
 from flowray.actors.directory import Directory  # noqa: E402
 from flowray.config import Settings  # noqa: E402
 from flowray.core.router import ShardMap  # noqa: E402

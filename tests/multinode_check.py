@@ -25,7 +25,7 @@ import pyarrow as pa  # noqa: E402
 import ray  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 
-from flowray import cluster  # noqa: E402
+from flowray.cluster import control as cluster  # noqa: E402
 from flowray.actors.directory import Directory  # noqa: E402
 from flowray.api.app import Unavailable  # noqa: E402
 from flowray.config import Settings  # noqa: E402

@@ -150,3 +150,34 @@ async def test_a_suspected_master_is_passed_over_until_a_newer_term(
         await directory.master(0)
     replicas.answers = {0: (1, 5, "follower"), 1: (1, 5, "master"), 2: (1, 5, "follower")}
     assert (await directory.master(0))[0] == 1
+
+
+@pytest.mark.anyio
+async def test_a_master_is_still_followed_while_no_other_can_be_elected(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Of three replicas one follower that still follows the master is enough (the
+    other cannot win alone); of five, two are needed."""
+    three = _Answers({1: (0, 3, "follower"), 2: (None, 3, "pre-candidate")})
+    directory = Directory(Settings(replicas=3))
+
+    async def handle_of(answers: _Answers) -> object:
+        async def handle_async(group: int, replica: int) -> object:
+            return answers.handle(replica)
+
+        return handle_async
+
+    monkeypatch.setattr(directory, "handle_async", await handle_of(three))
+    assert await directory.still_followed(0, 0)
+    three.answers[1] = (None, 3, "pre-candidate")
+    assert not await directory.still_followed(0, 0)
+    three.answers[1] = (2, 4, "follower")  # follows another master
+    assert not await directory.still_followed(0, 0)
+
+    five = _Answers({r: (0, 3, "follower") for r in (1, 2)} | {3: (None, 4, "candidate")})
+    five.answers[4] = (None, 4, "candidate")
+    directory5 = Directory(Settings(replicas=5))
+    monkeypatch.setattr(directory5, "handle_async", await handle_of(five))
+    assert await directory5.still_followed(0, 0)
+    five.answers[2] = (3, 4, "follower")
+    assert not await directory5.still_followed(0, 0)

@@ -181,6 +181,44 @@ class _FailoverDirectory:
     def suspect(self, group: int, replica: int) -> None:
         self.suspected.append(replica)
 
+    async def still_followed(self, group: int, replica: int) -> bool:
+        return False  # its followers stood: it is paused or cut off
+
+
+class _SlowLink:
+    """A master that is alive but slow: it commits after ``delay_s``."""
+
+    def __init__(self, delay_s: float) -> None:
+        self.delay_s, self.calls = delay_s, 0
+
+    async def call(self, method: str, payload: Any, timeout: float) -> int:
+        self.calls += 1
+        await asyncio.sleep(self.delay_s)
+        return 1
+
+
+class _SlowMasterDirectory(_FailoverDirectory):
+    def __init__(self, delay_s: float) -> None:
+        super().__init__()
+        self.links[0] = _SlowLink(delay_s)
+        self.checks = 0
+
+    async def still_followed(self, group: int, replica: int) -> bool:
+        self.checks += 1
+        return True  # its followers still hear it
+
+
+@pytest.mark.anyio
+async def test_a_slow_master_that_is_still_followed_is_waited_for() -> None:
+    """Past the deadline the ingress asks whether the master is still followed; while
+    it is, no other master can exist, so the write waits for it instead of failing."""
+    settings = Settings(propose_deadline_s=0.1, commit_timeout_s=5.0)
+    directory = _SlowMasterDirectory(delay_s=0.6)
+    ingress = deployment.RayIngest(settings, directory)  # type: ignore[arg-type]
+    await ingress.commit({0: _rows(3)})  # without ids: a resend would not be safe
+    assert directory.links[0].calls == 1 and directory.links[1].calls == []
+    assert directory.suspected == [] and directory.checks >= 2
+
 
 def _rows_with_ids(n: int) -> list[Row]:
     return [(1_700_000_000_000 + i, "a.com", None, None, None, None, f"e{i}") for i in range(n)]

@@ -40,6 +40,8 @@ LOOKUP_THREADS = 2
 # How long a master that missed a deadline is passed over (two longest election
 # timeouts at the default timing: its followers have stood by then).
 SUSPECT_S = 2.0
+# How long still_followed waits for each follower's answer.
+FOLLOWED_TIMEOUT_S = 0.5
 _lookup_pool: ThreadPoolExecutor | None = None
 
 
@@ -136,6 +138,30 @@ class Directory:
         self._suspects[group] = (replica, term, time.monotonic() + SUSPECT_S)
         if self._master.get(group) == replica:
             self._master.pop(group, None)
+
+    async def still_followed(self, group: int, replica: int) -> bool:
+        """Whether enough replicas still follow ``replica`` that no other master can have
+        been elected: a master needs a majority of votes, and a replica that follows
+        ``replica`` has not voted in a newer term. So while more than ``n - majority``
+        of the others follow it, it is alive but slow (its followers hear it within
+        their election timeout); otherwise it may be paused, cut off or replaced. A
+        replica that does not answer within FOLLOWED_TIMEOUT_S is not counted."""
+        others = [r for r in range(self.settings.replicas) if r != replica]
+        needed = self.settings.replicas - majority(self.settings.replicas)
+        if not others:
+            return True  # a group of one: nobody else can be master
+
+        async def follows(r: int) -> bool:
+            with contextlib.suppress(Exception):  # down, restarting, or too slow
+                handle = await self.handle_async(group, r)
+                leader, _term, role = await asyncio.wait_for(
+                    handle.leader.remote(), FOLLOWED_TIMEOUT_S
+                )
+                return bool(leader == replica and role == "follower")
+            return False
+
+        answers = await asyncio.gather(*(follows(r) for r in others))
+        return sum(answers) >= needed
 
     def _suspected(self, group: int, replica: int, term: int) -> bool:
         entry = self._suspects.get(group)

@@ -89,6 +89,9 @@ RETRY_AFTER_ELECTION_S = 1
 # While a group has no master (an election), the ingress asks again this often, within
 # commit_timeout_s.
 MASTER_RETRY_S = 0.05
+# After a proposal's deadline, how often the ingress asks whether its master is still
+# followed (it waits on while it is).
+FOLLOWED_CHECK_S = 0.2
 # Tries of one proposal (new masters, resends), at most, within commit_timeout_s.
 PROPOSE_ATTEMPTS_MAX = 200
 # A proposal's deadline grows by a second per this many bytes beyond the base
@@ -275,12 +278,14 @@ class RayIngest:
     async def _propose(self, group: int, pieces: list[Piece], resendable: bool) -> None:
         """Send one proposal to the group's master and wait for its commit.
 
-        Every wait is bounded: the master has ``deadline_for`` to commit, and all tries
-        together have commit_timeout_s. A master that misses its deadline (paused, cut
-        off, its disk hung) is given up: the directory suspects it, and the proposal
-        goes to the group's next master, but only if ``resendable`` (every event has an
-        id: a copy that the first master appended may still commit, and counting keeps
-        one event per id). Otherwise the writer gets 503 without waiting any longer."""
+        Every wait is bounded: all tries together have commit_timeout_s. A master that
+        has not committed by ``deadline_for`` is checked (:meth:`_wait_while_followed`):
+        while enough of its followers still follow it no other master can exist, and
+        it is only slow, so the wait goes on; once they stand or follow another (it is
+        paused, cut off, its disk hung) it is given up: the directory suspects it, and
+        the proposal goes to the group's next master, but only if ``resendable`` (every
+        event has an id: a copy that the first master appended may still commit, and
+        counting keeps one event per id). Otherwise the writer gets 503 at once."""
         payload = [(p.shard, p.hour, p.payload, p.events) for p in pieces]
         deadline_s = deadline_for(self.settings, sum(len(p.payload) for p in pieces))
         loop = asyncio.get_running_loop()
@@ -294,9 +299,10 @@ class RayIngest:
             except (NoMaster, TimeoutError):
                 await asyncio.sleep(MASTER_RETRY_S)  # an election is on: ask again soon
                 continue
+            link = self.directory.link(group, replica)
+            call = asyncio.ensure_future(link.call("propose", payload, max(left, 0.001)))
             try:
-                link = self.directory.link(group, replica)
-                await link.call("propose", payload, min(deadline_s, max(left, 0.001)))
+                await self._wait_while_followed(group, replica, call, deadline_s, end)
                 return
             except _UNAVAILABLE as exc:
                 inner = cause(exc)
@@ -317,6 +323,33 @@ class RayIngest:
             f"group {group}: no master committed within {self.settings.commit_timeout_s} s",
             RETRY_AFTER_ELECTION_S,
         )
+
+    async def _wait_while_followed(
+        self,
+        group: int,
+        replica: int,
+        call: asyncio.Future[Any],
+        deadline_s: float,
+        end: float,
+    ) -> Any:
+        """The proposal's answer; TimeoutError once the master is given up: past its
+        deadline, when its followers no longer vouch for it (Directory.still_followed),
+        asked every FOLLOWED_CHECK_S; or at ``end``."""
+        loop = asyncio.get_running_loop()
+        wait_s = deadline_s
+        try:
+            while True:
+                wait_s = min(wait_s, end - loop.time())
+                if wait_s <= 0:
+                    raise TimeoutError(f"no commit within {self.settings.commit_timeout_s} s")
+                done, _ = await asyncio.wait({call}, timeout=wait_s)
+                if done:
+                    return call.result()
+                if not await self.directory.still_followed(group, replica):
+                    raise TimeoutError(f"replica {replica} missed its deadline and lost its group")
+                wait_s = FOLLOWED_CHECK_S
+        finally:
+            call.cancel()
 
 
 def deadline_for(settings: Settings, payload_bytes: int) -> float:
