@@ -32,7 +32,11 @@ import pyarrow as pa
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_ingest import RawHttp, ensure_tool, free_port, publish  # noqa: E402
 
-from flowray.core.router import shard_for_site  # noqa: E402
+from flowray.cluster.control import SITE_RULE_FILE  # noqa: E402
+from flowray.core.router import (
+    SITE_RULE,  # noqa: E402
+    shard_for_site,  # noqa: E402
+)
 from flowray.query.cache import redis_answers  # noqa: E402
 from flowray.storage.durable import write_json_atomic  # noqa: E402
 from flowray.warehouse.catalog import Catalog, Unit  # noqa: E402
@@ -84,6 +88,8 @@ def build_warehouse(data_dir: Path, sites: int, seed: int = 1) -> int:
     warehouse.catalog.publish(units, {})
     warehouse.catalog.close()
     write_json_atomic(data_dir / "layout.json", {"groups": GROUPS, "replicas": 3, "shards": SHARDS})
+    # Written under today's site rule (its names are ASCII, which both rules agree on).
+    write_json_atomic(data_dir / SITE_RULE_FILE, {"site_rule": SITE_RULE})
     return rows
 
 

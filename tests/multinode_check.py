@@ -25,9 +25,9 @@ import pyarrow as pa  # noqa: E402
 import ray  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 
-from flowray.cluster import control as cluster  # noqa: E402
 from flowray.actors.directory import Directory  # noqa: E402
 from flowray.api.app import Unavailable  # noqa: E402
+from flowray.cluster import control as cluster  # noqa: E402
 from flowray.config import Settings  # noqa: E402
 from flowray.core.router import ShardMap  # noqa: E402
 from flowray.ingest.events import EVENT_SCHEMA  # noqa: E402

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import re
+import string
 import subprocess
 import sys
 from collections import Counter
@@ -188,6 +191,166 @@ def test_site_length_limit_is_exact() -> None:
 
 def test_site_error_is_a_value_error() -> None:
     assert issubclass(SiteError, ValueError)
+
+
+# --------------------------------------------------------------------------- UTS #46 (issue 24)
+
+
+@functools.lru_cache(maxsize=4096)
+def _idna2003_site(raw: str) -> str:
+    """normalize_site as released before issue 24 (Python's IDNA 2003 codec), frozen
+    here as the oracle: every name it accepted was stored under its answer."""
+    site = raw.strip().lower().rstrip(".")
+    if not site:
+        raise ValueError("site is empty")
+    if not site.isascii():
+        site = site.encode("idna").decode("ascii")  # UnicodeError is a ValueError
+    if len(site) > 253:
+        raise ValueError("too long")
+    if not all(re.fullmatch(r"(?!-)[a-z0-9-]{1,63}(?<!-)", label) for label in site.split(".")):
+        raise ValueError("not a host name")
+    return site
+
+
+def _outcome(rule: object, raw: str) -> str:
+    try:
+        return str(rule(raw))  # type: ignore[operator]
+    except ValueError:  # SiteError, and the old codec's UnicodeError
+        return "refused"
+
+
+# Where IDNA 2003 and UTS #46 (non-transitional, as browsers) part: (raw, old, new).
+DIVERGENT = [
+    ("faß.de", "fass.de", "xn--fa-hia.de"),  # ß is a letter of its own now
+    ("straße.de", "strasse.de", "xn--strae-oqa.de"),
+    ("FAẞ.de", "fass.de", "xn--fa-hia.de"),  # capital ẞ lower-cases to ß
+    ("βόλος.com", "xn--nxasmq6b.com", "xn--nxasmm1c.com"),  # final sigma ς stays ς
+    ("ς.gr", "xn--4xa.gr", "xn--3xa.gr"),
+    ("نامه\u200cای.ir", "xn--mgba3gch31f.ir", "xn--mgba3gch31f060k.ir"),  # ZWNJ, in context
+    ("क्\u200dष.in", "xn--11b2ezc.in", "xn--11b2ezcw70k.in"),  # ZWJ after a virama
+    ("bücher.de。", "refused", "xn--bcher-kva.de"),  # a full-width root dot
+    ("aᎠ.com", "xn--a-vp5e.com", "xn--a-28h.com"),  # Cherokee folds to its capitals now
+    ("aꭰ.com", "xn--a-vp5e.com", "xn--a-28h.com"),
+    # A Hangul filler is ignored now, so the name merges into an ASCII one. This pair
+    # follows the idna package's UTS #46 tables: if an upgrade of idna changes it,
+    # names move between shards, which is a migration (see docs/operations.md).
+    ("a\u115f.com", "xn--a-3bh.com", "a.com"),
+]
+# Refused now, with what the message must name; the old rule stored the second.
+REFUSED = [
+    ("a\u200db.com", "ab.com", "U+200D ZERO WIDTH JOINER is allowed only where"),
+    ("\u200ca.com", "a.com", "U+200C ZERO WIDTH NON-JOINER is allowed only where"),
+    ("😀.ws", "xn--e28h.ws", "U+1F600 GRINNING FACE is a symbol or emoji"),
+    ("i❤.ws", "xn--i-7iq.ws", "U+2764 HEAVY BLACK HEART is a symbol or emoji"),
+    ("♥.com", "xn--g6h.com", "symbol or emoji"),
+    ("£.com", "xn--9a.com", "U+00A3 POUND SIGN is a symbol or emoji"),
+    ("¡hola.com", "xn--hola-zea.com", "U+00A1 INVERTED EXCLAMATION MARK is not allowed"),
+    ("a·b.com", "xn--ab-0ea.com", "U+00B7 MIDDLE DOT is allowed only in its IDNA 2008 context"),
+    ("٠۰.com", "xn--8hb20a.com", "ARABIC-INDIC DIGIT ZERO is allowed only in its"),  # 2 digit sets
+    ("-ä.de", "xn----0fa.de", "hyphen"),
+    ("ab--ü.de", "xn--ab---3ra.de", "hyphens in 3rd and 4th position"),
+]
+# Alike under both rules, pinned because they are easy to get wrong.
+ALIKE = [
+    ("bücher。de", "xn--bcher-kva.de"),  # ideographic full stop
+    ("bücher．de", "xn--bcher-kva.de"),  # full-width full stop
+    ("bücher｡de", "xn--bcher-kva.de"),  # half-width ideographic full stop
+    ("example。com", "example.com"),
+    ("ｅｘａｍｐｌｅ．ｃｏｍ", "example.com"),  # full-width letters fold to ASCII
+    ("BÜCHER.DE", "xn--bcher-kva.de"),
+    ("ÜBER.de", "xn--ber-goa.de"),
+    ("ΒΌΛΟΣ.com", "xn--nxasmq6b.com"),  # capital Σ has no final form: σ
+    ("İstanbul.tr", "xn--istanbul-o0e.tr"),
+    ("\u212a.com", "k.com"),  # KELVIN SIGN: ASCII once lower-cased, so the ASCII rule
+    ("pаypal.com", "xn--pypal-4ve.com"),  # Latin with a Cyrillic а: another site
+    ("אבג.com", "xn--4dbcd.com"),  # right-to-left alone is fine
+    ("ab--cd.bücher.de", "ab--cd.xn--bcher-kva.de"),  # ASCII labels keep the ASCII rule
+    ("a\u00adb.com", "ab.com"),  # a soft hyphen is ignored by both
+]
+
+
+@pytest.mark.parametrize(("raw", "old", "new"), DIVERGENT)
+def test_names_that_now_normalize_as_browsers_do(raw: str, old: str, new: str) -> None:
+    assert _outcome(_idna2003_site, raw) == old
+    assert normalize_site(raw) == new
+    assert normalize_site(new) == new
+
+
+def test_sharp_s_no_longer_merges_two_merchants() -> None:
+    assert normalize_site("faß.de") != normalize_site("fass.de")
+    assert shard_for_site("xn--fa-hia.de", 10) != shard_for_site("fass.de", 10)
+
+
+@pytest.mark.parametrize(("raw", "old", "message"), REFUSED)
+def test_names_idna_2008_refuses_say_why(raw: str, old: str, message: str) -> None:
+    assert _idna2003_site(raw) == old
+    with pytest.raises(SiteError, match=re.escape(message)) as caught:
+        normalize_site(raw)
+    assert str(caught.value).startswith(f"site {raw!r} is not a valid host name: ")
+
+
+def test_a_joiner_is_kept_only_in_context() -> None:
+    """The same ZWNJ is valid between Arabic-script joining letters, not between Latin."""
+    assert normalize_site("نامه\u200cای.ir") != normalize_site("نامهای.ir")
+    with pytest.raises(SiteError, match=re.escape("U+200C ZERO WIDTH NON-JOINER")):
+        normalize_site("ab\u200ccd.ir")
+
+
+def test_mixed_directions_in_a_label_are_refused() -> None:
+    with pytest.raises(SiteError, match="right-to-left"):
+        normalize_site("abcא.com")
+
+
+@pytest.mark.parametrize(("raw", "expected"), ALIKE)
+def test_names_both_rules_agree_on(raw: str, expected: str) -> None:
+    assert _idna2003_site(raw) == expected
+    assert normalize_site(raw) == expected
+
+
+@pytest.mark.parametrize("raw", ["\u00ad", "。", "．．", "ü..de", ".ü.de", "ü.de/x", "ü.de:80"])
+def test_bad_internationalized_names_raise(raw: str) -> None:
+    with pytest.raises(SiteError):
+        normalize_site(raw)
+
+
+_LABELS = st.text(alphabet=string.ascii_letters + string.digits + "-_", max_size=64)
+_HOSTNAMES = st.builds(
+    lambda lead, labels, dots, tail: lead + ".".join(labels) + dots + tail,
+    st.sampled_from(["", " ", "\t"]),
+    st.lists(_LABELS, min_size=1, max_size=5),
+    st.sampled_from(["", ".", ".."]),
+    st.sampled_from(["", " ", "\n"]),
+)
+
+
+@given(raw=st.text(alphabet=st.characters(max_codepoint=127), max_size=40) | _HOSTNAMES)
+@settings(max_examples=1500, deadline=None)
+def test_ascii_names_keep_the_old_rule(raw: str) -> None:
+    """Every stored shard of an ASCII name, and the C parser's fast path, rely on it."""
+    assert _outcome(normalize_site, raw) == _outcome(_idna2003_site, raw)
+
+
+# Letters of several scripts, full-width dots and letters: no ß, ς or joiner (those are
+# the deviations), no "-" (IDNA 2008 adds hyphen rules inside non-ASCII labels).
+_UNICODE = "abcz09.ÄÖÜäöüéèñçåøαβγδλμπσωΣабвгдежЖ日本語中文。．Ａｂ "
+
+
+@given(raw=st.text(alphabet=_UNICODE, max_size=24))
+@settings(max_examples=1000, deadline=None)
+def test_other_internationalized_names_keep_their_old_form(raw: str) -> None:
+    # The old rule read a full-width dot as a separator, not as the root dot at the end.
+    old = _outcome(_idna2003_site, raw.replace("。", ".").replace("．", "."))
+    assert _outcome(normalize_site, raw) == old
+
+
+@given(raw=st.text(max_size=30))
+@settings(max_examples=1000, deadline=None)
+def test_any_text_is_refused_or_a_stable_ascii_name(raw: str) -> None:
+    try:
+        site = normalize_site(raw)
+    except SiteError:
+        return
+    assert site.isascii() and normalize_site(site) == site
 
 
 # --------------------------------------------------------------------------- shard map

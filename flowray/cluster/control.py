@@ -30,6 +30,8 @@ from flowray.actors.processor import Processor
 from flowray.actors.replica import Replica
 from flowray.cluster.restarter import Restarter
 from flowray.config import NODES_TIMEOUT_S, Settings
+from flowray.core.entry import CONTROL_SHARD
+from flowray.core.router import SITE_RULE, SITE_RULE_OLD
 from flowray.serve.deployment import (
     APP_NAME,
     LOCAL_MODE_ENV,
@@ -75,6 +77,16 @@ def wait_for_nodes(wanted: int, timeout_s: float = NODES_TIMEOUT_S) -> int:
 
 class LayoutError(ValueError):
     """The data directory was made with another shard layout."""
+
+
+class SiteRuleError(LayoutError):
+    """The data directory's site names were normalized by another rule than this
+    release's (so some of its sites would be looked for under other names)."""
+
+
+# A file of its own beside layout.json: the layout says where shards live, this says
+# how names became shard keys, and `flowray migrate-sites` rewrites it alone.
+SITE_RULE_FILE = "site_rule.json"
 
 
 # The allocator settings of every process of a local cluster (the cluster files put
@@ -131,6 +143,7 @@ def settle_layout(settings: Settings) -> Settings:
     ``base_groups``, the group count the shards were first spread over.
     """
     settings.validate()
+    settle_site_rule(settings)
     path = settings.layout_file
     if not path.exists():
         layout = {"groups": settings.groups, "replicas": settings.replicas}
@@ -149,6 +162,48 @@ def settle_layout(settings: Settings) -> Settings:
     if settings.groups > stored["groups"] or "base_groups" not in stored:
         write_json_atomic(path, {**stored, "groups": settings.groups, "base_groups": base})
     return replace(settings, base_groups=base)
+
+
+def stored_site_rule(data_dir: Path) -> str | None:
+    """The site rule recorded for ``data_dir``; None when none is."""
+    path = data_dir / SITE_RULE_FILE
+    return str(json.loads(path.read_text())["site_rule"]) if path.exists() else None
+
+
+def holds_site_data(settings: Settings) -> bool:
+    """Whether events were ever written here: a replica's block of a data shard (the
+    control shard holds only seals and no-ops), or a warehouse file."""
+    control = f"s{CONTROL_SHARD:04d}"
+    for shard_dir in settings.data_dir.glob("groups/*/*/blocks/s*"):
+        if shard_dir.name != control and any(shard_dir.glob("*.seg")):
+            return True
+    return any(settings.warehouse_dir.glob("data/*/s*/*.parquet"))
+
+
+def settle_site_rule(settings: Settings) -> None:
+    """Stored site names are normalized, and a site's shard is a hash of that name, so a
+    data directory records the rule that made its names. One with data but no record
+    was written by the old rule: refused until ``flowray migrate-sites`` has reported
+    the sites whose names the new rule changes and recorded the new rule."""
+    stored = stored_site_rule(settings.data_dir)
+    if stored == SITE_RULE:
+        return
+    if stored is None and not holds_site_data(settings):
+        write_json_atomic(settings.data_dir / SITE_RULE_FILE, {"site_rule": SITE_RULE})
+        return
+    if stored is None:
+        raise SiteRuleError(
+            f"{settings.data_dir} holds data whose site names were normalized by the old "
+            f"rule ({SITE_RULE_OLD}); this release names sites by UTS #46 as browsers do, "
+            "which changes a few internationalized names (ß, ς, zero-width joiners, emoji). "
+            f"Run `flowray migrate-sites --data-dir {settings.data_dir}` to see which, then "
+            "again with --apply to start on this directory"
+        )
+    raise SiteRuleError(
+        f"{settings.data_dir} holds site names normalized by the site rule {stored!r}, "
+        f"which this release (rule {SITE_RULE!r}) does not know; start the release that "
+        "wrote them"
+    )
 
 
 @dataclass

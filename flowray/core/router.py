@@ -10,8 +10,11 @@ from __future__ import annotations
 import functools
 import hashlib
 import re
+import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+
+import idna
 
 from flowray.core.invariant import require
 
@@ -24,6 +27,13 @@ class SiteError(ValueError):
 
 
 SITES_CACHED_MAX = 1 << 18
+
+# Which rule made the stored site names: a site's shard is a hash of its normalized
+# name, so a data directory records the rule (see flowray.cluster.control) and names
+# written under another rule need `flowray migrate-sites`. "idna2003" was Python's
+# built-in codec; "uts46" is UTS #46 non-transitional (IDNA 2008), as browsers map.
+SITE_RULE = "uts46"
+SITE_RULE_OLD = "idna2003"
 
 
 def normalize_site(raw: object) -> str:
@@ -41,24 +51,65 @@ def _normalize_site(raw: str) -> str:
     """The canonical form of a site name, or raise :class:`SiteError`.
 
     Host names are case-insensitive and may carry a trailing root dot, so both are
-    folded away; internationalized names are stored in their ASCII (IDNA) form so the
-    same site always hashes the same. A URL, a port or a path is refused rather than
-    guessed at: the caller sends the host name.
+    folded away; internationalized names are stored in their ASCII form (UTS #46, as
+    browsers name them) so the same site always hashes the same. A URL, a port or a
+    path is refused rather than guessed at: the caller sends the host name.
     """
-    site = raw.strip().lower().rstrip(".")
+    site = raw.strip()
+    folded = site.lower().rstrip(".")
+    # A name that is ASCII once lower-cased keeps the rule it always had (the C
+    # parser's fast path and every stored shard rely on it); only the rest is mapped.
+    site = folded if folded.isascii() else _uts46_ascii(site, raw)
     if not site:
         raise SiteError("site is empty")
-    if not site.isascii():
-        try:
-            site = site.encode("idna").decode("ascii")
-        except UnicodeError as exc:
-            raise SiteError(f"site {raw!r} is not a valid host name") from exc
     if len(site) > SITE_BYTES_MAX:
         raise SiteError(f"site is longer than {SITE_BYTES_MAX} characters")
     labels = site.split(".")
     if not all(_LABEL.fullmatch(label) for label in labels):
         raise SiteError(f"site {raw!r} is not a valid host name")
     return site
+
+
+def _uts46_ascii(site: str, raw: str) -> str:
+    """The ASCII form of a non-ASCII name by UTS #46 non-transitional processing.
+
+    The mapping folds case and width and turns every dot-like separator into ".";
+    labels still non-ASCII are then checked by IDNA 2008 (joiners in context, bidi, no
+    symbols) and punycoded. Labels that are ASCII after mapping are left to the ASCII
+    rule, as browsers leave them (they do not apply IDNA 2008's hyphen or A-label checks
+    there), so a name and its ASCII form always normalize alike.
+    """
+    try:
+        mapped = idna.uts46_remap(site, std3_rules=False, transitional=False)
+        labels = mapped.rstrip(".").split(".")
+        return ".".join(
+            label if label.isascii() else idna.alabel(label).decode("ascii") for label in labels
+        )
+    except idna.IDNAError as exc:
+        raise SiteError(f"site {raw!r} is not a valid host name: {_idna_reason(exc)}") from exc
+
+
+def _idna_reason(exc: idna.IDNAError) -> str:
+    """What IDNA 2008 objects to, in words a site owner can act on."""
+    code = getattr(exc, "code", None)  # recent idna names the rule; older: its message
+    point = getattr(exc, "codepoint", None)
+    char = "" if point is None else f"U+{point:04X} {unicodedata.name(chr(point), '')}".strip()
+    if code == "contextj":
+        return (
+            f"{char} is allowed only where IDNA 2008 permits a joiner (after a virama, or a "
+            "non-joiner between joining letters)"
+        )
+    if code == "contexto":
+        return f"{char} is allowed only in its IDNA 2008 context"
+    if code in ("disallowed_codepoint", "uts46_disallowed") and point is not None:
+        if unicodedata.category(chr(point)).startswith("S"):
+            return f"{char} is a symbol or emoji, which IDNA 2008 does not allow in host names"
+        return f"{char} is not allowed in host names (IDNA 2008)"
+    if code is not None and code.startswith("bidi"):
+        return "a label mixes right-to-left and left-to-right text (IDNA bidi rule)"
+    if code in ("input_too_long", "domain_too_long", "label_too_long"):
+        return f"too long (at most {SITE_BYTES_MAX} characters, 63 a label)"
+    return str(exc)
 
 
 def stable_hash64(value: str, salt: bytes = b"") -> int:
