@@ -12,7 +12,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -149,7 +149,7 @@ def settle_layout(settings: Settings) -> Settings:
         layout = {"groups": settings.groups, "replicas": settings.replicas}
         layout |= {"shards": settings.shards, "base_groups": settings.groups}
         write_json_atomic(path, layout)
-        return replace(settings, base_groups=settings.groups)
+        return settings.replace(base_groups=settings.groups)
     stored = json.loads(path.read_text())
     base = int(stored.get("base_groups", stored["groups"]))
     same = stored["replicas"] == settings.replicas and stored["shards"] == settings.shards
@@ -161,7 +161,7 @@ def settle_layout(settings: Settings) -> Settings:
         )
     if settings.groups > stored["groups"] or "base_groups" not in stored:
         write_json_atomic(path, {**stored, "groups": settings.groups, "base_groups": base})
-    return replace(settings, base_groups=base)
+    return settings.replace(base_groups=base)
 
 
 def stored_site_rule(data_dir: Path) -> str | None:
@@ -238,8 +238,7 @@ class Cluster:
 
 def resolved(settings: Settings) -> Settings:
     """``settings`` with its directories absolute (the actors run elsewhere)."""
-    return replace(
-        settings,
+    return settings.replace(
         data_dir=settings.data_dir.resolve(),
         warehouse=str(Path(settings.warehouse).resolve()) if settings.warehouse else "",
     )
