@@ -5,10 +5,11 @@ in-memory cache and a real small Parquet warehouse, and each case is sent throug
 ASGI interface, so nothing listens on a port. Each operation is its own test item, so a
 bug found in one route is marked there while the others keep guarding theirs.
 
-Besides "no 5xx", every response must use a status code the document declares. The
-content type is not checked case by case: its one known gap (CSV) is pinned by its own
-test. Hypothesis runs derandomized and without its example database, so a run is
-repeatable and writes nothing into the working tree.
+Besides "no 5xx", every response must use a status code the document declares, and a
+JSON answer must match the schema the document gives for it (the series, the accepted
+count, every error's shape). The content type is not checked case by case: its one
+known gap (CSV) is pinned by its own test. Hypothesis runs derandomized and without
+its example database, so a run is repeatable and writes nothing into the working tree.
 """
 
 from __future__ import annotations
@@ -27,13 +28,18 @@ import pytest
 import schemathesis
 from fastapi import FastAPI
 from hypothesis import HealthCheck, settings
-from schemathesis.specs.openapi.checks import status_code_conformance
+from schemathesis.core.result import Err, Ok
+from schemathesis.specs.openapi.checks import (
+    response_schema_conformance,
+    status_code_conformance,
+)
 
 from flowray.api.app import create_app
 from flowray.config import Settings
 from flowray.core.router import ShardMap
 from flowray.ingest.events import EVENT_SCHEMA, TS_MIN_MS
 from flowray.ingest.pieces import GroupEvents, Piece, split_batch
+from flowray.query import series
 from flowray.query.cache import MemoryCache
 from flowray.tasks.mapreduce import map_block_slices, reduce_partials, write_units
 from flowray.warehouse.files import Warehouse
@@ -89,10 +95,13 @@ def make_app(warehouse: Any) -> FastAPI:
 
 # --------------------------------------------------------------------------- the document
 
-# FastAPI types every query parameter as a bare string and the ingest routes read their
-# body raw, so from the bare document a generator sends almost only 422 material and no
-# bodies at all. These schemas spell out the valid forms the API's contract names;
-# schemathesis's negative mode then breaks them (wrong types, patterns, missing fields).
+# The app's document describes every body and every fixed choice (test_the_document_*
+# pin that), but it cannot know which sites, times and zones make a request that goes
+# through: from it alone a generator sends almost only 422 material. These schemas
+# narrow those values to the forms the API's contract names, on days around the
+# injected clock; schemathesis's negative mode then breaks them (wrong types, patterns,
+# missing fields). Everything else (the event's other fields and their limits, the
+# choices, the admin routes' bodies and numbers) is generated from the app's document.
 
 
 def query_times(days: str, epoch_ms: str) -> dict[str, Any]:
@@ -111,52 +120,43 @@ QUERY_PARAMS: dict[str, dict[str, Any]] = {
     # Starts fall on 2023-11-03..13 and ends on 11-14..17, so the range is valid.
     "start": query_times("1[0-3]", "1699[0-4][0-9]{8}"),
     "end": query_times("1[4-6]", "1700[01][0-9]{8}"),
-    "interval": {"enum": ["minute", "hour", "day"]},
     "tz": {"enum": ["UTC", "Europe/Berlin", "America/New_York", "Asia/Kathmandu"]},
-    "format": {"enum": ["json", "csv"]},
 }
-EVENT = {
-    "type": "object",
-    "properties": {
-        "ts": {
-            "anyOf": [
-                {"type": "integer", "minimum": TS_MIN_MS, "maximum": NOW_MS},
-                {"type": "string", "pattern": r"^20[0-2][0-9]-[01][0-9]-[0-3][0-9]T12:00:00Z$"},
-            ]
-        },
-        "site": {"enum": [SITE, "other.example", "Bücher.example"]},
-        "path": {"type": "string"},
-        "referrer": {"type": "string"},
-        "ua": {"type": "string"},
-        "visitor": {"type": "string"},
-        "id": {"type": "string"},
+EVENT_FIELDS: dict[str, dict[str, Any]] = {
+    "ts": {
+        "anyOf": [
+            {"type": "integer", "minimum": TS_MIN_MS, "maximum": NOW_MS},
+            {"type": "string", "pattern": r"^20[0-2][0-9]-[01][0-9]-[0-3][0-9]T12:00:00Z$"},
+            {"type": "null"},
+        ]
     },
-    "required": ["site"],
+    "site": {"enum": [SITE, "other.example", "Bücher.example"]},
 }
+EVENT_REF = {"$ref": "#/components/schemas/Event"}
 SEED_LINE = (
     r"20(0[0-9]|1[0-9]|2[0-3])\.(0[1-9]|1[0-2])\.(0[1-9]|1[0-9]|2[0-8]) "
     r"([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9]\.[0-9]{3} [a-z]{1,8}\.example"
 )
-BODIES: dict[str, dict[str, Any]] = {
-    "/v1/events": {
-        "application/json": {"schema": {"anyOf": [{"type": "array", "items": EVENT}, EVENT]}},
-        "application/x-ndjson": {"schema": {"type": "array", "items": EVENT}},
-    },
-    "/v1/logs": {
-        "text/plain": {"schema": {"type": "string", "pattern": f"^({SEED_LINE}\\n){{0,5}}$"}},
-    },
+# The bodies the document can only call strings: NDJSON is generated as a list of
+# events (ndjson_lines writes one per line), seed lines by their pattern.
+STRING_BODIES: dict[tuple[str, str], dict[str, Any]] = {
+    ("/v1/events", "application/x-ndjson"): {"type": "array", "items": EVENT_REF},
+    ("/v1/logs", "text/plain"): {"type": "string", "pattern": f"^({SEED_LINE}\\n){{0,5}}$"},
 }
 
 
 def documented(openapi: dict[str, Any]) -> dict[str, Any]:
-    """The app's OpenAPI with the forms its prose describes written as schemas."""
-    for path, item in openapi["paths"].items():
+    """The app's OpenAPI with the values a request must hold to go through narrowed."""
+    for item in openapi["paths"].values():
         for operation in item.values():
             for param in operation.get("parameters", []):
                 if param["name"] in QUERY_PARAMS:
                     param["schema"] = {**QUERY_PARAMS[param["name"]], "title": param["name"]}
-            if path in BODIES:
-                operation["requestBody"] = {"required": True, "content": BODIES[path]}
+    openapi["components"]["schemas"]["Event"]["properties"].update(EVENT_FIELDS)
+    for (path, media_type), body in STRING_BODIES.items():
+        content = openapi["paths"][path]["post"]["requestBody"]["content"]
+        assert content[media_type]["schema"]["type"] == "string", (path, media_type)
+        content[media_type]["schema"] = body
     return openapi
 
 
@@ -197,7 +197,69 @@ def test_every_operation(case: schemathesis.Case, app: FastAPI) -> None:
         f"{case.method} {case.formatted_path} answered {response.status_code}\n"
         f"reproduce: {case.as_curl_command()}\n{response.text[:2000]}"
     )
-    case.validate_response(response, checks=[status_code_conformance])
+    case.validate_response(response, checks=[status_code_conformance, response_schema_conformance])
+
+
+def test_every_route_is_an_operation() -> None:
+    """Every operation of the app's document (tests/test_app.py pins that it lists every
+    route) parametrizes test_every_operation: one schemathesis cannot read would be
+    left out of it."""
+    document = make_app(warehouse=None).openapi()
+    listed = {(m.upper(), path) for path, item in document["paths"].items() for m in item}
+    operations = {(op.method.upper(), op.path) for op in map(ok, schema.get_all_operations())}
+    assert operations == listed
+
+
+def ok(result: Ok[Any] | Err[Exception]) -> Any:
+    """The operation of a schemathesis result; an operation it could not read fails."""
+    assert isinstance(result, Ok), f"schemathesis cannot read an operation: {result.err()}"
+    return result.ok()
+
+
+def resolve(document: dict[str, Any], schema: dict[str, Any]) -> dict[str, Any]:
+    ref = schema.get("$ref")
+    return document["components"]["schemas"][ref.rsplit("/", 1)[1]] if ref else schema
+
+
+def test_the_document_describes_every_body() -> None:
+    """The bodies the routes read raw (ingest) are in the document, with the event's
+    fields, as well as the one FastAPI reads (reprocess)."""
+    document = make_app(warehouse=None).openapi()
+    bodies = {
+        (method, path): op["requestBody"]
+        for path, item in document["paths"].items()
+        for method, op in item.items()
+        if "requestBody" in op
+    }
+    assert set(bodies) == {
+        ("post", "/v1/events"),
+        ("post", "/v1/logs"),
+        ("post", "/v1/admin/reprocess"),
+    }
+    events = bodies["post", "/v1/events"]["content"]
+    assert set(events) == {"application/json", "application/x-ndjson"}
+    forms = events["application/json"]["schema"]["anyOf"]
+    assert {"$ref": EVENT_REF["$ref"]} in forms
+    assert {"type": "array", "items": EVENT_REF, "maxItems": 200_000} in forms
+    event = document["components"]["schemas"]["Event"]
+    assert list(event["properties"]) == EVENT_SCHEMA.names
+    assert event["required"] == ["site"]
+    assert set(bodies["post", "/v1/logs"]["content"]) == {"text/plain"}
+    assert set(bodies["post", "/v1/admin/reprocess"]["content"]) == {"application/json"}
+
+
+def test_the_document_lists_every_choice() -> None:
+    document = make_app(warehouse=None).openapi()
+    params = {
+        (path, p["name"]): resolve(document, p["schema"])
+        for path, item in document["paths"].items()
+        for op in item.values()
+        for p in op.get("parameters", [])
+    }
+    assert params["/v1/sites/{site}/traffic", "interval"]["enum"] == ["minute", "hour", "day"]
+    assert tuple(params["/v1/sites/{site}/traffic", "interval"]["enum"]) == series.INTERVALS
+    assert params["/v1/sites/{site}/traffic", "format"]["enum"] == ["json", "csv"]
+    assert params["/v1/admin/process", "mode"]["enum"] == ["due", "closed", "all"]
 
 
 def test_csv_answer_is_documented() -> None:

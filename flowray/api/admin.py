@@ -10,7 +10,17 @@ from fastapi import APIRouter, Depends, Path, Query
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from flowray.api.common import AUTH_RESPONSES, Deps, Unavailable, error, unavailable
+from flowray.api.common import (
+    AUTH_RESPONSES,
+    Deps,
+    Problem,
+    ProcessMode,
+    Unavailable,
+    error,
+    invalid_response,
+    unavailable,
+    unavailable_response,
+)
 from flowray.core.router import SiteError, normalize_site
 from flowray.query import series
 
@@ -32,9 +42,53 @@ class ReprocessRequest(BaseModel):
     dry_run: bool = Field(False, description="Report what would change; publish nothing")
 
 
+class Job(BaseModel):
+    """A background job (re-processing, rollback, rolling restart) and its progress."""
+
+    model_config = ConfigDict(extra="allow")
+    job: str = Field(description="Its id, for GET /v1/admin/jobs/{job_id}")
+    kind: str = Field(description="reprocess, rollback or restart")
+    state: str = Field(description="running, done or failed")
+    done: int | None = Field(None, description="Steps done so far")
+    total: int | None = Field(None, description="Steps in all, once known")
+    params: dict[str, Any] | None = None
+    result: dict[str, Any] | None = None
+    error: str | None = None
+
+
+class Version(BaseModel):
+    """A warehouse version: a complete set of units made by one processing logic."""
+
+    model_config = ConfigDict(extra="allow")
+    version: int
+    logic: str
+    current: bool = Field(description="Whether queries read this version")
+    parent: int | None = None
+    modules: list[str] = []
+    units: int | None = None
+    events: int | None = None
+
+
+class ShardMoved(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    shard: int
+    from_group: int
+    to_group: int
+    owners: list[int] | None = Field(None, description="Each shard's group from now on")
+
+
+class Unparsed(BaseModel):
+    """FastAPI's own answer to a body it cannot decode, in its shape, not the app's."""
+
+    detail: str
+
+
+UNAVAILABLE = unavailable_response("The processor did not answer; retry after Retry-After")
+
+
 # Long: a list of small route declarations, one per admin action.
 def router(deps: Deps) -> APIRouter:
-    api = APIRouter()
+    api = APIRouter(tags=["admin"])
     admin, cache, needs = deps.admin, deps.cache, deps.needs
 
     @api.get(
@@ -51,16 +105,21 @@ def router(deps: Deps) -> APIRouter:
     @api.post(
         "/v1/admin/process",
         summary="Seal and process due blocks now",
-        responses=AUTH_RESPONSES,
+        response_model=dict[str, Any],
+        responses={
+            **AUTH_RESPONSES,
+            **invalid_response("An unknown mode"),
+            **unavailable_response("Processing did not finish in time; retry after Retry-After"),
+        },
         dependencies=[Depends(needs["admin"])],
     )
     async def process(
-        mode: str = Query("closed", description="due, closed (hour over) or all (open too)"),
+        mode: ProcessMode = Query(
+            ProcessMode.CLOSED, description="due, closed (hour over) or all (open too)"
+        ),
     ) -> Response:
-        if mode not in ("due", "closed", "all"):
-            return error(422, "mode must be one of due, closed, all")
         try:
-            return JSONResponse(await admin.process(mode))
+            return JSONResponse(await admin.process(mode.value))
         except Unavailable as exc:
             return unavailable(exc)
 
@@ -68,10 +127,12 @@ def router(deps: Deps) -> APIRouter:
         "/v1/admin/reprocess",
         summary="Start re-processing a time range (optionally some sites, another logic)",
         status_code=202,
+        response_model=Job,
         responses={
             **AUTH_RESPONSES,
-            400: {"description": "A body that is not JSON"},
-            422: {"description": "A bad range, site, logic or module"},
+            400: {"model": Unparsed, "description": "A body that is not JSON"},
+            **invalid_response("A bad range, site, logic or module"),
+            **UNAVAILABLE,
         },
         dependencies=[Depends(needs["admin"])],
     )
@@ -97,7 +158,8 @@ def router(deps: Deps) -> APIRouter:
         "/v1/admin/rollback",
         summary="Start returning to the previous warehouse version (or a given one)",
         status_code=202,
-        responses={**AUTH_RESPONSES, 422: {"description": "Nothing to return to"}},
+        response_model=Job,
+        responses={**AUTH_RESPONSES, **invalid_response("Nothing to return to"), **UNAVAILABLE},
         dependencies=[Depends(needs["admin"])],
     )
     async def rollback(
@@ -112,7 +174,12 @@ def router(deps: Deps) -> APIRouter:
         "/v1/admin/restart",
         summary="Start a rolling restart of every process of the cluster",
         status_code=202,
-        responses={**AUTH_RESPONSES, 409: {"description": "A rolling restart is running"}},
+        response_model=Job,
+        responses={
+            **AUTH_RESPONSES,
+            409: {"model": Problem, "description": "A rolling restart is running"},
+            **unavailable_response("The restarter is not running or did not answer"),
+        },
         dependencies=[Depends(needs["admin"])],
     )
     async def restart() -> Response:
@@ -124,7 +191,8 @@ def router(deps: Deps) -> APIRouter:
     @api.post(
         "/v1/admin/shards/{shard}/move",
         summary="Send a shard's new writes to another group (scaling out)",
-        responses={**AUTH_RESPONSES, 422: {"description": "No such shard or group"}},
+        response_model=ShardMoved,
+        responses={**AUTH_RESPONSES, **invalid_response("No such shard or group"), **UNAVAILABLE},
         dependencies=[Depends(needs["admin"])],
     )
     async def move_shard(
@@ -141,7 +209,13 @@ def router(deps: Deps) -> APIRouter:
     @api.get(
         "/v1/admin/jobs/{job_id}",
         summary="Progress and result of a re-processing or rollback job",
-        responses={**AUTH_RESPONSES, 404: {"description": "No such job"}},
+        response_model=Job,
+        responses={
+            **AUTH_RESPONSES,
+            404: {"model": Problem, "description": "No such job"},
+            **invalid_response("A job id longer than 64 characters"),
+            **UNAVAILABLE,
+        },
         dependencies=[Depends(needs["admin"])],
     )
     async def job(job_id: str = Path(max_length=64)) -> Response:
@@ -156,7 +230,8 @@ def router(deps: Deps) -> APIRouter:
     @api.get(
         "/v1/admin/versions",
         summary="Warehouse versions: logic, parent, units, events, which is current",
-        responses=AUTH_RESPONSES,
+        response_model=list[Version],
+        responses={**AUTH_RESPONSES, **UNAVAILABLE},
         dependencies=[Depends(needs["admin"])],
     )
     async def versions() -> Response:

@@ -11,11 +11,13 @@ each area (ingest, queries, admin, metrics, dashboard), which are built from the
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 
 from flowray.api import admin as admin_routes
 from flowray.api import dashboard as dashboard_routes
@@ -24,6 +26,7 @@ from flowray.api import metrics as metrics_routes
 from flowray.api import queries as query_routes
 from flowray.api.auth import Authorizer
 from flowray.api.common import (
+    CHOICES,
     Admin,
     Denied,
     Deps,
@@ -32,6 +35,7 @@ from flowray.api.common import (
     Minutes,
     Unavailable,
     auth_dependencies,
+    choice_error,
     denied,
     error,
 )
@@ -64,6 +68,8 @@ def create_app(
         title="flowray",
         version="0.1.0",
         description="Minute-by-minute web traffic: ingest page views, query per-site series.",
+        # The handler's name: what a generated client calls the operation.
+        generate_unique_id_function=operation_id,
     )
     deps = Deps(
         settings=settings,
@@ -83,11 +89,7 @@ def create_app(
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
-        details = [
-            {"field": ".".join(str(p) for p in e.get("loc", ())), "reason": e.get("msg", "")}
-            for e in exc.errors()
-        ]
-        return error(422, "invalid request", details=details)
+        return invalid_answer(exc.errors())
 
     @app.exception_handler(Denied)
     async def refused(_request: Request, exc: Denied) -> JSONResponse:
@@ -100,8 +102,54 @@ def create_app(
     app.include_router(ingest_routes.router(handler))
     app.include_router(query_routes.router(deps))
     app.include_router(
-        metrics_routes.router(deps.metrics, admin.status, cache.name, settings.rpc_timeout_s)
+        # Looked up per scrape: the app is also built without admin calls, for its document.
+        metrics_routes.router(
+            deps.metrics, lambda: admin.status(), cache.name, settings.rpc_timeout_s
+        )
     )
     app.include_router(dashboard_routes.router())
     app.include_router(admin_routes.router(deps))
+    with_schemas(app, ingest_routes.components())
     return app
+
+
+def operation_id(route: APIRoute) -> str:
+    return route.name
+
+
+def with_schemas(app: FastAPI, schemas: dict[str, Any]) -> None:
+    """Add ``schemas`` to the document's components: the raw-body ingest routes refer
+    to them from their openapi_extra, which FastAPI does not look into."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            document = build()
+            document.setdefault("components", {}).setdefault("schemas", {}).update(schemas)
+            app.openapi_schema = document
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def invalid_answer(errors: Sequence[Any]) -> JSONResponse:
+    """422 for a request that does not match the document. A value outside a parameter's
+    choices alone is answered as the routes did before their parameters were typed
+    (``{"error": "interval must be one of minute, hour, day"}``); anything else names
+    every field that does not match."""
+    choices = [e for e in errors if _choice_name(e) is not None]
+    if choices and len(choices) == len(errors):
+        return error(422, choice_error(str(_choice_name(choices[0]))))
+    details = [
+        {"field": ".".join(str(p) for p in e.get("loc", ())), "reason": e.get("msg", "")}
+        for e in errors
+    ]
+    return error(422, "invalid request", details=details)
+
+
+def _choice_name(problem: Any) -> str | None:
+    """The parameter's name when ``problem`` is a query value outside its choices."""
+    loc = tuple(problem.get("loc", ()))
+    if problem.get("type") == "enum" and len(loc) == 2 and loc[0] == "query" and loc[1] in CHOICES:
+        return str(loc[1])
+    return None

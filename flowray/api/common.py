@@ -1,16 +1,19 @@
 """What the API's routers share: the dependencies they are built from, the errors they
-answer with, and the auth dependency per kind of route."""
+answer with (and their OpenAPI description), the parameters with fixed choices, and the
+auth dependency per kind of route."""
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any, Protocol
 
 import numpy as np
 from fastapi import Request, Security
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, ConfigDict, Field
 
 from flowray.api.auth import Authorizer, Decision, Grant
 from flowray.api.metrics import Metrics
@@ -19,11 +22,112 @@ from flowray.core.router import ShardMap
 from flowray.ingest.pieces import GroupEvents
 from flowray.query.cache import Cache
 
-AUTH_RESPONSES: dict[int | str, dict[str, Any]] = {
-    401: {"description": "No token, or an unknown or revoked one (when auth is enforced)"},
-    403: {"description": "The token's scope or sites do not cover this request"},
-    429: {"description": "The token's rate limit; retry after Retry-After"},
+# --------------------------------------------------------------------------- choices
+
+# Typed, so OpenAPI lists the choices and a generated client gets an enum; a value
+# outside them is answered by create_app's validation handler with choice_error, the
+# wording the routes used when they checked these strings themselves.
+
+
+class Interval(StrEnum):
+    """The bucket of a traffic series."""
+
+    MINUTE = "minute"
+    HOUR = "hour"
+    DAY = "day"
+
+
+class SeriesFormat(StrEnum):
+    """How a traffic series is written."""
+
+    JSON = "json"
+    CSV = "csv"
+
+
+class ProcessMode(StrEnum):
+    """Which blocks to seal and process now: those due, those whose hour is over
+    (closed), or every block, open ones too (all)."""
+
+    DUE = "due"
+    CLOSED = "closed"
+    ALL = "all"
+
+
+# The query parameters with fixed choices, by name (each name has one meaning across
+# the routes).
+CHOICES: dict[str, type[StrEnum]] = {
+    "interval": Interval,
+    "format": SeriesFormat,
+    "mode": ProcessMode,
 }
+
+
+def choice_error(name: str) -> str:
+    """``interval must be one of minute, hour, day``; ``format must be json or csv``."""
+    values = [choice.value for choice in CHOICES[name]]
+    if len(values) == 2:
+        return f"{name} must be {values[0]} or {values[1]}"
+    return f"{name} must be one of {', '.join(values)}"
+
+
+# --------------------------------------------------------------------------- error answers
+
+
+class Problem(BaseModel):
+    """Every error answer: what went wrong, and for some errors the particulars."""
+
+    model_config = ConfigDict(extra="allow")
+    error: str = Field(description="What went wrong, for a person to read")
+
+
+class FieldProblem(BaseModel):
+    field: str = Field(description="Where: query.start, body.sites, ...")
+    reason: str
+
+
+class Invalid(Problem):
+    """A request the route refuses: its own reason, or 'invalid request' with each
+    parameter or body field that does not match this document."""
+
+    details: list[FieldProblem] = Field(
+        default=[], description="Each field that does not match (only for 'invalid request')"
+    )
+
+
+class Forbidden(Problem):
+    forbidden_sites: list[str] = Field(
+        default=[], description="The sites the token does not cover, when that is why"
+    )
+
+
+RETRY_AFTER = {
+    "Retry-After": {"description": "Seconds to wait before retrying", "schema": {"type": "integer"}}
+}
+AUTH_RESPONSES: dict[int | str, dict[str, Any]] = {
+    401: {
+        "model": Problem,
+        "description": "No token, or an unknown or revoked one (when auth is enforced)",
+    },
+    403: {
+        "model": Forbidden,
+        "description": "The token's scope or sites do not cover this request",
+    },
+    429: {
+        "model": Problem,
+        "description": "The token's rate limit; retry after Retry-After",
+        "headers": RETRY_AFTER,
+    },
+}
+
+
+def unavailable_response(description: str) -> dict[int | str, dict[str, Any]]:
+    """The 503 a route answers when the cluster cannot now, with its Retry-After."""
+    return {503: {"model": Problem, "description": description, "headers": RETRY_AFTER}}
+
+
+def invalid_response(description: str) -> dict[int | str, dict[str, Any]]:
+    """The route's 422 (it replaces FastAPI's, whose shape create_app's handler changes)."""
+    return {422: {"model": Invalid, "description": description}}
 
 
 class Unavailable(RuntimeError):

@@ -262,7 +262,7 @@ setInterval(() => { if (!document.hidden) load(); }, REFRESH_MS);
 
 def router() -> APIRouter:
     """GET / serves the page."""
-    api = APIRouter()
+    api = APIRouter(tags=["dashboard"])
 
     @api.get("/", summary="Dashboard", response_class=HTMLResponse)
     async def dashboard() -> HTMLResponse:

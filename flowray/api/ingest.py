@@ -6,16 +6,27 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, Field
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from flowray.api.auth import Grant, allow_sites
-from flowray.api.common import AUTH_RESPONSES, Deps, Unavailable, denied, error
+from flowray.api.common import (
+    AUTH_RESPONSES,
+    Deps,
+    Problem,
+    Unavailable,
+    denied,
+    error,
+    unavailable_response,
+)
 from flowray.ingest import events as ev
 from flowray.ingest.pieces import Routing, route, routing_for
+from flowray.ingest.rules import RULES
 
 
 def events_parser(content_type: str | None) -> Callable[[bytes, ev.Limits], ev.Events]:
@@ -199,19 +210,144 @@ class IngestHandler:
         await response(scope, receive, send)
 
 
+# --------------------------------------------------------------------------- OpenAPI
+
+# The routes read their bodies raw (see IngestHandler.accept), so FastAPI cannot see
+# them: the request bodies are written out here, the event's from the rules the
+# parsers check, and the routes carry them as openapi_extra. create_app adds the event
+# to the document's components (see components()), where the bodies refer to it.
+
+FIELD_DOCS = {
+    "ts": "When the page was viewed: epoch milliseconds (a number, or a string of digits) "
+    "or an RFC 3339 time with a zone offset; absent or null: when the server receives it",
+    "site": "The site's host name, e.g. example.com; lower-cased, trailing dot dropped, "
+    f"IDNA-encoded, at most {RULES.site_bytes_max} bytes then",
+    "path": "The page's path",
+    "referrer": "The referring page",
+    "ua": "The browser's user agent",
+    "visitor": "An opaque visitor token",
+    "id": "The event's id: events of a site with the same id are counted once; "
+    "a number is taken as its decimal text, and an empty id is no id",
+}
+
+
+def event_schema() -> dict[str, Any]:
+    """An event as JSON Schema, from :data:`flowray.ingest.rules.RULES`."""
+    properties: dict[str, Any] = {}
+    for f in RULES.fields:
+        kinds: list[dict[str, Any]]
+        if f.type == "int64":  # ts: epoch ms, or a time in text
+            kinds = [{"type": "integer", "minimum": RULES.ts_min_ms}, {"type": "string"}]
+        else:
+            text: dict[str, Any] = {"type": "string"}
+            if f.chars_limit is not None:
+                text["maxLength"] = RULES.chars_max(f.name)
+            kinds = [text, *([{"type": "integer"}] if f.numbers_as_text else [])]
+        if not f.required:
+            kinds.append({"type": "null"})
+        one = kinds[0] if len(kinds) == 1 else {"anyOf": kinds}
+        properties[f.name] = {**one, "description": FIELD_DOCS.get(f.name, "")}
+    return {
+        "type": "object",
+        "title": "Event",
+        "description": "One page view. Other keys are ignored.",
+        "properties": properties,
+        "required": [f.name for f in RULES.fields if f.required],
+        "additionalProperties": True,
+    }
+
+
+EVENT_REF = {"$ref": "#/components/schemas/Event"}
+
+
+def components() -> dict[str, Any]:
+    """The schemas the bodies refer to, for the document's components."""
+    return {"Event": event_schema()}
+
+
+SEED_EXAMPLE = "2020.03.14 07:20:39.595 taobao.com\n2020.03.14 07:25:42.412 tmall.com\n"
+
+
+def request_body(content: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    return {"requestBody": {"required": True, "content": content}}
+
+
+def events_body(batch_events_max: int) -> dict[str, Any]:
+    return request_body(
+        {
+            "application/json": {
+                "schema": {
+                    "anyOf": [
+                        {"type": "array", "items": EVENT_REF, "maxItems": batch_events_max},
+                        EVENT_REF,
+                    ],
+                    "description": "An array of events, or one event",
+                }
+            },
+            "application/x-ndjson": {
+                "schema": {
+                    "type": "string",
+                    "description": "One event object per line; blank lines are skipped",
+                },
+                "example": '{"ts":"2020-03-14T07:20:39.595Z","site":"taobao.com"}\n',
+            },
+        }
+    )
+
+
+LOGS_BODY = request_body(
+    {
+        "text/plain": {
+            "schema": {
+                "type": "string",
+                "description": "Seed lines, 'yyyy.mm.dd HH:MM:SS[.fff] site' in UTC, one per "
+                "line; blank lines are skipped",
+            },
+            "example": SEED_EXAMPLE,
+        }
+    }
+)
+
+
+class Accepted(BaseModel):
+    accepted: int = Field(description="Events committed by a majority of their groups")
+
+
+class ItemProblem(BaseModel):
+    position: int = Field(
+        description="The item's index in the batch (its line for NDJSON and seed lines), "
+        "from 0; -1 for the body as a whole"
+    )
+    reason: str
+
+
+class Rejected(Problem):
+    """A batch refused whole: every bad item, up to a limit, with its reason."""
+
+    total_errors: int = Field(description="Bad items in the batch (errors may list fewer)")
+    errors: list[ItemProblem]
+
+
+def ingest_responses(what: str) -> dict[int | str, dict[str, Any]]:
+    return {
+        413: {"model": Problem, "description": "Body too large"},
+        422: {"model": Rejected, "description": f"Batch rejected; every bad {what} listed"},
+        **unavailable_response("No quorum; retry after Retry-After"),
+        **AUTH_RESPONSES,
+    }
+
+
 def router(handler: IngestHandler) -> APIRouter:
-    api = APIRouter()
+    """The two routes through FastAPI; their OpenAPI bodies are written out (see above)."""
+    api = APIRouter(tags=["ingest"])
     needs = handler.deps.needs
 
     @api.post(
         "/v1/events",
         summary="Ingest page-view events (JSON array, object, or NDJSON)",
-        responses={
-            413: {"description": "Body too large"},
-            422: {"description": "Batch rejected; every bad item listed"},
-            503: {"description": "No quorum; retry after Retry-After"},
-            **AUTH_RESPONSES,
-        },
+        response_model=Accepted,
+        responses=ingest_responses("item"),
+        openapi_extra=events_body(handler.settings.batch_events_max),
     )
     async def post_events(
         request: Request, grant: Grant | None = Depends(needs["ingest"])
@@ -223,12 +359,9 @@ def router(handler: IngestHandler) -> APIRouter:
     @api.post(
         "/v1/logs",
         summary="Ingest seed-form log lines (text/plain)",
-        responses={
-            413: {"description": "Body too large"},
-            422: {"description": "Batch rejected; every bad line listed"},
-            503: {"description": "No quorum; retry after Retry-After"},
-            **AUTH_RESPONSES,
-        },
+        response_model=Accepted,
+        responses=ingest_responses("line"),
+        openapi_extra=LOGS_BODY,
     )
     async def post_logs(
         request: Request, grant: Grant | None = Depends(needs["ingest"])

@@ -13,6 +13,7 @@ from fastapi import APIRouter
 from fastapi.responses import Response
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from pydantic import BaseModel, Field
 
 
 class Metrics:
@@ -155,6 +156,12 @@ def cluster_metrics(m: Metrics, status: dict[str, Any]) -> None:
         m.last_job_s.set(seconds)
 
 
+class Health(BaseModel):
+    status: str = Field(description="ok while the process serves")
+    cache: str = Field(description="The query cache in use: redis or memory")
+    pid: int
+
+
 def router(
     metrics: Metrics,
     status: Callable[[], Awaitable[dict[str, Any]]],
@@ -162,13 +169,23 @@ def router(
     timeout_s: float,
 ) -> APIRouter:
     """/healthz and /metrics; ``status`` gives the cluster's status for the gauges."""
-    api = APIRouter()
+    api = APIRouter(tags=["operations"])
 
-    @api.get("/healthz", summary="Liveness")
+    @api.get("/healthz", summary="Liveness", response_model=Health)
     async def healthz() -> dict[str, Any]:
         return {"status": "ok", "cache": cache_name, "pid": os.getpid()}
 
-    @api.get("/metrics", summary="Prometheus metrics", response_class=Response)
+    @api.get(
+        "/metrics",
+        summary="Prometheus metrics",
+        response_class=Response,
+        responses={
+            200: {
+                "description": "The text exposition format",
+                "content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}},
+            }
+        },
+    )
     async def prometheus() -> Response:
         try:
             answer = await asyncio.wait_for(status(), timeout_s)

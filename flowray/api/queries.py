@@ -14,9 +14,20 @@ import numpy as np
 import orjson
 from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, Field
 
 from flowray.api.auth import Grant, allow_sites
-from flowray.api.common import AUTH_RESPONSES, Deps, Minutes, denied, error
+from flowray.api.common import (
+    AUTH_RESPONSES,
+    Deps,
+    Interval,
+    Minutes,
+    SeriesFormat,
+    denied,
+    error,
+    invalid_response,
+    unavailable_response,
+)
 from flowray.config import Settings
 from flowray.core.router import SiteError, normalize_site
 from flowray.query import series
@@ -26,6 +37,27 @@ INTERVAL_DAYS_MAX = {
     "hour": "query_hour_days_max",
     "day": "query_day_days_max",
 }
+
+
+class Point(BaseModel):
+    t: str = Field(description="The bucket's start, RFC 3339 on the zone's wall clock")
+    count: int
+    provisional: bool = Field(
+        description="Holds events not processed yet: the count may still change"
+    )
+
+
+class Series(BaseModel):
+    """A dense series: every bucket of [start, end), empty ones with count 0."""
+
+    site: str = Field(description="The site's normalized name")
+    interval: Interval
+    tz: str
+    points: list[Point]
+    total: int
+    watermark: str | None = Field(
+        description="Processed up to here (RFC 3339 in the zone); null: nothing yet"
+    )
 
 
 class SingleFlight:
@@ -61,7 +93,7 @@ class SingleFlight:
 # Long: one route's declaration (its parameters are its OpenAPI) and its handler,
 # which reads in order: name, access, range, cache, live counts, answer.
 def router(deps: Deps) -> APIRouter:
-    api = APIRouter()
+    api = APIRouter(tags=["queries"])
     settings, cache, warehouse, live = deps.settings, deps.cache, deps.warehouse, deps.live
     metrics, needs = deps.metrics, deps.needs
     single_flight = SingleFlight(deps)
@@ -69,12 +101,15 @@ def router(deps: Deps) -> APIRouter:
     @api.get(
         "/v1/sites/{site}/traffic",
         summary="A site's traffic series",
+        response_model=Series,
         responses={
             **AUTH_RESPONSES,
             200: {
                 "description": "The series (JSON), or CSV for format=csv or Accept: text/csv",
                 "content": {"application/json": {}, "text/csv": {"schema": {"type": "string"}}},
             },
+            **invalid_response("A bad site, time, range, interval, zone or format"),
+            **unavailable_response("The query took longer than the query timeout"),
         },
     )
     async def traffic(
@@ -82,9 +117,9 @@ def router(deps: Deps) -> APIRouter:
         site: str = Path(..., description="The site's host name, e.g. example.com"),
         start: str = Query(..., description="Inclusive start: ISO-8601, date, or epoch ms"),
         end: str = Query(..., description="Exclusive end: ISO-8601, date, or epoch ms"),
-        interval: str = Query("minute", description="minute, hour or day"),
+        interval: Interval = Query(Interval.MINUTE, description="The buckets' size"),
         tz: str = Query("UTC", description="IANA time zone for buckets and labels"),
-        format: str = Query("json", description="json or csv"),
+        format: SeriesFormat = Query(SeriesFormat.JSON, description="The answer's form"),
         grant: Grant | None = Depends(needs["read"]),
     ) -> Response:
         started = time.perf_counter()
@@ -98,16 +133,15 @@ def router(deps: Deps) -> APIRouter:
         if not decision.ok:
             metrics.denied.labels("403").inc()
             return denied(decision)
+        step = interval.value
         try:
-            zone, start_ms, end_ms = _range(settings, start, end, interval, tz)
+            zone, start_ms, end_ms = _range(settings, start, end, step, tz)
         except series.RangeError as exc:
             return error(422, str(exc))
-        want_csv = format == "csv" or "text/csv" in request.headers.get("accept", "")
-        if format not in ("json", "csv"):
-            return error(422, "format must be json or csv")
+        want_csv = format == SeriesFormat.CSV or "text/csv" in request.headers.get("accept", "")
         generation, version, watermark = warehouse.snapshot()
-        view = SeriesView(name, start_ms, end_ms, interval, zone, tz, version, watermark, want_csv)
-        key = f"q1:{generation}:{name}:{start_ms}:{end_ms}:{interval}:{tz}:{int(want_csv)}"
+        view = SeriesView(name, start_ms, end_ms, step, zone, tz, version, watermark, want_csv)
+        key = f"q1:{generation}:{name}:{start_ms}:{end_ms}:{step}:{tz}:{int(want_csv)}"
         body = await cache.get(key)
         metrics.queries.labels("hit" if body is not None else "miss").inc()
         # An answer with provisional points changes as events arrive: cache it briefly.
