@@ -976,7 +976,7 @@ async def test_repeat_query_is_served_from_cache_and_publish_invalidates(
     loaded: Warehouse, cache_kind: str, request: pytest.FixtureRequest, unique: str
 ) -> None:
     if cache_kind == "redis":
-        url = request.getfixturevalue("redis_url")
+        url = request.getfixturevalue("real_redis_url")
         inner: Cache = RedisCache(url, timeout_s=0.5, prefix=f"flowray-test-{unique}:")
     else:
         inner = MemoryCache()
@@ -1026,7 +1026,7 @@ async def test_repeat_query_is_served_from_cache_and_publish_invalidates(
 
 @pytest.mark.anyio
 async def test_warehouses_sharing_a_redis_never_see_each_others_answers(
-    tmp_path: Path, redis_url: str, unique: str
+    tmp_path: Path, real_redis_url: str, unique: str
 ) -> None:
     """Two clusters on one Redis (or one cluster after its data directory was wiped).
 
@@ -1043,7 +1043,7 @@ async def test_warehouses_sharing_a_redis_never_see_each_others_answers(
     assert reopened.catalog.identity == first.catalog.identity  # survives a restart
     reopened.catalog.close()
     caches = [
-        RedisCache(redis_url, 0.5, f"flowray-test-{unique}:{w.catalog.identity}:")
+        RedisCache(real_redis_url, 0.5, f"flowray-test-{unique}:{w.catalog.identity}:")
         for w in (first, second)
     ]
     try:

@@ -45,7 +45,7 @@ def silent_url() -> Iterator[str]:
 async def new_cache(kind: str, request: pytest.FixtureRequest, unique: str) -> Cache:
     if kind == "memory":
         return MemoryCache()
-    url = request.getfixturevalue("redis_url")
+    url = request.getfixturevalue("real_redis_url")
     return RedisCache(url, timeout_s=CONTRACT_TIMEOUT_S, prefix=f"flowray-test-{unique}:")
 
 
@@ -145,7 +145,8 @@ async def test_memory_cache_is_bounded_lru() -> None:
 
 
 @pytest.mark.anyio
-async def test_redis_prefixes_isolate_caches(redis_url: str, unique: str) -> None:
+async def test_redis_prefixes_isolate_caches(real_redis_url: str, unique: str) -> None:
+    redis_url = real_redis_url
     one = RedisCache(redis_url, CONTRACT_TIMEOUT_S, prefix=f"flowray-test-{unique}-1:")
     two = RedisCache(redis_url, CONTRACT_TIMEOUT_S, prefix=f"flowray-test-{unique}-2:")
     try:
@@ -182,8 +183,8 @@ async def test_unreachable_redis_is_a_quick_miss(
 # --------------------------------------------------------------------------- choosing a cache
 
 
-def test_redis_answers(redis_url: str, dead_url: str, silent_url: str) -> None:
-    assert redis_answers(redis_url) is True
+def test_redis_answers(real_redis_url: str, dead_url: str, silent_url: str) -> None:
+    assert redis_answers(real_redis_url) is True
     for url in (dead_url, silent_url, "", "not a url"):
         started = time.perf_counter()
         assert redis_answers(url, timeout_s=0.2) is False, url
@@ -191,8 +192,8 @@ def test_redis_answers(redis_url: str, dead_url: str, silent_url: str) -> None:
 
 
 @pytest.mark.anyio
-async def test_make_cache_picks_redis_when_it_answers(redis_url: str, unique: str) -> None:
-    cache = make_cache(redis_url, 0.5, 60)
+async def test_make_cache_picks_redis_when_it_answers(real_redis_url: str, unique: str) -> None:
+    cache = make_cache(real_redis_url, 0.5, 60)
     try:
         assert isinstance(cache, RedisCache)
         assert cache.name == "redis"
