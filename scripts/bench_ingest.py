@@ -363,8 +363,11 @@ class _KillProbe(threading.Thread):
                 time.sleep(0.005)
 
 
-def unavailability_after_master_kill(fr: Flowray, start_ms: int, tries: int = 3) -> list[float]:
-    """Seconds from kill -9 of group 0's master to the next acknowledged write."""
+def _unavailability(
+    fr: Flowray, start_ms: int, tries: int, fault: Any, held_s: float = 0.0
+) -> list[float]:
+    """Seconds from ``fault(pid)`` on group 0's master to the next acknowledged write;
+    ``fault`` returns what ends it (or None), called ``held_s`` after it began."""
     gaps = []
     body = ndjson(make_events(FLEET_BATCH, start_ms))
     for _ in range(tries):
@@ -374,14 +377,24 @@ def unavailability_after_master_kill(fr: Flowray, start_ms: int, tries: int = 3)
         probe.start()
         time.sleep(1)
         probe.killed_at = time.monotonic()
-        os.kill(pid, signal.SIGKILL)
-        deadline = time.monotonic() + 30
-        while not probe.acked_after and time.monotonic() < deadline:
-            time.sleep(0.01)
+        end = fault(pid)
+        try:
+            deadline = probe.killed_at + 30
+            while not probe.acked_after and time.monotonic() < deadline:
+                time.sleep(0.01)
+            time.sleep(max(0.0, probe.killed_at + held_s - time.monotonic()))
+        finally:
+            if end is not None:
+                end()
         probe.stop.set()
         probe.join(timeout=15)
         gaps.append(probe.acked_after - probe.killed_at if probe.acked_after else float("inf"))
     return gaps
+
+
+def unavailability_after_master_kill(fr: Flowray, start_ms: int, tries: int = 3) -> list[float]:
+    """Seconds from kill -9 of group 0's master to the next acknowledged write."""
+    return _unavailability(fr, start_ms, tries, lambda pid: os.kill(pid, signal.SIGKILL))
 
 
 def unavailability_after_master_pause(
@@ -389,27 +402,12 @@ def unavailability_after_master_pause(
 ) -> list[float]:
     """Seconds from SIGSTOP of group 0's master to the next acknowledged write; the
     master is continued after ``pause_s`` (it then steps down and catches up)."""
-    gaps = []
-    body = ndjson(make_events(FLEET_BATCH, start_ms))
-    for _ in range(tries):
-        time.sleep(3)
-        pid = fr.master_pid(0)
-        probe = _KillProbe(fr.ingest, body)
-        probe.start()
-        time.sleep(1)
-        probe.killed_at = time.monotonic()
+
+    def stop(pid: int) -> Any:
         os.kill(pid, signal.SIGSTOP)
-        try:
-            deadline = probe.killed_at + 30
-            while not probe.acked_after and time.monotonic() < deadline:
-                time.sleep(0.01)
-            time.sleep(max(0.0, probe.killed_at + pause_s - time.monotonic()))
-        finally:
-            os.kill(pid, signal.SIGCONT)
-        probe.stop.set()
-        probe.join(timeout=15)
-        gaps.append(probe.acked_after - probe.killed_at if probe.acked_after else float("inf"))
-    return gaps
+        return lambda: os.kill(pid, signal.SIGCONT)
+
+    return _unavailability(fr, start_ms, tries, stop, held_s=pause_s)
 
 
 # ---- NATS JetStream -------------------------------------------------------------------
