@@ -26,6 +26,9 @@ class Benchmark(StrEnum):
     memory = "memory"
     soak = "soak"
     cpu = "cpu"
+    front = "front"
+    visitors = "visitors"
+    dimensions = "dimensions"
 
 
 BENCHMARKS = tuple(b.value for b in Benchmark)
