@@ -264,3 +264,26 @@ def test_a_proposal_deadline_grows_with_its_bytes() -> None:
     assert deployment.deadline_for(settings, 64 * 1024 * 1024) == 2.0
     with pytest.raises(ValueError, match="propose_deadline_s"):
         Settings(propose_deadline_s=20.0, commit_timeout_s=10.0).validate()
+
+
+class _AnsweringWhileAskedDirectory(_FailoverDirectory):
+    """The master answers just while its followers are being asked, and they say it
+    lost its group: the commit it reported must be taken, not thrown away."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.links[0] = _SlowLink(delay_s=0.15)
+
+    async def still_followed(self, group: int, replica: int) -> bool:
+        await asyncio.sleep(0.2)  # the answer lands meanwhile
+        return False
+
+
+@pytest.mark.anyio
+async def test_an_answer_that_lands_while_followers_are_asked_is_taken() -> None:
+    settings = Settings(propose_deadline_s=0.1, commit_timeout_s=5.0)
+    directory = _AnsweringWhileAskedDirectory()
+    ingress = deployment.RayIngest(settings, directory)  # type: ignore[arg-type]
+    await ingress.commit({0: _rows(3)})  # without ids: resending or 503 would be wrong
+    assert directory.links[0].calls == 1 and directory.links[1].calls == []
+    assert directory.suspected == []

@@ -333,8 +333,9 @@ class RayIngest:
         end: float,
     ) -> Any:
         """The proposal's answer; TimeoutError once the master is given up: past its
-        deadline, when its followers no longer vouch for it (Directory.still_followed),
-        asked every FOLLOWED_CHECK_S; or at ``end``."""
+        deadline, when its followers no longer vouch for it (Directory.still_followed,
+        asked every FOLLOWED_CHECK_S and itself bounded by ``end``); or at ``end``. An
+        answer that arrives while the followers are asked wins over their verdict."""
         loop = asyncio.get_running_loop()
         wait_s = deadline_s
         try:
@@ -345,7 +346,12 @@ class RayIngest:
                 done, _ = await asyncio.wait({call}, timeout=wait_s)
                 if done:
                     return call.result()
-                if not await self.directory.still_followed(group, replica):
+                followed = await asyncio.wait_for(
+                    self.directory.still_followed(group, replica), max(end - loop.time(), 0.001)
+                )
+                if call.done():  # answered while its followers were asked: take the answer
+                    return call.result()
+                if not followed:
                     raise TimeoutError(f"replica {replica} missed its deadline and lost its group")
                 wait_s = FOLLOWED_CHECK_S
         finally:
