@@ -215,6 +215,26 @@ class Settings(BaseSettings):
         description="Directory of the Parquet warehouse; empty: DATA_DIR/warehouse.",
         json_schema_extra=_docs(allowed="a path, or empty"),
     )
+    # The web tracker's endpoint (POST /api/event), see flowray/api/tracker.py.
+    trusted_proxies: str = Field(
+        "",
+        description="Proxies whose X-Forwarded-For /api/event believes; others: the peer.",
+        json_schema_extra=_docs(allowed="comma-separated IP addresses or CIDR networks"),
+    )
+    event_rate_per_ip: Seconds = Field(
+        20.0, description="Tracker events per second one client address may send (per front)."
+    )
+    event_rate_per_site: Seconds = Field(
+        5000.0, description="Tracker events per second one site may receive (per front)."
+    )
+    sites_reload_s: Seconds = Field(
+        2.0, description="How stale a front's copy of the registered sites may be."
+    )
+    # Raw events a master keeps for live visitors and breakdowns, see flowray/query/live.py.
+    live_facts_bytes_max: Count = Field(
+        256 * 1024 * 1024,
+        description="Memory a master keeps for live visitors and breakdowns, in bytes.",
+    )
     # A cluster's workers join after the head starts flowray.
     wait_nodes: CountOrZero = Field(
         0, description="Ray nodes to wait for before placing replicas; 0: none."

@@ -134,7 +134,11 @@ def test_version_prints_the_package_version(runner: CliRunner) -> None:
 @pytest.mark.parametrize(
     ("args", "name", "choices"),
     [
-        (["query", "a.example", "--interval", "week"], "--interval", ["minute", "hour", "day"]),
+        (
+            ["query", "a.example", "--interval", "year"],
+            "--interval",
+            ["minute", "hour", "day", "week", "month"],
+        ),
         (["query", "a.example", "--format", "yaml"], "--format", ["table", "json", "csv"]),
         (["ingest", "nowhere.log", "--format", "xml"], "--format", ["auto", "seed", "ndjson"]),
         (["token", "create", "--scope", "root"], "--scope", ["ingest", "read", "admin"]),

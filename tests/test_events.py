@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from pathlib import Path
 
 import orjson
@@ -26,6 +26,7 @@ from flowray.ingest.events import (
     parse_seed_body,
     parse_timestamp,
 )
+from flowray.ingest.visitors_id import visitor_id
 
 NOW_MS = 1_700_000_000_000  # 2023-11-14T22:13:20Z
 LIMITS = Limits(now_ms=NOW_MS)
@@ -112,6 +113,8 @@ def test_json_batch_good() -> None:
                 "visitor": "v1",
                 "id": "e1",
                 "unknown": {"ignored": True},
+                "name": "Signup",
+                "props": '{"plan":"pro"}',
             },
             {"ts": T_2020 + 1, "site": "example.com", "id": 12345},
             {"site": "example.com"},
@@ -128,6 +131,8 @@ def test_json_batch_good() -> None:
             "ua": "Mozilla/5.0",
             "visitor": "v1",
             "id": "e1",
+            "name": "Signup",
+            "props": '{"plan":"pro"}',
         },
         {
             "ts": T_2020 + 1,
@@ -137,6 +142,8 @@ def test_json_batch_good() -> None:
             "ua": None,
             "visitor": None,
             "id": "12345",
+            "name": None,
+            "props": None,
         },
         {
             "ts": NOW_MS,
@@ -146,6 +153,8 @@ def test_json_batch_good() -> None:
             "ua": None,
             "visitor": None,
             "id": None,
+            "name": None,
+            "props": None,
         },
     ]
 
@@ -409,9 +418,17 @@ def _write(path: Path, lines: list[str], compress: bool = False) -> Path:
     return path
 
 
+SALT = bytes(range(32))
+
+
+def _salt_of_day(_day: date) -> bytes:
+    return SALT
+
+
 def _read_all(path: Path, fmt: str, **kwargs: object) -> tuple[list[dict], list[ItemError]]:
     rows: list[dict] = []
     bad: list[ItemError] = []
+    kwargs.setdefault("salt_of_day", _salt_of_day)
     for chunk in iter_file(path, fmt, LIMITS, **kwargs):  # type: ignore[arg-type]
         assert chunk.events.schema == EVENT_SCHEMA
         rows.extend(chunk.events.to_pylist())
@@ -430,11 +447,19 @@ def test_combined_real_world_shapes(tmp_path: Path) -> None:
         "path": "/apache_pb.gif",
         "referrer": "http://www.example.com/start.html",
         "ua": "Mozilla/4.08 [en] (Win98; I ;Nav)",
-        "visitor": "127.0.0.1",
+        # The client address is hashed with the day's salt, never stored.
+        "visitor": visitor_id(
+            SALT, "example.com", "127.0.0.1", "Mozilla/4.08 [en] (Win98; I ;Nav)"
+        ),
         "id": None,
+        "name": None,
+        "props": None,
     }
     assert rows[1]["ts"] == ms("2020-02-29T23:59:59+05:30")
-    assert rows[1]["visitor"] == "2001:db8::1"
+    assert rows[1]["visitor"] == visitor_id(
+        SALT, "example.com", "2001:db8::1", 'curl "quoted" agent'
+    )
+    assert all("127.0.0.1" not in str(r) and "2001:db8" not in str(r) for r in rows)
     assert rows[1]["referrer"] is None
     assert rows[1]["ua"] == 'curl "quoted" agent'
     assert rows[1]["path"] == "/leap?x=1"
@@ -457,7 +482,11 @@ def test_combined_file_reports_garbage_lines_and_keeps_good_ones(tmp_path: Path)
         COMBINED_LINES[2],
     ]
     path = _write(tmp_path / "access.log", lines)
-    chunks = list(iter_file(path, "combined", LIMITS, site="example.com", chunk_lines=3))
+    chunks = list(
+        iter_file(
+            path, "combined", LIMITS, site="example.com", chunk_lines=3, salt_of_day=_salt_of_day
+        )
+    )
     assert [c.lines for c in chunks] == [3, 3, 2]
     assert sum(c.bytes for c in chunks) == path.stat().st_size
     bad = [e for c in chunks for e in c.bad]
@@ -472,9 +501,11 @@ def test_combined_file_reports_garbage_lines_and_keeps_good_ones(tmp_path: Path)
 def test_combined_requires_a_site(tmp_path: Path) -> None:
     path = _write(tmp_path / "access.log", COMBINED_LINES)
     with pytest.raises(ValueError, match="site"):
-        list(iter_file(path, "combined", LIMITS))
+        list(iter_file(path, "combined", LIMITS, salt_of_day=_salt_of_day))
     with pytest.raises(ValueError, match="not a valid host name"):
-        list(iter_file(path, "combined", LIMITS, site="not a site"))
+        list(iter_file(path, "combined", LIMITS, site="not a site", salt_of_day=_salt_of_day))
+    with pytest.raises(ValueError, match="salts"):
+        list(iter_file(path, "combined", LIMITS, site="example.com"))
 
 
 def test_gzip_file_and_auto_detection(tmp_path: Path) -> None:

@@ -343,11 +343,12 @@ def test_the_usual_tracker_bodies_take_the_c_path() -> None:
     assert table is not None
     assert table.to_pylist() == [
         {"ts": NOW_MS - 5, "site": "a.com", "path": "/é", "referrer": None, "ua": None,
-         "visitor": "v1", "id": None},
+         "visitor": "v1", "id": None, "name": None, "props": None},
         {"ts": NOW_MS, "site": "b.com", "path": "/", "referrer": None,
-         "ua": "Mozilla/5.0 (X11; Linux x86_64)", "visitor": None, "id": None},
+         "ua": "Mozilla/5.0 (X11; Linux x86_64)", "visitor": None, "id": None, "name": None,
+         "props": None},
         {"ts": NOW_MS, "site": "c.io", "path": None, "referrer": None, "ua": None,
-         "visitor": None, "id": "e-3"},
+         "visitor": None, "id": "e-3", "name": None, "props": None},
     ]  # fmt: skip
     spaced = b' { "site" : "a.com" , "ts" : %d } \r\n' % (NOW_MS - 1)
     assert _agree(spaced) is not None

@@ -312,7 +312,7 @@ def test_every_rule_has_its_edges_here() -> None:
         "site_label_bytes_max",
     }
     limited = {f.name for f in RULES.fields if f.chars_limit is not None}
-    assert limited == {"path", "referrer", "ua", "visitor", "id"}
+    assert limited == {"path", "referrer", "ua", "visitor", "id", "name", "props"}
     for name in limited:  # each field at its own edge, not only one per limit
         assert any(edge.stored is not None and edge.stored[0] == name for edge in EDGES)
 
@@ -327,7 +327,10 @@ def test_the_defaults_and_the_schema_are_the_rules() -> None:
         [
             pa.field("ts", pa.int64(), nullable=False),
             pa.field("site", pa.string(), nullable=False),
-            *(pa.field(name, pa.string()) for name in ("path", "referrer", "ua", "visitor", "id")),
+            *(
+                pa.field(name, pa.string())
+                for name in ("path", "referrer", "ua", "visitor", "id", "name", "props")
+            ),
         ]
     )  # what the warehouse holds: a change here is a change of its format
     assert stored == ev.EVENT_SCHEMA

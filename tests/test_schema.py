@@ -256,7 +256,13 @@ def test_the_document_lists_every_choice() -> None:
         for op in item.values()
         for p in op.get("parameters", [])
     }
-    assert params["/v1/sites/{site}/traffic", "interval"]["enum"] == ["minute", "hour", "day"]
+    assert params["/v1/sites/{site}/traffic", "interval"]["enum"] == [
+        "minute",
+        "hour",
+        "day",
+        "week",
+        "month",
+    ]
     assert tuple(params["/v1/sites/{site}/traffic", "interval"]["enum"]) == series.INTERVALS
     assert params["/v1/sites/{site}/traffic", "format"]["enum"] == ["json", "csv"]
     assert params["/v1/admin/process", "mode"]["enum"] == ["due", "closed", "all"]

@@ -21,6 +21,7 @@ from flowray.config import Settings
 from flowray.core.router import ShardMap
 from flowray.ingest.pieces import GroupEvents
 from flowray.query.cache import Cache
+from flowray.query.insights import InsightAnswer, InsightQuery
 
 # --------------------------------------------------------------------------- choices
 
@@ -35,6 +36,8 @@ class Interval(StrEnum):
     MINUTE = "minute"
     HOUR = "hour"
     DAY = "day"
+    WEEK = "week"
+    MONTH = "month"
 
 
 class SeriesFormat(StrEnum):
@@ -165,6 +168,12 @@ class Live(Protocol):
         """Committed (minute_ms, count) of ``site`` that the warehouse does not hold yet."""
 
 
+class Insights(Protocol):
+    async def run(self, query: InsightQuery) -> InsightAnswer:
+        """Answer an insight query from the warehouse and the live facts; raises
+        InsightError for a query that cannot be answered, Unavailable when too slow."""
+
+
 class Admin(Protocol):
     async def status(self) -> dict[str, Any]: ...
 
@@ -206,6 +215,7 @@ class Deps:
     live: Live | None
     metrics: Metrics
     needs: dict[str, GrantDependency]
+    insights: Insights | None = None
 
 
 def error(status: int, message: str, **extra: Any) -> JSONResponse:

@@ -36,6 +36,8 @@ INTERVAL_DAYS_MAX = {
     "minute": "query_minute_days_max",
     "hour": "query_hour_days_max",
     "day": "query_day_days_max",
+    "week": "query_day_days_max",
+    "month": "query_day_days_max",
 }
 
 

@@ -41,6 +41,8 @@ class Interval(StrEnum):
     minute = "minute"
     hour = "hour"
     day = "day"
+    week = "week"
+    month = "month"
 
 
 class IngestFormat(StrEnum):

@@ -52,7 +52,10 @@ def ingest(
 ) -> None:
     """Stream events from files to the API, with a progress bar; bad lines are reported."""
     from flowray.ingest import events as ev
+    from flowray.storage.salts import ImportSalts
 
+    # One import, one secret: its visitor ids link within this import and a day only.
+    salts = ImportSalts(None)
     missing = [str(f) for f in files if not f.is_file()]
     if missing:
         fail(f"no such file: {', '.join(missing)}")
@@ -71,7 +74,14 @@ def ingest(
             task = progress.add_task(path.name, total=path.stat().st_size)
             limits = ev.Limits(now_ms=int(time.time() * 1000))
             try:
-                chunks = ev.iter_file(path, format.value, limits, site=site, chunk_lines=batch)
+                chunks = ev.iter_file(
+                    path,
+                    format.value,
+                    limits,
+                    site=site,
+                    chunk_lines=batch,
+                    salt_of_day=salts.salt_for,
+                )
                 for chunk in chunks:
                     for item in chunk.bad:
                         bad_total += 1

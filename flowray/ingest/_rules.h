@@ -7,7 +7,7 @@
 #define FLOWRAY_INGEST_RULES_H
 
 /* The string columns, in the order of EVENT_SCHEMA after ts. */
-enum { COL_SITE, COL_PATH, COL_REFERRER, COL_UA, COL_VISITOR, COL_ID, NCOLS };
+enum { COL_SITE, COL_PATH, COL_REFERRER, COL_UA, COL_VISITOR, COL_ID, COL_NAME, COL_PROPS, NCOLS };
 enum { FIELD_TS = NCOLS, NFIELDS };
 
 /* The longest value of each column in characters, from the limits the parser is
@@ -19,6 +19,8 @@ enum { FIELD_TS = NCOLS, NFIELDS };
     path_chars_max, /* ua */ \
     visitor_chars_max, /* visitor */ \
     visitor_chars_max, /* id */ \
+    visitor_chars_max, /* name */ \
+    path_chars_max, /* props */ \
 }
 
 /* Whether "" in column c is stored as null. */
@@ -39,6 +41,10 @@ static int field_of(const char *key, size_t n) {
     case 4:
         if (!memcmp(key, "site", 4)) return COL_SITE;
         if (!memcmp(key, "path", 4)) return COL_PATH;
+        if (!memcmp(key, "name", 4)) return COL_NAME;
+        return -1;
+    case 5:
+        if (!memcmp(key, "props", 5)) return COL_PROPS;
         return -1;
     case 7:
         if (!memcmp(key, "visitor", 7)) return COL_VISITOR;
@@ -52,6 +58,6 @@ static int field_of(const char *key, size_t n) {
 }
 
 /* See header_digest in rules.py. */
-#define RULES_DIGEST "9d2e68a87f830b06"
+#define RULES_DIGEST "6f272a1b2ba68e4b"
 
 #endif

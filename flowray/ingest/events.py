@@ -25,12 +25,13 @@ import hashlib
 import math
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from itertools import chain, islice
 from typing import IO, Any, TypeAlias, cast
 
+import numpy as np
 import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -40,6 +41,7 @@ from flowray.core.router import normalize_site
 from flowray.ingest import fastparse
 from flowray.ingest.rules import RULES
 from flowray.ingest.schema import EVENT_SCHEMA, TS_MIN_MS, Limits
+from flowray.ingest.visitors_id import IpError, visitor_ids_by_day
 from flowray.ingest.schema import VISITOR_CHARS_MAX as VISITOR_CHARS_MAX  # for importers
 
 ERRORS_LISTED_MAX = 1000
@@ -51,12 +53,15 @@ _OPTIONAL_FIELDS: tuple[tuple[str, int], ...] = tuple(
 # holds them in this order, and an empty id is made null by hand: a change to the rules'
 # fields must be made there too, and until it is this module refuses to load.
 require(
-    RULES.names == ("ts", "site", "path", "referrer", "ua", "visitor", "id")
-    and [name for name, _ in _OPTIONAL_FIELDS] == ["path", "referrer", "ua", "visitor", "id"]
+    RULES.names == ("ts", "site", "path", "referrer", "ua", "visitor", "id", "name", "props")
+    and [name for name, _ in _OPTIONAL_FIELDS]
+    == ["path", "referrer", "ua", "visitor", "id", "name", "props"]
     and [f.name for f in RULES.fields if f.empty_is_null] == ["id"],
     "flowray.ingest.events names other fields than flowray.ingest.rules declares",
 )
-_PATH_MAX, _REFERRER_MAX, _UA_MAX, _VISITOR_MAX, _ID_MAX = (n for _, n in _OPTIONAL_FIELDS)
+_PATH_MAX, _REFERRER_MAX, _UA_MAX, _VISITOR_MAX, _ID_MAX, _NAME_MAX, _PROPS_MAX = (
+    n for _, n in _OPTIONAL_FIELDS
+)
 _NUMBERS_AS_TEXT = frozenset(f.name for f in RULES.fields if f.numbers_as_text)
 _DAY_MS = 86_400_000
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -229,8 +234,7 @@ class _Batch:
         self.errors: list[ItemError] = []
         # One tuple per good event in EVENT_SCHEMA order: a single append per event is
         # cheaper than seven, and zip(*rows) turns them into columns at the end.
-        self.rows: list[tuple[int, str, str | None, str | None, str | None, str | None, str | None]]
-        self.rows = []
+        self.rows: list[Row] = []
 
     def normalize(self, raw: str) -> str:
         """normalize_site, remembered for the batch (failures too, so they stay cheap)."""
@@ -269,8 +273,9 @@ class _Batch:
         return rows_table(self.result_rows())
 
 
-# One event in EVENT_SCHEMA order: (ts, site, path, referrer, ua, visitor, id).
-Row: TypeAlias = tuple[int, str, str | None, str | None, str | None, str | None, str | None]
+# One event in EVENT_SCHEMA order: (ts, site, path, referrer, ua, visitor, id, name, props).
+_Text: TypeAlias = str | None
+Row: TypeAlias = tuple[int, str, _Text, _Text, _Text, _Text, _Text, _Text, _Text]
 # A validated batch: an Arrow table, or (for small bodies) its rows, which cost far
 # less to make than a table; the ingress builds one table per proposal from them.
 Events: TypeAlias = pa.Table | list[Row]
@@ -281,7 +286,7 @@ SMALL_BODY_BYTES = 32 * 1024
 
 
 def rows_table(rows: list[Row]) -> pa.Table:
-    columns: list[Any] = list(zip(*rows, strict=True)) if rows else [()] * 7
+    columns: list[Any] = list(zip(*rows, strict=True)) if rows else [()] * len(EVENT_SCHEMA)
     return pa.Table.from_arrays(
         [pa.array(column, f.type) for column, f in zip(columns, EVENT_SCHEMA, strict=True)],
         schema=EVENT_SCHEMA,
@@ -366,12 +371,14 @@ def _add_object(batch: _Batch, position: int, event: object, fallback_id: str | 
         if bad_range is not None:
             reasons.append(bad_range)
     get = event.get
-    path, referrer, ua, visitor, event_id = (
+    path, referrer, ua, visitor, event_id, name, props = (
         get("path"),
         get("referrer"),
         get("ua"),
         get("visitor"),
         get("id"),
+        get("name"),
+        get("props"),
     )
     if not (
         (path is None or (type(path) is str and len(path) <= _PATH_MAX))
@@ -379,15 +386,19 @@ def _add_object(batch: _Batch, position: int, event: object, fallback_id: str | 
         and (ua is None or (type(ua) is str and len(ua) <= _UA_MAX))
         and (visitor is None or (type(visitor) is str and len(visitor) <= _VISITOR_MAX))
         and (event_id is None or (type(event_id) is str and len(event_id) <= _ID_MAX))
+        and (name is None or (type(name) is str and len(name) <= _NAME_MAX))
+        and (props is None or (type(props) is str and len(props) <= _PROPS_MAX))
     ):  # the rare path: find and name every bad field
-        values = [_optional_string(event, name, limit, reasons) for name, limit in _OPTIONAL_FIELDS]
-        path, referrer, ua, visitor, event_id = values
+        values = [_optional_string(event, key, limit, reasons) for key, limit in _OPTIONAL_FIELDS]
+        path, referrer, ua, visitor, event_id, name, props = values
     if reasons:
         batch.reject(position, "; ".join(reasons))
         return
     # An empty id counts as no id: otherwise every event sent with "" would be
     # deduplicated into one.
-    batch.rows.append((ts, site, path, referrer, ua, visitor, event_id or fallback_id))  # type: ignore[arg-type]
+    batch.rows.append(
+        (ts, site, path, referrer, ua, visitor, event_id or fallback_id, name, props)  # type: ignore[arg-type]
+    )
 
 
 # --------------------------------------------------------------------------- HTTP bodies
@@ -561,7 +572,7 @@ def _add_seed_line(batch: _Batch, position: int, line: str, fallback_id: str | N
         except ValueError as exc:
             batch.reject(position, f"site: {exc}")
             return
-    batch.rows.append((ts, site, None, None, None, None, fallback_id))
+    batch.rows.append((ts, site, None, None, None, None, fallback_id, None, None))
 
 
 def parse_seed_body(body: bytes, limits: Limits) -> pa.Table:
@@ -660,6 +671,8 @@ def _add_combined_line(batch: _Batch, position: int, line: str, fallback_id: str
     if bad_range is not None:
         reasons.append(bad_range)
     path, referrer, ua = _request_path(request), _log_field(referrer_text), _log_field(ua_text)
+    # The client address stands in the visitor column only until the chunk is done:
+    # _hash_clients then replaces it with a visitor id, before anything leaves this module.
     visitor = None if client == "-" else client
     if not (
         (path is None or len(path) <= _PATH_MAX)
@@ -676,7 +689,28 @@ def _add_combined_line(batch: _Batch, position: int, line: str, fallback_id: str
     site = batch.site_override
     if site is None:  # iter_file refuses combined logs without a site before reading
         raise InvariantError("combined log parsed without a site")
-    batch.rows.append((ts, site, path, referrer, ua, visitor, fallback_id))
+    batch.rows.append((ts, site, path, referrer, ua, visitor, fallback_id, None, None))
+
+
+def _hash_clients(table: pa.Table, salt_of_day: Callable[[date], bytes]) -> pa.Table:
+    """Replace the client addresses of combined-log events by visitor ids, each a keyed
+    hash with its day's salt (see flowray.ingest.visitors_id): no address is stored. A
+    client that is not an address (a host name, when the server looked names up) is
+    dropped, so the event counts with no visitor."""
+    ips = table.column("visitor").combine_chunks()
+    for _attempt in range(2):
+        try:
+            ids = visitor_ids_by_day(
+                salt_of_day, table.column("ts"), table.column("site"), ips, table.column("ua")
+            )
+        except IpError as exc:
+            keep = np.ones(len(ips), dtype=bool)
+            keep[list(exc.positions)] = False
+            ips = pc.if_else(pa.array(keep), ips, pa.nulls(len(ips), pa.string()))
+            continue
+        index = table.schema.get_field_index("visitor")
+        return table.set_column(index, EVENT_SCHEMA.field("visitor"), ids)
+    raise InvariantError("client addresses still invalid after the invalid ones were dropped")
 
 
 # --------------------------------------------------------------------------- files
@@ -791,12 +825,15 @@ def iter_file(
     site: str | None = None,
     chunk_lines: int = 10_000,
     with_ids: bool = True,
+    salt_of_day: Callable[[date], bytes] | None = None,
 ) -> Iterator[FileChunk]:
     """Read a log file in chunks of lines, keeping good events and reporting bad lines.
 
     A backfill of a real access log always has some garbage; one bad line must not stop
     a million good ones, so bad lines are reported with their 1-based line number. The
     date cache lives for the whole file, since a log covers few distinct days.
+    Combined logs need ``salt_of_day`` (flowray.storage.salts.ImportSalts.salt_for) to
+    turn client addresses into visitor ids.
     """
     if chunk_lines < 1:
         raise ValueError("chunk_lines must be at least 1")
@@ -804,6 +841,8 @@ def iter_file(
     with raw, stream:
         head = list(islice(stream, _DETECT_LINES))
         fmt, site_normalized = _resolve_format(fmt, head, site)
+        if fmt == "combined" and salt_of_day is None:
+            raise ValueError("combined logs are read with salts for their visitor ids")
         parse_line = _LINE_PARSERS[fmt]
         prefix = os.path.basename(os.fspath(path)).encode() + b"\x00"
         days: dict[str, int] = {}
@@ -824,5 +863,8 @@ def iter_file(
                 line_id = _line_id(prefix, line_number, text_bytes) if with_ids else None
                 parse_line(batch, line_number, text_bytes.decode("utf-8", "replace"), line_id)
             position = raw.tell()
-            yield FileChunk(batch.table(), batch.errors, len(chunk), position - consumed)
+            table = batch.table()
+            if fmt == "combined" and salt_of_day is not None:
+                table = _hash_clients(table, salt_of_day)
+            yield FileChunk(table, batch.errors, len(chunk), position - consumed)
             consumed = position

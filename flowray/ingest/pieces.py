@@ -21,7 +21,7 @@ from flowray.core.invariant import require
 from flowray.core.router import ShardMap, shard_for_site
 from flowray.core.units import HOUR_MS
 from flowray.ingest.events import Events, Row
-from flowray.ingest.schema import Routing
+from flowray.ingest.schema import EVENT_SCHEMA, Routing
 
 _native: types.ModuleType | None
 try:  # the C parser and routing pass, built at install where a compiler is found
@@ -84,7 +84,23 @@ def to_ipc(table: pa.Table, compress: bool = False) -> bytes:
 
 
 def from_ipc(payload: bytes) -> pa.Table:
-    return pa.ipc.open_stream(payload, options=_READ).read_all()
+    return conform(pa.ipc.open_stream(payload, options=_READ).read_all())
+
+
+def conform(table: pa.Table) -> pa.Table:
+    """A table of events in EVENT_SCHEMA's columns: a piece written before a field was
+    added lacks it, and reads as if every event had left it out (null)."""
+    names = EVENT_SCHEMA.names
+    if table.schema.names == names:
+        return table
+    have = set(table.schema.names)
+    return pa.table(
+        [
+            table.column(f.name) if f.name in have else pa.nulls(table.num_rows, f.type)
+            for f in EVENT_SCHEMA
+        ],
+        names=names,
+    )
 
 
 def from_ipc_many(payloads: Sequence[bytes]) -> pa.Table:
@@ -109,7 +125,7 @@ def from_ipc_many(payloads: Sequence[bytes]) -> pa.Table:
             table = None  # not all of to_ipc's making after all: one by one says which
         # An end marker inside a payload (two streams in one) ends the joined read early.
         if table is not None and source.tell() == len(joined):
-            return table
+            return conform(table)
     return pa.concat_tables([from_ipc(p) for p in payloads])
 
 

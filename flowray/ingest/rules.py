@@ -108,12 +108,16 @@ RULES = EventRules(
             empty_is_null=True,
             numbers_as_text=True,
         ),
+        # A custom event's name (Plausible's); null or "pageview" for a page view.
+        Field("name", "string", chars_limit="visitor_chars_max"),
+        # A custom event's properties, as the text of a JSON object: kept, not counted.
+        Field("props", "string", chars_limit="path_chars_max"),
     ),
     ts_min_ms=946_684_800_000,  # 2000-01-01T00:00:00Z: earlier is a unit mix-up, not a log
     future_skew_ms=300_000,
     batch_events_max=200_000,
-    path_chars_max=2048,  # path, referrer and ua: URLs and user agents
-    visitor_chars_max=128,  # visitor and id: opaque tokens
+    path_chars_max=2048,  # path, referrer, ua and props: URLs, user agents, JSON
+    visitor_chars_max=128,  # visitor, id and name: opaque tokens and event names
     # A DNS name: at most 253 characters in labels of at most 63. normalize_site in
     # flowray.core.router keeps its own copy; tests/test_rules.py checks that it agrees.
     site_bytes_max=253,

@@ -14,7 +14,9 @@ Bucket rules (what "aligned to the wall clock" means where the clock jumps):
 - day buckets start at the first instant of each local date: local midnight, or the end of
   the gap when midnight does not exist (America/Sao_Paulo 2018-11-04 starts at 01:00).
   When a zone falls back across midnight, the repeated late hour of the previous date
-  belongs to the bucket of the new date, so each date has exactly one bucket.
+  belongs to the bucket of the new date, so each date has exactly one bucket;
+- week buckets are the day buckets of Mondays (ISO weeks), month buckets those of each
+  month's first date.
 
 Offsets come from :mod:`zoneinfo` itself, not from pyarrow: pyarrow ignores the POSIX rule
 that TZif files use after their last listed transition (2037 for most zones), so its
@@ -34,7 +36,7 @@ import numpy as np
 from flowray.core.invariant import InvariantError, require
 from flowray.core.units import DAY_MS, HOUR_MS, MINUTE_MS
 
-INTERVALS = ("minute", "hour", "day")
+INTERVALS = ("minute", "hour", "day", "week", "month")
 
 
 # Offsets are found by sampling the zone this often and bisecting between samples that
@@ -42,8 +44,9 @@ INTERVALS = ("minute", "hour", "day")
 # in tzdata 2024-2025 the shortest such excursion is about 4 days (Africa/Freetown, 1939).
 _SAMPLE_STEP_S = 86_400
 # Far enough back that the bucket containing the range start is always found, even across
-# a skipped date (Pacific/Apia 2011-12-30).
+# a skipped date (Pacific/Apia 2011-12-30): for a month bucket, a month and those days.
 _MARGIN_MS = 3 * DAY_MS
+_MARGIN_MS_OF = {"hour": _MARGIN_MS, "day": _MARGIN_MS, "week": 10 * DAY_MS, "month": 34 * DAY_MS}
 # A range of N local days is up to 2 h longer than N x 24 h across a DST change
 # (Antarctica/Troll shifts by 2 h), and such a range must still fit a limit of N days.
 _RANGE_SLACK_MS = 2 * HOUR_MS
@@ -141,12 +144,14 @@ def bucket_starts(start_ms: int, end_ms: int, interval: str, zone: ZoneInfo) -> 
     if interval == "minute":
         first_ms = start_ms - start_ms % MINUTE_MS
         return np.arange(first_ms, end_ms, MINUTE_MS, dtype=np.int64)
-    lo_ms = start_ms - _MARGIN_MS
+    lo_ms = start_ms - _MARGIN_MS_OF[interval]
     bounds_ms, offsets_ms = _offset_segments(zone, lo_ms, end_ms)
     if interval == "hour":
         candidates = _hour_starts(lo_ms, end_ms, bounds_ms, offsets_ms)
     else:
         candidates = _day_starts(lo_ms, end_ms, bounds_ms, offsets_ms)
+        if interval != "day":
+            candidates = _calendar_starts(candidates, bounds_ms, offsets_ms, interval)
     first = int(np.searchsorted(candidates, start_ms, side="right")) - 1
     require(first >= 0, f"no {interval} bucket starts before {start_ms} in {zone.key}")
     stop = int(np.searchsorted(candidates, end_ms, side="left"))
@@ -236,6 +241,19 @@ def _day_starts(
     keep = dates > (lo_ms + int(offsets_ms[0])) // DAY_MS
     _, first_index = np.unique(dates[keep], return_index=True)
     return np.sort(candidates[keep][first_index])
+
+
+def _calendar_starts(
+    day_starts: np.ndarray, bounds_ms: np.ndarray, offsets_ms: np.ndarray, interval: str
+) -> np.ndarray:
+    """The day starts that begin an ISO week (a Monday) or a month (its first date)."""
+    slots = np.searchsorted(bounds_ms, day_starts, side="right")
+    dates = ((day_starts + offsets_ms[slots]) // DAY_MS).astype("datetime64[D]")
+    if interval == "week":
+        keep = (dates.astype(np.int64) + 3) % 7 == 0  # 1970-01-01 was a Thursday
+    else:
+        keep = dates == dates.astype("datetime64[M]").astype("datetime64[D]")
+    return day_starts[keep]
 
 
 def _offsets_at(zone: ZoneInfo, instants_ms: np.ndarray) -> np.ndarray:
