@@ -106,6 +106,23 @@ class Client:
             self._json(response)
         return response.text
 
+    def timeseries(self, site: str, **params: Any) -> Any:
+        """Visitors, pageviews and events per bucket; ``filter`` may be a list (the
+        parameter repeats). See ``GET /v1/sites/{site}/timeseries``."""
+        return self._json(self.http.get(f"/v1/sites/{site}/timeseries", params=params))
+
+    def totals(self, site: str, **params: Any) -> Any:
+        """The range's totals, with the previous period for ``compare="previous_period"``."""
+        return self._json(self.http.get(f"/v1/sites/{site}/totals", params=params))
+
+    def breakdown(self, site: str, **params: Any) -> Any:
+        """The metrics per value of the dimension ``by``, a page at a time."""
+        return self._json(self.http.get(f"/v1/sites/{site}/breakdown", params=params))
+
+    def plausible_query(self, body: dict[str, Any]) -> Any:
+        """A Plausible Stats API v2 query; see ``POST /api/v2/query``."""
+        return self._json(self.http.post("/api/v2/query", json=body))
+
     def status(self) -> Any:
         return self._json(self.http.get("/v1/admin/status"))
 

@@ -189,14 +189,18 @@ def _rgba_rows(png: bytes) -> list[list[tuple[int, int, int]]]:
     return rows  # type: ignore[return-value]
 
 
-def _bars(rows: list[list[tuple[int, int, int]]]) -> list[int]:
-    """Heights in pixels of the chart's bars, left to right.
+def _bars(
+    rows: list[list[tuple[int, int, int]]],
+    colours: frozenset[tuple[int, int, int]] = frozenset({BAR_RGB, PROVISIONAL_RGB}),
+) -> list[int]:
+    """Heights in pixels of the chart's bars of one series (its ``colours``: processed
+    and provisional), left to right.
 
     The bars stand on one baseline: the lowest of the rows with the most bar-coloured
     pixels (the legend's swatches share the colours but are far narrower). A bar's
-    height is its run of bar-coloured pixels going up from there.
+    height is its run of bar-coloured pixels going up from there; bars of another
+    series beside them (other colours) end a run.
     """
-    colours = {BAR_RGB, PROVISIONAL_RGB}
     widths = [sum(1 for px in row if px in colours) for row in rows]
     base = max(range(len(rows)), key=lambda y: (widths[y], y))
     heights = []
@@ -243,7 +247,7 @@ def test_dashboard_draws_the_sites_day(chromium: Path, loaded: str, tmp_path: Pa
     assert "hidden" in found.attrs["auth"], "an open cluster must not ask for a token"
     # (A dumped DOM holds attributes, not the inputs' live values, so the form itself is
     # judged by the chart: it could only be drawn from the address's query.)
-    assert found.text["total-views"].strip() == f"{sum(HOURLY):,}"
+    assert found.text["total-pageviews"].strip() == f"{sum(HOURLY):,}"
     assert found.text["peak"].strip() == str(max(HOURLY))
 
     ARTIFACTS.mkdir(exist_ok=True)

@@ -47,6 +47,8 @@ def random_events(rng: random.Random, n: int) -> pa.Table:
             "ts": T0 + rng.randrange(3 * HOUR_MS),
             "site": rng.choice(SITES),
             "path": rng.choice(["/", "/cart", None]),
+            "visitor": rng.choice(["v1", "v2", "v3", None]),
+            "name": rng.choice([None, None, "pageview", "Signup"]),
             "id": f"id-{i}" if rng.random() < 0.35 else None,
         }
         rows.append(row)
@@ -126,17 +128,48 @@ def run_pipeline(
 
 
 def file_counts(unit: Unit) -> list[Count]:
+    """Events per (site, minute) of a unit file, whose facts split a minute by visitor,
+    event name and dimensions."""
     table = pq.read_table(unit.path)
     minutes = table.column("minute").cast(pa.int64()).to_pylist()
+    keys = list(zip(table.column("site").to_pylist(), minutes, strict=True))
+    assert keys == sorted(keys), "a file must be sorted by (site, minute)"
+    counts: dict[tuple[str, int], int] = defaultdict(int)
+    for key, n in zip(keys, table.column("count").to_pylist(), strict=True):
+        counts[key] += n
     return [
-        (unit.shard, unit.hour, site, minute, n)
-        for site, minute, n in zip(
-            table.column("site").to_pylist(),
-            minutes,
-            table.column("count").to_pylist(),
-            strict=True,
-        )
+        (unit.shard, unit.hour, site, minute, n) for (site, minute), n in sorted(counts.items())
     ]
+
+
+def expected_facts(raw: pa.Table) -> list[tuple[Any, ...]]:
+    """(site, hour, path, name, events, distinct visitors) with DuckDB directly, each
+    (site, id) once: what the facts of the units must add up to."""
+    con = duckdb.connect(config={"threads": 1})
+    con.register("raw", raw)
+    rows = con.sql(
+        "SELECT site, ts // 3600000 AS hour, coalesce(path, '') AS p,"
+        " coalesce(name, 'pageview') AS nm, count(*) AS n, count(DISTINCT visitor) AS v FROM ("
+        " SELECT site, ts, path, name, visitor FROM raw WHERE id IS NULL"
+        " UNION ALL SELECT site, ts, path, name, visitor FROM ("
+        "  SELECT *, row_number() OVER (PARTITION BY site, id"
+        "  ORDER BY ts // 60000, hash(visitor), coalesce(name, 'pageview'), path) AS k"
+        "  FROM raw WHERE id IS NOT NULL) WHERE k = 1"
+        ") GROUP BY ALL"
+    ).fetchall()
+    con.close()
+    return sorted(rows)
+
+
+def unit_facts(units: list[Unit]) -> list[tuple[Any, ...]]:
+    con = duckdb.connect(config={"threads": 1})
+    rows = con.execute(
+        "SELECT site, epoch_ms(minute) // 3600000 AS hour, path, name, sum(count)::BIGINT,"
+        " count(DISTINCT visitor) FROM read_parquet(?) GROUP BY ALL",
+        [[u.path for u in units]],
+    ).fetchall()
+    con.close()
+    return sorted(rows)
 
 
 @pytest.mark.parametrize("keys", [1, 3, 4])
@@ -150,15 +183,13 @@ def test_pipeline_matches_duckdb(keys: int, seed: int, n: int) -> None:
         got: list[Count] = []
         for unit in units:
             rows = file_counts(unit)
-            assert [(r[2], r[3]) for r in rows] == sorted({(r[2], r[3]) for r in rows}), (
-                "a file must be sorted by (site, minute) with one row each"
-            )
             assert all(shard_for_site(r[2], SHARDS) == unit.shard for r in rows)
             assert all(r[3] // HOUR_MS == unit.hour for r in rows)
-            assert unit.rows == len(rows)
+            assert unit.rows == pq.read_metadata(unit.path).num_rows
             assert unit.events == sum(r[4] for r in rows)
             got.extend(rows)
         assert sorted(got) == expected_counts(raw)
+        assert unit_facts(units) == expected_facts(raw)
         # Every site goes to exactly one reduce key: its shard's.
         owners: dict[str, set[int]] = defaultdict(set)
         for k, partials in enumerate(by_key):
@@ -193,8 +224,20 @@ def test_duplicates_in_different_slices_count_once(tmp_path: Path) -> None:
     out2 = map_block_slices([(shard, HOUR)], [[to_ipc(b)]], "default", 1)
     reduced = reduce_partials([out1[0], out2[0]])
     minute = first // 60_000 * 60_000
+    blank = dict.fromkeys(("path", "source", "utm_medium", "utm_campaign", "browser", "os"), "")
     assert reduced.to_pylist() == [
-        {"shard": shard, "hour": HOUR, "site": site, "minute": minute, "count": 3}
+        {
+            "shard": shard,
+            "hour": HOUR,
+            "site": site,
+            "minute": minute,
+            "visitor": None,
+            "name": "pageview",
+            **blank,
+            "device": "other",
+            "count": 3,
+            "events": 0,
+        }
     ]
     (unit,) = write_units(tmp_path, "default", "j", [reduced], [(shard, HOUR, 2)])
     assert unit == Unit(shard, HOUR, unit.path, 2, 1, 3)

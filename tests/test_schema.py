@@ -18,6 +18,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -35,6 +36,7 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from flowray.api.app import create_app
+from flowray.api.insights import WarehouseInsights
 from flowray.config import Settings
 from flowray.core.router import ShardMap
 from flowray.ingest.events import EVENT_SCHEMA, TS_MIN_MS
@@ -83,13 +85,20 @@ def publish(warehouse: Warehouse, times: list[datetime]) -> None:
 
 def make_app(warehouse: Any) -> FastAPI:
     return create_app(
-        settings=Settings(shards=SHARD_MAP.shard_count, groups=SHARD_MAP.group_count),
+        # A data directory of its own: the site registry lives there.
+        settings=Settings(
+            shards=SHARD_MAP.shard_count,
+            groups=SHARD_MAP.group_count,
+            data_dir=Path(tempfile.mkdtemp(prefix="flowray-schema-")),
+        ),
         shard_map=SHARD_MAP,
         ingest=RecordingIngest(),
         warehouse=warehouse,
         admin=FakeAdmin(),
         cache=MemoryCache(),
         clock=lambda: NOW_S,
+        # The engine over the same warehouse (none for the document alone).
+        insights=None if warehouse is None else WarehouseInsights(warehouse, None, 10.0),
     )
 
 
@@ -235,6 +244,9 @@ def test_the_document_describes_every_body() -> None:
         ("post", "/v1/events"),
         ("post", "/v1/logs"),
         ("post", "/v1/admin/reprocess"),
+        ("post", "/api/event"),
+        ("post", "/v1/sites"),
+        ("post", "/api/v2/query"),
     }
     events = bodies["post", "/v1/events"]["content"]
     assert set(events) == {"application/json", "application/x-ndjson"}

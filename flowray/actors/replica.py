@@ -27,6 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+import pyarrow as pa
 import ray
 
 from flowray.actors import memtrim
@@ -122,7 +123,7 @@ class Replica:
             )
         )
         self.blocks_term = -1
-        self.live = LiveCounts()
+        self.live = LiveCounts(self.settings.live_facts_bytes_max)
         self.live_term = -1
         self.live_applied = 0
         self._live_counted_at = 0.0
@@ -363,7 +364,7 @@ class Replica:
 
     def _forget_live(self) -> None:
         with self.live_lock:
-            self.live = LiveCounts()
+            self.live = LiveCounts(self.settings.live_facts_bytes_max)
 
     def _count_range(self, first: int, last: int) -> None:
         """Count the committed entries first..last, each block's payloads in one go.
@@ -406,7 +407,7 @@ class Replica:
 
     def _rebuild_live(self, term: int, commit: int) -> None:
         """Live counts of every committed block that the warehouse does not hold yet."""
-        fresh = LiveCounts()
+        fresh = LiveCounts(self.settings.live_facts_bytes_max)
         published = Catalog(self.settings.warehouse_dir / "catalog.sqlite").cursor(self.group)
         for key, info in list(self.log.blocks.items()):
             if key[0] == CONTROL_SHARD or 0 < info.seal_index <= published:
@@ -446,6 +447,26 @@ class Replica:
         if self.live_ready_term != self.node.term:
             raise NotMaster(f"group {self.group}: live counts are being rebuilt", self.replica)
         return minutes, counts
+
+    async def live_facts(
+        self, site: str, start_ms: int, end_ms: int, published_upto: int
+    ) -> tuple[list[int], list[int], pa.Table | None]:
+        """:meth:`live_minutes` and the kept raw events of the same blocks
+        (LiveCounts.facts): masters only, read on a thread like live_minutes."""
+        self._require_master()
+        if self.live_ready_term != self.node.term:
+            raise NotMaster(f"group {self.group}: live counts are being rebuilt", self.replica)
+
+        def read() -> tuple[list[int], list[int], pa.Table | None]:
+            with self.live_lock:
+                minutes, counts, rich = self.live.facts(site, start_ms, end_ms, published_upto)
+            return minutes.tolist(), counts.tolist(), rich
+
+        found = await asyncio.get_running_loop().run_in_executor(self.read_worker, read)
+        self._require_master()
+        if self.live_ready_term != self.node.term:
+            raise NotMaster(f"group {self.group}: live counts are being rebuilt", self.replica)
+        return found
 
     def published(self, upto_seal_index: int) -> None:
         """The processor published every block sealed at or before this index: drop

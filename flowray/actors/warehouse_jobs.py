@@ -236,17 +236,24 @@ def _sum_diffs(diffs: list[pa.Table]) -> pa.Table:
     table = pa.concat_tables(diffs) if diffs else DIFF_SCHEMA.empty_table()
     if table.num_rows == 0:
         return table
+    summed = [name for name in DIFF_SCHEMA.names if name != "site"]
     return (
         table.group_by("site")
-        .aggregate([("buckets_changed", "sum"), ("before", "sum"), ("after", "sum")])
-        .rename_columns(["site", "buckets_changed", "before", "after"])
+        .aggregate([(name, "sum") for name in summed])
+        .rename_columns(["site", *summed])
     )
 
 
 def _diff_report(diff: pa.Table) -> dict[str, Any]:
     """The sites that changed, largest change first (at most DIFF_SITES_MAX), and totals."""
     every = diff.to_pylist()
-    rows = [r for r in every if r["buckets_changed"] or r["before"] != r["after"]]
+    rows = [
+        r
+        for r in every
+        if r["buckets_changed"]
+        or r["before"] != r["after"]
+        or r["visitors_before"] != r["visitors_after"]
+    ]
     rows.sort(key=lambda r: (-abs(r["after"] - r["before"]), -r["buckets_changed"], r["site"]))
     return {
         "sites_examined": diff.num_rows,
@@ -254,6 +261,8 @@ def _diff_report(diff: pa.Table) -> dict[str, Any]:
         "buckets_changed": sum(r["buckets_changed"] for r in rows),
         "events_before": sum(r["before"] for r in every),
         "events_after": sum(r["after"] for r in every),
+        "custom_events_before": sum(r["custom_before"] for r in every),
+        "custom_events_after": sum(r["custom_after"] for r in every),
         "changes": rows[:DIFF_SITES_MAX],
         "changes_truncated": len(rows) > DIFF_SITES_MAX,
     }

@@ -22,8 +22,12 @@ from fastapi.routing import APIRoute
 from flowray.api import admin as admin_routes
 from flowray.api import dashboard as dashboard_routes
 from flowray.api import ingest as ingest_routes
+from flowray.api import insights as insight_routes
 from flowray.api import metrics as metrics_routes
+from flowray.api import plausible as plausible_routes
 from flowray.api import queries as query_routes
+from flowray.api import sites as site_routes
+from flowray.api import tracker as tracker_routes
 from flowray.api.auth import Authorizer
 from flowray.api.common import (
     CHOICES,
@@ -31,6 +35,7 @@ from flowray.api.common import (
     Denied,
     Deps,
     Ingest,
+    Insights,
     Live,
     Minutes,
     Unavailable,
@@ -43,10 +48,12 @@ from flowray.api.ingest import WARM_EVENTS, IngestFastPath, IngestHandler
 from flowray.config import Settings
 from flowray.core.router import ShardMap
 from flowray.query.cache import Cache
+from flowray.warehouse.sites import SiteRegistry
 
 __all__ = ["WARM_EVENTS", "IngestFastPath", "Unavailable", "create_app"]
 
 
+# Long: it only assembles the routers, one or two lines per area of the API.
 def create_app(
     *,
     settings: Settings,
@@ -58,8 +65,11 @@ def create_app(
     clock: Callable[[], float] = time.time,
     authorizer: Authorizer | None = None,
     live: Live | None = None,
+    insights: Insights | None = None,
+    sites: SiteRegistry | None = None,
 ) -> FastAPI:
-    """The API; ``authorizer=None`` serves every route without tokens."""
+    """The API; ``authorizer=None`` serves every route without tokens; ``sites=None``:
+    the registry of sites in the settings' warehouse directory (read when first used)."""
     # A fixed map, or one that follows shard moves (LiveShardMap).
     current_map: Callable[[], ShardMap] = (
         shard_map if callable(shard_map) else (lambda: shard_map)  # type: ignore[return-value]
@@ -83,6 +93,7 @@ def create_app(
         live=live,
         metrics=metrics_routes.Metrics(),
         needs=auth_dependencies(authorizer),
+        insights=insights,
     )
     app.state.metrics = deps.metrics
     app.state.ingest = ingest  # the gateway warms it (RayIngest.warm)
@@ -101,6 +112,7 @@ def create_app(
     app.state.ingest_asgi = handler.ingest_asgi  # IngestFastPath's way in
     app.include_router(ingest_routes.router(handler))
     app.include_router(query_routes.router(deps))
+    app.include_router(insight_routes.router(deps))
     app.include_router(
         # Looked up per scrape: the app is also built without admin calls, for its document.
         metrics_routes.router(
@@ -109,6 +121,10 @@ def create_app(
     )
     app.include_router(dashboard_routes.router())
     app.include_router(admin_routes.router(deps))
+    registry = sites or SiteRegistry.in_warehouse(settings.warehouse_dir, settings.sites_reload_s)
+    app.include_router(tracker_routes.router(handler, registry))
+    app.include_router(site_routes.router(deps, registry))
+    app.include_router(plausible_routes.router(deps, registry))
     with_schemas(app, ingest_routes.components())
     return app
 

@@ -7,11 +7,12 @@ in a module of its own; importing this package registers them all on ``app``.
 
 from __future__ import annotations
 
-from flowray.cli import bench, cluster, data, history, migrate, tokens
+from flowray.cli import bench, cluster, data, history, migrate, sites, tokens
 from flowray.cli.common import app
 
 __all__ = ["app", "main"]
-_COMMAND_MODULES = (bench, cluster, data, history, migrate, tokens)  # imported for their commands
+# Imported for their commands.
+_COMMAND_MODULES = (bench, cluster, data, history, migrate, sites, tokens)
 
 
 def main() -> None:

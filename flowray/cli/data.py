@@ -6,6 +6,7 @@ import math
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
@@ -125,6 +126,49 @@ class QueryFormat(StrEnum):
     csv = "csv"
 
 
+# The insight choices, written out so that the CLI starts without pyarrow;
+# tests/test_cli_insights.py checks them against flowray.query.insights.
+class Dimension(StrEnum):
+    path = "path"
+    source = "source"
+    utm_medium = "utm_medium"
+    utm_campaign = "utm_campaign"
+    browser = "browser"
+    os = "os"
+    device = "device"
+    name = "name"
+
+
+QUERY_METRICS = ("visitors", "pageviews", "events")
+FILTER_OPS = ("is", "is_not", "contains")
+FILTERS_MAX = 16
+
+MetricsOption = Annotated[
+    str | None,
+    typer.Option(
+        "--metrics",
+        help=f"Comma-separated metrics of {', '.join(QUERY_METRICS)} (default: all three).",
+        show_default=False,
+    ),
+]
+ByOption = Annotated[
+    Dimension | None,
+    typer.Option("--by", help="A breakdown table: the metrics per value of this dimension."),
+]
+FilterOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--filter",
+        help="Keep events whose DIM:OP:VALUE holds, OP one of is, is_not, contains; "
+        "VALUE may list values as A|B. Repeatable (all must hold).",
+        show_default=False,
+    ),
+]
+CompareOption = Annotated[
+    bool, typer.Option("--compare", help="The range's totals beside the previous period's.")
+]
+
+
 @app.command()
 def query(
     site: Annotated[str, typer.Argument(help="The site, e.g. example.com")],
@@ -154,14 +198,25 @@ def query(
             "--all", help="Print every row of the table (default: a long one's first and last)."
         ),
     ] = False,
+    metrics: MetricsOption = None,
+    by: ByOption = None,
+    filters: FilterOption = None,
+    compare: CompareOption = False,
 ) -> None:
     """A site's traffic series, as a sparkline and a table (or JSON, or CSV).
 
-    Without --start and --end: the last 24 hours."""
+    Without --start and --end: the last 24 hours. With --metrics or --filter: visitors,
+    pageviews and events per bucket; with --by: a breakdown; with --compare: totals
+    beside the previous period's."""
+    want = InsightOptions.of(metrics, by, filters or [], compare)
     try:
         start, end = query_range(start, end, tz, int(time.time() * 1000))
     except ValueError as exc:  # series.RangeError: a bad time or zone
         fail(str(exc))
+        return
+    if want is not None:
+        params = {"start": start, "end": end, "tz": tz, "interval": interval.value}
+        insight_query(site, want, params, client_for(data_dir, url), format, all_rows)
         return
     params = {"start": start, "end": end, "interval": interval.value, "tz": tz}
     with client_for(data_dir, url) as client:
@@ -177,6 +232,154 @@ def query(
         sys.stdout.write(orjson.dumps(body, option=orjson.OPT_INDENT_2).decode() + "\n")
         return
     print_series(console, body, interval.value, tz, all_rows)
+
+
+@dataclass(frozen=True)
+class InsightOptions:
+    """The insight flags of ``flowray query``, checked before any call to a cluster."""
+
+    metrics: tuple[str, ...]
+    by: str | None
+    filters: tuple[str, ...]
+    compare: bool
+
+    @classmethod
+    def of(
+        cls, metrics: str | None, by: Dimension | None, filters: list[str], compare: bool
+    ) -> InsightOptions | None:
+        """The options, or None when no insight flag is given (the plain series)."""
+        if metrics is None and by is None and not filters and not compare:
+            return None
+        names = tuple(m.strip() for m in (metrics or ",".join(QUERY_METRICS)).split(","))
+        bad = [m for m in names if m not in QUERY_METRICS] or len(set(names)) != len(names)
+        if bad:
+            raise typer.BadParameter(
+                f"a comma-separated list of {', '.join(QUERY_METRICS)}, each once",
+                param_hint="'--metrics'",
+            )
+        if by is not None and compare:
+            raise typer.BadParameter("--by and --compare do not go together", param_hint="'--by'")
+        if len(filters) > FILTERS_MAX:
+            raise typer.BadParameter(f"at most {FILTERS_MAX}", param_hint="'--filter'")
+        for text in filters:
+            dimension, _, rest = text.partition(":")
+            op, sep, _values = rest.partition(":")
+            if dimension not in tuple(Dimension) or op not in FILTER_OPS or not sep:
+                raise typer.BadParameter(
+                    f"{text!r} is not DIM:OP:VALUE with DIM one of "
+                    f"{', '.join(Dimension)} and OP one of {', '.join(FILTER_OPS)}",
+                    param_hint="'--filter'",
+                )
+        return cls(names, by.value if by is not None else None, tuple(filters), compare)
+
+
+def insight_query(
+    site: str,
+    want: InsightOptions,
+    params: dict[str, Any],
+    connection: Any,
+    format: QueryFormat,
+    all_rows: bool,
+) -> None:
+    """Ask the insight route the options name, over ``connection`` (what client_for
+    gives), and print its answer."""
+    interval = params.pop("interval")
+    params.update(metrics=",".join(want.metrics), filter=list(want.filters))
+    with connection as client:
+        try:
+            if want.by is not None:
+                body = client.breakdown(site, by=want.by, **params)
+            elif want.compare:
+                body = client.totals(site, compare="previous_period", **params)
+            else:
+                body = client.timeseries(site, interval=interval, **params)
+        except CALL_ERRORS as exc:
+            fail(str(exc))
+            return
+    if format is QueryFormat.json:
+        sys.stdout.write(orjson.dumps(body, option=orjson.OPT_INDENT_2).decode() + "\n")
+        return
+    header, rows = insight_rows(body, want)
+    if format is QueryFormat.csv:
+        lines = [",".join(header), *(",".join(_csv_cell(c) for c in row) for row in rows)]
+        sys.stdout.write("\n".join(lines) + "\n")
+        return
+    print_insight(console, body, want, header, rows, (interval, params["tz"]), all_rows)
+
+
+def insight_rows(body: dict[str, Any], want: InsightOptions) -> tuple[list[str], list[list[Any]]]:
+    """The answer as a header and rows, the same for the table and CSV."""
+    metrics = list(want.metrics)
+    if want.by is not None:
+        rows = [[r["value"], *(r[m] for m in metrics)] for r in body["results"]]
+        return [want.by, *metrics], rows
+    if want.compare:
+        change = body.get("change") or {}
+        previous = body.get("previous") or {}
+        rows = [
+            [m, body["metrics"][m], previous.get(m, ""), _percent(change.get(m))] for m in metrics
+        ]
+        return ["metric", "value", "previous", "change"], rows
+    rows = [[p["t"], *(p[m] for m in metrics), p["provisional"]] for p in body["points"]]
+    return ["t", *metrics, "provisional"], rows
+
+
+def _percent(value: float | None) -> str:
+    return "" if value is None else f"{value:+.1f}%"
+
+
+def _csv_cell(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    text = str(value)
+    if any(c in text for c in ',"\n\r'):
+        return '"' + text.replace('"', '""') + '"'
+    return text
+
+
+def print_insight(
+    out: Console,
+    body: dict[str, Any],
+    want: InsightOptions,
+    header: list[str],
+    rows: list[list[Any]],
+    step: tuple[str, str],
+    all_rows: bool,
+) -> None:
+    """A table of the rows; a series gets the sparkline of its first metric above it
+    and a long one is cut in the middle unless ``all_rows``, as the plain series.
+    ``step`` is the series' (interval, zone)."""
+    interval, tz = step
+    if want.by is None and not want.compare:
+        counts = [{"t": p["t"], "count": p[want.metrics[0]]} for p in body["points"]]
+        _print_chart(out, counts, interval)
+    what = f"by {want.by}" if want.by else "totals" if want.compare else f"per {interval}"
+    table = Table(title=f"{body['site']} {what} ({tz})")
+    for name in header:
+        table.add_column(name, justify="left" if name in ("t", "metric", want.by) else "right")
+    cut = not all_rows and len(rows) > TABLE_ROWS_MAX
+    shown = rows[:TABLE_ROWS_KEPT] + rows[-TABLE_ROWS_KEPT:] if cut else rows
+    for i, row in enumerate(shown):
+        if cut and i == TABLE_ROWS_KEPT:
+            table.add_row(*(["..."] * len(header)))
+        table.add_row(*(_cell(c) for c in row))
+    out.print(table)
+    if cut:
+        out.print(
+            Text(
+                f"{len(rows) - len(shown)} of {len(rows)} rows left out (--all prints them)", "dim"
+            )
+        )
+    if body.get("has_more"):
+        out.print(Text("more values follow (--format json shows the page)", "dim"))
+    if body.get("provisional"):
+        out.print(Text("holds events not processed yet: numbers may still change", "dim"))
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else ""
+    return "" if value is None else str(value)
 
 
 QUERY_SPAN_MS = 24 * 3_600_000

@@ -41,8 +41,8 @@ from flowray.core.router import normalize_site
 from flowray.ingest import fastparse
 from flowray.ingest.rules import RULES
 from flowray.ingest.schema import EVENT_SCHEMA, TS_MIN_MS, Limits
-from flowray.ingest.visitors_id import IpError, visitor_ids_by_day
 from flowray.ingest.schema import VISITOR_CHARS_MAX as VISITOR_CHARS_MAX  # for importers
+from flowray.ingest.visitors_id import IpError, visitor_ids_by_day
 
 ERRORS_LISTED_MAX = 1000
 # The optional string fields of an event and the longest value each may hold.

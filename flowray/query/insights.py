@@ -73,11 +73,12 @@ class Filter:
     def __post_init__(self) -> None:
         if self.dimension not in DIMENSIONS:
             raise InsightError(
-                f"unknown filter dimension {_short(self.dimension)}; "
-                f"one of {', '.join(DIMENSIONS)}"
+                f"unknown filter dimension {_short(self.dimension)}; one of {', '.join(DIMENSIONS)}"
             )
         if self.op not in OPS:
-            raise InsightError(f"unknown filter operator {_short(self.op)}; one of {', '.join(OPS)}")
+            raise InsightError(
+                f"unknown filter operator {_short(self.op)}; one of {', '.join(OPS)}"
+            )
         if not self.values or len(self.values) > FILTER_VALUES_MAX:
             raise InsightError(f"a filter takes 1 to {FILTER_VALUES_MAX} values")
         for value in self.values:
@@ -185,7 +186,8 @@ _METRIC_SQL = {
 def sql(query: InsightQuery, buckets: bool) -> tuple[str, list[Any]]:
     """The statement over ``facts`` (and ``buckets(start)`` when the query has an
     interval), with its parameters; rows come out in ``query.columns`` order."""
-    where, params = ["epoch_ms(minute) >= ?", "epoch_ms(minute) < ?"], [
+    where = ["epoch_ms(minute) >= ?", "epoch_ms(minute) < ?"]
+    params: list[Any] = [
         query.start_ms,
         query.end_ms,
     ]
@@ -228,7 +230,9 @@ def _order(query: InsightQuery) -> list[str]:
             named.append((query.metrics[0], "desc"))
     seen = {n for n, _ in named}
     # Every grouping column last, so equal metrics come in one stable order.
-    named += [(n, "asc") for n in ("time", *query.dimensions) if n in query.columns and n not in seen]
+    named += [
+        (n, "asc") for n in ("time", *query.dimensions) if n in query.columns and n not in seen
+    ]
     return [f"{n} {d.upper()}" for n, d in named]
 
 

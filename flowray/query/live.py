@@ -16,9 +16,10 @@ from collections.abc import Iterable
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from flowray.core.invariant import require
-from flowray.core.units import MINUTE_MS
+from flowray.core.units import HOUR_MS, MINUTE_MS
 from flowray.ingest.pieces import from_ipc, from_ipc_many
 from flowray.storage.replica_log import BlockKey
 
@@ -55,6 +56,11 @@ class _Block:
         self.tail_counts: list[np.ndarray] = []
         self.tail_len = 0
         self.seal_index = 0  # 0 while open
+        # Raw events that carry insight fields (a visitor, path, referrer, User-Agent or
+        # event name), for live visitors and breakdowns; events without any are in the
+        # counts alone, and so are those past the master's memory bound.
+        self.rich: list[pa.Table] = []
+        self.rich_bytes = 0
 
     def add(self, keys: np.ndarray, counts: np.ndarray) -> None:
         self.tail_keys.append(keys)
@@ -144,8 +150,17 @@ class SeenIds:
         return np.array(keep_list, dtype=bool)
 
 
+# The raw columns live facts keep: what flowray.query.facts derives facts from.
+RICH_COLUMNS = ("site", "ts", "path", "referrer", "ua", "visitor", "name")
+_INSIGHT_FIELDS = ("path", "referrer", "ua", "visitor", "name")
+RICH_BYTES_MAX = 256 * 1024 * 1024
+RICH_CHUNKS_MAX = 16  # kept tables per block before they are merged into one
+
+
 class LiveCounts:
-    def __init__(self) -> None:
+    def __init__(self, rich_bytes_max: int = RICH_BYTES_MAX) -> None:
+        self.rich_bytes_max = rich_bytes_max
+        self.rich_bytes = 0
         self.blocks: dict[BlockKey, _Block] = {}
         # Published blocks stay one more publication, for readers whose catalog
         # snapshot predates the publish: they must not see the block in neither place.
@@ -155,6 +170,7 @@ class LiveCounts:
         self.published_upto = 0
         # Every site seen since this master began, numbered: ~100 bytes per site.
         self.codes: dict[str, int] = {}
+        self.rich_dropped = 0  # events past the memory bound: counted, not kept
 
     def apply(self, key: BlockKey, events: pa.Table) -> None:
         """Count one committed batch of events of block ``key``. A batch it cannot count
@@ -180,11 +196,13 @@ class LiveCounts:
             )
             if not mask.all():
                 site_column, minutes = site_column.filter(pa.array(mask)), minutes[mask]
+                events = events.filter(pa.array(mask))
         if len(minutes) == 0:
             return
         block = self.blocks.get(key)
         if block is None:
             block = self.blocks[key] = _Block()
+        self._keep_rich(block, events)
         # Counted with numpy on (site code, minute number) keys: Arrow's group_by has a
         # large fixed cost per call, and this runs for every committed entry.
         encoded = site_column.combine_chunks().dictionary_encode()
@@ -211,6 +229,27 @@ class LiveCounts:
                 (code_of_value[values] << MINUTE_BITS) | minutes, return_counts=True
             )
         block.add(keys, counts.astype(np.int64))
+
+    def _keep_rich(self, block: _Block, events: pa.Table) -> None:
+        """Keep the events that carry insight fields, within the memory bound."""
+        rows = events.num_rows
+        present = [c for c in _INSIGHT_FIELDS if c in events.column_names]
+        if all(events.column(c).null_count == rows for c in present):
+            return  # count-only traffic: nothing to keep
+        mask = None
+        for c in present:
+            valid = pc.is_valid(events.column(c))
+            mask = valid if mask is None else pc.or_(mask, valid)
+        rich = events.filter(mask).select([c for c in RICH_COLUMNS if c in events.column_names])
+        size = rich.nbytes
+        if self.rich_bytes + size > self.rich_bytes_max:
+            self.rich_dropped += rich.num_rows
+            return
+        block.rich.append(rich)
+        block.rich_bytes += size
+        self.rich_bytes += size
+        if len(block.rich) >= RICH_CHUNKS_MAX:  # a few large tables filter faster than many
+            block.rich = [pa.concat_tables(block.rich, promote_options="default").combine_chunks()]
 
     def apply_payloads(self, key: BlockKey, payloads: Iterable[bytes]) -> list[str]:
         """Count committed payloads (Arrow IPC streams, in commit order) of block ``key``
@@ -260,6 +299,7 @@ class LiveCounts:
         if upto_seal_index <= self.published_upto:
             return
         self.published_upto = upto_seal_index
+        self.rich_bytes -= sum(block.rich_bytes for block in self.retired.values())
         self.retired = {}
         for key in [k for k, b in self.blocks.items() if 0 < b.seal_index <= upto_seal_index]:
             self.retired[key] = self.blocks.pop(key)
@@ -294,3 +334,33 @@ class LiveCounts:
             inverse, weights=np.concatenate([c for _, c in found]), minlength=len(minutes)
         )
         return minutes * MINUTE_MS, counts.astype(np.int64)
+
+    def facts(
+        self, site: str, start_ms: int, end_ms: int, published_upto: int
+    ) -> tuple[np.ndarray, np.ndarray, pa.Table | None]:
+        """:meth:`minutes` of ``site``, and its kept raw events in [start, end) from the
+        same blocks (None when there are none): the query side derives facts from those
+        and counts the rest of each minute as page views without insight fields."""
+        minutes, counts = self.minutes(site, start_ms, end_ms, published_upto)
+        if not len(minutes):
+            return minutes, counts, None
+        tables = [
+            table
+            for key, block in [*self.blocks.items(), *self.retired.items()]
+            if not 0 < block.seal_index <= published_upto
+            and start_ms < (key[1] + 1) * HOUR_MS
+            and key[1] * HOUR_MS < end_ms
+            for table in block.rich
+        ]
+        if not tables:
+            return minutes, counts, None
+        # One filter over every kept table: a few calls, not a few per table. By
+        # minute, as minutes() counts: a minute is in when it starts in the range.
+        rich = pa.concat_tables(tables, promote_options="default")
+        minute = pc.multiply(pc.divide(rich.column("ts"), MINUTE_MS), MINUTE_MS)
+        mask = pc.and_(
+            pc.equal(rich.column("site"), pa.scalar(site, pa.string())),
+            pc.and_(pc.greater_equal(minute, start_ms), pc.less(minute, end_ms)),
+        )
+        found = rich.filter(mask)
+        return minutes, counts, (found.combine_chunks() if found.num_rows else None)

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import ray
 from fastapi import FastAPI
 from ray import serve
@@ -29,10 +30,12 @@ from flowray.actors.replica import NoQuorum, NotMaster, Overloaded
 from flowray.actors.wire import LinkDown
 from flowray.api.app import Unavailable, create_app
 from flowray.api.auth import ADMIN_TOKEN_ENV, Authorizer, TokenStore
+from flowray.api.insights import WarehouseInsights
 from flowray.config import Settings
 from flowray.core.router import ShardMap
 from flowray.ingest.events import Row, rows_table
 from flowray.ingest.pieces import GroupEvents, Piece, Routed, merge_pieces, ordered
+from flowray.query import facts
 from flowray.query.cache import make_cache
 from flowray.warehouse.catalog import LiveShardMap
 from flowray.warehouse.files import Warehouse
@@ -390,6 +393,24 @@ class RayLive:
             return np.empty(0, np.int64), np.empty(0, np.int64)
         return np.asarray(minutes, np.int64), np.asarray(counts, np.int64)
 
+    async def facts(self, site: str, start_ms: int, end_ms: int) -> pa.Table | None:
+        """Fact rows of ``site`` in [start, end) that the warehouse does not hold yet,
+        derived here from the raw events its master kept; None when it cannot answer in
+        time (the answer then holds the warehouse's rows alone)."""
+        group = self.shard_map().group_of_site(site)
+        published = self.warehouse.catalog.cursor(group)
+        try:
+            _replica, handle = await self.directory.master(group)
+            raw = await asyncio.wait_for(
+                handle.live_facts.remote(site, start_ms, end_ms, published), LIVE_TIMEOUT_S
+            )
+        except _UNAVAILABLE as exc:
+            self.directory.forget(group, getattr(cause(exc), "leader", None))
+            return None
+        if raw is None:
+            return None
+        return await asyncio.to_thread(facts.live_facts, site, raw)
+
 
 class RayAdmin:
     """Status of every replica and the processor, and on-demand processing."""
@@ -506,10 +527,12 @@ def build_app() -> FastAPI:
     directory = Directory(settings)
     shard_map = LiveShardMap(settings.base_map(), warehouse.catalog)
     prefix = f"flowray:{warehouse.catalog.identity}:"
+    live = RayLive(settings, directory, shard_map, warehouse)
     return create_app(
         settings=settings,
         shard_map=shard_map,
-        live=RayLive(settings, directory, shard_map, warehouse),
+        live=live,
+        insights=WarehouseInsights(warehouse, live.facts, settings.query_timeout_s),
         ingest=RayIngest(settings, directory),
         warehouse=warehouse,
         admin=RayAdmin(settings, directory),

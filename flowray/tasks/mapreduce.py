@@ -22,22 +22,27 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import ray
 
 from flowray.core import logic as logics
 from flowray.core.router import reduce_key_for_shard
 from flowray.ingest.pieces import from_ipc_many
+from flowray.query import facts
+from flowray.query.facts import DIMENSION_COLUMNS
 from flowray.storage.segment import read_payloads
 from flowray.warehouse.catalog import DAY_HOURS, Unit
 from flowray.warehouse.files import (
-    UNIT_SCHEMA,
+    UNIT_COLUMNS,
     merge_day,
     merged_path,
+    read_unit,
     unit_path,
     write_unit,
 )
 
+_DIMS = ", ".join(("name", *DIMENSION_COLUMNS))
+# What a map makes: facts per (shard, hour, site, minute, id, visitor, name, dimensions),
+# an event with an id alone in its row so that reduce can count it once.
 PARTIAL_SCHEMA = pa.schema(
     [
         ("shard", pa.int32()),
@@ -45,19 +50,26 @@ PARTIAL_SCHEMA = pa.schema(
         ("site", pa.string()),
         ("minute", pa.int64()),
         ("id", pa.string()),
+        ("visitor", pa.uint64()),
+        ("name", pa.string()),
+        *((c, pa.string()) for c in DIMENSION_COLUMNS),
         ("c", pa.int64()),
+        ("e", pa.int64()),
     ]
 )
 
-_EMPTY_UNIT = UNIT_SCHEMA.empty_table()
-# What reduce makes: final counts per (shard, hour, site, minute).
+# What reduce makes: final facts per (shard, hour, site, minute, visitor, dimensions).
 _EMPTY_REDUCED = pa.schema(
     [
         ("shard", pa.int32()),
         ("hour", pa.int64()),
         ("site", pa.string()),
         ("minute", pa.int64()),
+        ("visitor", pa.uint64()),
+        ("name", pa.string()),
+        *((c, pa.string()) for c in DIMENSION_COLUMNS),
         ("count", pa.int64()),
+        ("events", pa.int64()),
     ]
 ).empty_table()
 
@@ -66,12 +78,19 @@ def _duck() -> duckdb.DuckDBPyConnection:
     return duckdb.connect(config={"threads": 1})
 
 
+# A re-processing run's change per site: buckets (minutes) whose events changed, and
+# the events, custom events and visitors before and after (visitors as the sum of
+# each hour's distinct visitors: a change in who visited shows, however counted).
 DIFF_SCHEMA = pa.schema(
     [
         ("site", pa.string()),
         ("buckets_changed", pa.int64()),
         ("before", pa.int64()),
         ("after", pa.int64()),
+        ("custom_before", pa.int64()),
+        ("custom_after", pa.int64()),
+        ("visitors_before", pa.int64()),
+        ("visitors_after", pa.int64()),
     ]
 )
 
@@ -84,7 +103,7 @@ def map_block_slices(
     modules: tuple[str, ...] = (),
     sites: list[str] | None = None,
 ) -> list[pa.Table]:
-    """Partial counts of several block slices, split into ``keys`` reduce partitions.
+    """Partial facts of several block slices, split into ``keys`` reduce partitions.
 
     With ``sites``, only those sites' events are counted (re-processing some sites).
     """
@@ -99,11 +118,13 @@ def map_block_slices(
         if only is not None:
             events = events.filter(pc.is_in(events.column("site"), value_set=only))
         events = logics.apply(logic_name, events, modules)
-        con.register("ev", events)
+        con.register("ev", facts.derive(events))
         partial = con.sql(
-            f"SELECT {int(shard)}::INTEGER AS shard, {int(hour)}::BIGINT AS hour, site,"
-            " (ts // 60000) * 60000 AS minute, id, count(*)::BIGINT AS c"
-            " FROM ev GROUP BY site, minute, id"
+            f"SELECT {int(shard)}::INTEGER AS shard, {int(hour)}::BIGINT AS hour, site, minute,"
+            f" id, visitor_hash AS visitor, {_DIMS}, count(*)::BIGINT AS c,"
+            " sum(is_event)::BIGINT AS e"
+            f" FROM (SELECT {facts.FACT_SELECT}, id FROM ev)"
+            f" GROUP BY site, minute, id, visitor_hash, {_DIMS}"
         ).to_arrow_table()
         con.unregister("ev")
         partials.append(partial.cast(PARTIAL_SCHEMA))
@@ -117,19 +138,29 @@ def map_block_slices(
 
 
 def reduce_partials(partials: list[pa.Table]) -> pa.Table:
-    """Final counts for one reduce key, sorted by (shard, hour, site, minute)."""
+    """Final facts for one reduce key, sorted by (shard, hour, site, minute): an event
+    with an id counts once per (shard, hour, site), in the first of its rows by minute
+    (then by its other columns, so every run picks the same)."""
     if not partials:  # units whose parts held nothing to map
         return _EMPTY_REDUCED
     con = _duck()
     con.register("x", pa.concat_tables([p.cast(PARTIAL_SCHEMA) for p in partials]))
+    keys = f"shard, hour, site, minute, visitor, {_DIMS}"
     return con.sql(
-        "SELECT shard, hour, site, minute, sum(c)::BIGINT AS count FROM ("
-        " SELECT shard, hour, site, minute, c FROM x WHERE id IS NULL"
+        f"SELECT {keys}, sum(c)::BIGINT AS count, sum(e)::BIGINT AS events FROM ("
+        f" SELECT {keys}, c, e FROM x WHERE id IS NULL"
         " UNION ALL"
-        " SELECT shard, hour, site, min(minute) AS minute, 1::BIGINT AS c FROM x"
-        " WHERE id IS NOT NULL GROUP BY shard, hour, site, id"
-        ") GROUP BY shard, hour, site, minute ORDER BY shard, hour, site, minute"
+        f" SELECT {keys}, 1::BIGINT AS c, (e > 0)::BIGINT AS e FROM ("
+        f"  SELECT *, row_number() OVER (PARTITION BY shard, hour, site, id"
+        f"   ORDER BY minute, visitor, {_DIMS}) AS n FROM x WHERE id IS NOT NULL"
+        " ) WHERE n = 1"
+        f") GROUP BY {keys} ORDER BY shard, hour, site, minute"
     ).to_arrow_table()
+
+
+# A unit file's columns, from reduce's output (minute in epoch ms there).
+_UNIT_SELECT = f"site, make_timestamptz(minute * 1000) AS minute, {', '.join(UNIT_COLUMNS[2:])}"
+_UNIT_ORDER = f"site, minute, visitor, {_DIMS}"
 
 
 def write_units(
@@ -145,14 +176,33 @@ def write_units(
     out = []
     for shard, hour, parts in units:
         rows = con.sql(
-            f"SELECT site, make_timestamptz(minute * 1000) AS minute, count FROM r"
-            f" WHERE shard = {int(shard)} AND hour = {int(hour)} ORDER BY site, minute"
+            f"SELECT {_UNIT_SELECT} FROM r"
+            f" WHERE shard = {int(shard)} AND hour = {int(hour)} ORDER BY {_UNIT_ORDER}"
         ).to_arrow_table()
         path = unit_path(root, logic_name, shard, hour, job)
         write_unit(path, rows)
         events = int(pc.sum(rows.column("count")).as_py() or 0)
         out.append(Unit(shard, hour, str(path), parts, rows.num_rows, events))
     return out
+
+
+# Per site, of one unit: what changed, old rows (o) against new (n) per minute.
+_DIFF_SQL = """
+WITH o AS (SELECT * FROM old WHERE {redone}),
+om AS (SELECT site, minute, sum(count) AS c, sum(events) AS e FROM o GROUP BY ALL),
+nm AS (SELECT site, minute, sum(count) AS c, sum(events) AS e FROM new GROUP BY ALL),
+ov AS (SELECT site, count(DISTINCT visitor) AS v FROM o GROUP BY site),
+nv AS (SELECT site, count(DISTINCT visitor) AS v FROM new GROUP BY site)
+SELECT site,
+  count(*) FILTER (WHERE coalesce(om.c, 0) <> coalesce(nm.c, 0)
+                      OR coalesce(om.e, 0) <> coalesce(nm.e, 0)) AS buckets_changed,
+  coalesce(sum(om.c), 0) AS before, coalesce(sum(nm.c), 0) AS after,
+  coalesce(sum(om.e), 0) AS custom_before, coalesce(sum(nm.e), 0) AS custom_after,
+  coalesce(any_value(ov.v), 0) AS visitors_before, coalesce(any_value(nv.v), 0) AS visitors_after
+FROM om FULL OUTER JOIN nm USING (site, minute)
+LEFT JOIN ov USING (site) LEFT JOIN nv USING (site)
+GROUP BY site
+"""
 
 
 def rewrite_units(
@@ -175,35 +225,27 @@ def rewrite_units(
     con.register("r", pa.concat_tables(reduced))
     con.register("sel", pa.table({"site": pa.array(sites or [], type=pa.string())}))
     redone = "TRUE" if sites is None else "site IN (SELECT site FROM sel)"
+    columns = ", ".join(UNIT_COLUMNS)
     out: list[Unit] = []
     diffs: list[pa.Table] = []
     for shard, hour, parts in units:
         old_path = old_paths.get((shard, hour))
-        con.register("old_file", pq.read_table(old_path) if old_path else _EMPTY_UNIT)
+        con.register("old_file", read_unit(old_path))
         con.execute(
             "CREATE OR REPLACE TEMP VIEW old AS"
-            " SELECT site, epoch_ms(minute) AS minute, count FROM old_file"
+            " SELECT * REPLACE (epoch_ms(minute) AS minute) FROM old_file"
         )
         con.execute(
-            "CREATE OR REPLACE TEMP VIEW new AS SELECT site, minute, count FROM r"
+            f"CREATE OR REPLACE TEMP VIEW new AS SELECT {columns} FROM r"
             f" WHERE shard = {int(shard)} AND hour = {int(hour)}"
         )
-        diffs.append(
-            con.sql(
-                "SELECT site, count(*) FILTER (WHERE coalesce(o.count, 0) <> coalesce(n.count, 0))"
-                " AS buckets_changed, coalesce(sum(o.count), 0) AS before,"
-                " coalesce(sum(n.count), 0) AS after"
-                f" FROM (SELECT * FROM old WHERE {redone}) o"
-                " FULL OUTER JOIN new n USING (site, minute) GROUP BY site"
-            )
-            .to_arrow_table()
-            .cast(DIFF_SCHEMA)
-        )
+        diff = con.sql(_DIFF_SQL.format(redone=redone)).to_arrow_table()
+        diffs.append(diff.select(DIFF_SCHEMA.names).cast(DIFF_SCHEMA))
         rows = con.sql(
-            "SELECT site, make_timestamptz(minute * 1000) AS minute, count FROM ("
-            f" SELECT site, minute, count FROM old WHERE NOT ({redone})"
-            " UNION ALL SELECT site, minute, count FROM new"
-            ") ORDER BY site, minute"
+            f"SELECT {_UNIT_SELECT} FROM ("
+            f" SELECT {columns} FROM old WHERE NOT ({redone})"
+            f" UNION ALL SELECT {columns} FROM new"
+            f") ORDER BY {_UNIT_ORDER}"
         ).to_arrow_table()
         events = int(pc.sum(rows.column("count")).as_py() or 0)
         path = "" if dry_run else str(unit_path(root, logic_name, shard, hour, job))
