@@ -905,12 +905,12 @@ async def test_bucket_straddling_the_watermark_is_provisional(
             "end must be after start",
         ),
         (
-            {"start": "2023-11-14", "end": "2023-11-15", "interval": "week"},
-            "interval must be one of minute, hour, day",
+            {"start": "2023-11-14", "end": "2023-11-15", "interval": "year"},
+            "interval must be one of minute, hour, day, week, month",
         ),
         (
             {"start": "2023-11-14", "end": "2023-11-15", "interval": ""},
-            "interval must be one of minute, hour, day",
+            "interval must be one of minute, hour, day, week, month",
         ),
         (
             {"start": "2023-11-14", "end": "2023-11-15", "tz": "Mars/Olympus_Mons"},

@@ -46,7 +46,9 @@ class _Directory:
 
 
 def _rows(n: int, site: str = "a.com") -> list[Row]:
-    return [(1_700_000_000_000 + i, site, None, None, None, None, None) for i in range(n)]
+    return [
+        (1_700_000_000_000 + i, site, None, None, None, None, None, None, None) for i in range(n)
+    ]
 
 
 def _table(n: int, site: str = "b.com") -> Routed:
@@ -221,7 +223,10 @@ async def test_a_slow_master_that_is_still_followed_is_waited_for() -> None:
 
 
 def _rows_with_ids(n: int) -> list[Row]:
-    return [(1_700_000_000_000 + i, "a.com", None, None, None, None, f"e{i}") for i in range(n)]
+    return [
+        (1_700_000_000_000 + i, "a.com", None, None, None, None, f"e{i}", None, None)
+        for i in range(n)
+    ]
 
 
 @pytest.mark.anyio

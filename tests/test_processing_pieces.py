@@ -26,6 +26,10 @@ from flowray.core.units import DAY_HOURS, HOUR_MS
 from flowray.tasks.mapreduce import DIFF_SCHEMA
 from flowray.warehouse.catalog import Catalog, Unit
 
+# The diff's columns for custom events and visitors, which these fake units leave alone.
+NO_OTHER_CHANGE = dict.fromkeys(
+    ("custom_before", "custom_after", "visitors_before", "visitors_after"), 0
+)
 NOW_MS = 1_700_000_123_456  # the stand-in clock's time
 
 
@@ -139,7 +143,13 @@ class FakeDriver(MapReduceDriver):
         out = []
         for mine, _partials in self.by_key(units, map_outputs):
             rows = [
-                {"site": f"s{s}.com", "buckets_changed": int(b != a), "before": b, "after": a}
+                {
+                    "site": f"s{s}.com",
+                    "buckets_changed": int(b != a),
+                    "before": b,
+                    "after": a,
+                    **NO_OTHER_CHANGE,
+                }
                 for s, h, _n in mine
                 for b, a in [self.diffs.get((s, h), (10, 10))]
             ]
@@ -444,7 +454,9 @@ async def test_reprocess_makes_a_new_version_and_rollback_returns(tmp_path: Path
         20,
         17,
     )
-    assert result["changes"] == [{"site": "s0.com", "buckets_changed": 1, "before": 10, "after": 7}]
+    assert result["changes"] == [
+        {"site": "s0.com", "buckets_changed": 1, "before": 10, "after": 7, **NO_OTHER_CHANGE}
+    ]
     now = p.catalog.unit_map(2)
     assert now[(0, 10)].path != "v1/0-10" and now[(0, 11)].path == "v1/0-11"
 

@@ -268,8 +268,8 @@ def test_check_range() -> None:
     check_range(0, 31 * DAY + HOUR, "minute", 31)
     with pytest.raises(RangeError, match="end must be after start"):
         check_range(DAY, DAY, "hour", 10)
-    with pytest.raises(RangeError, match="interval must be one of minute, hour, day"):
-        check_range(0, DAY, "week", 10)
+    with pytest.raises(RangeError, match="interval must be one of minute, hour, day, week, month"):
+        check_range(0, DAY, "year", 10)
     with pytest.raises(
         RangeError, match="range of 32 days exceeds the limit of 31 days for interval 'minute'"
     ):

@@ -27,7 +27,7 @@ from flowray.cluster.control import (
 )
 from flowray.config import Settings
 from flowray.core.router import SITE_RULE, normalize_site
-from flowray.warehouse.files import UNIT_SCHEMA, unit_path, write_unit
+from flowray.warehouse.files import unit_path, write_unit
 
 LAYOUT = {"groups": 2, "replicas": 3, "shards": 8, "base_groups": 2}
 
@@ -42,8 +42,12 @@ def old_data_dir(root: Path, sites: list[str]) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     (root / "layout.json").write_text(json.dumps(LAYOUT))
     rows = pa.table(
-        {"site": sorted(sites), "minute": [0] * len(sites), "count": [1] * len(sites)}
-    ).cast(UNIT_SCHEMA)
+        {
+            "site": sorted(sites),
+            "minute": pa.array([0] * len(sites), pa.timestamp("ms", tz="UTC")),
+            "count": [1] * len(sites),
+        }
+    )  # the columns the old release wrote
     write_unit(unit_path(root / "warehouse", "default", 1, 440_000, "old"), rows)
     return root
 

@@ -69,7 +69,9 @@ class JobRunner:
         except Exception as exc:  # reported to whoever polls the job
             state["error"] = f"{type(exc).__name__}: {exc}"
             state["state"] = "failed"
-            log.warning("%s job %s failed: %s", state["kind"], state["job"], state["error"])
+            log.warning(
+                "%s job %s failed: %s", state["kind"], state["job"], state["error"], exc_info=True
+            )
             self.on_failure()
         finally:
             state["seconds"] = round((self.clock_ms() - state["started_ms"]) / 1000, 3)

@@ -67,6 +67,8 @@ def _unavailable(exc: Exception) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=503, headers={"Retry-After": "1"})
 
 
+# Long: three route declarations (their parameters are their OpenAPI) and their
+# handlers, each a store call and its answers.
 def router(deps: Deps, registry: SiteRegistry) -> APIRouter:
     api = APIRouter(tags=["sites"])
     store: SiteStore = registry.store

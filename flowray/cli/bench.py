@@ -29,6 +29,7 @@ class Benchmark(StrEnum):
     front = "front"
     visitors = "visitors"
     dimensions = "dimensions"
+    insights = "insights"
 
 
 BENCHMARKS = tuple(b.value for b in Benchmark)

@@ -74,7 +74,7 @@ def write_unit(path: Path, table: pa.Table) -> None:
     make_dirs_durably(path.parent)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     pq.write_table(
-        table.select(UNIT_COLUMNS).cast(UNIT_SCHEMA),
+        conform_unit(table),
         tmp,
         row_group_size=ROW_GROUP_ROWS,
         compression="zstd",
@@ -104,7 +104,13 @@ def read_unit(path: str | None) -> pa.Table:
     no rows)."""
     if path is None:
         return UNIT_SCHEMA.empty_table()
-    table = pq.read_table(path)
+    return conform_unit(pq.read_table(path))
+
+
+def conform_unit(table: pa.Table) -> pa.Table:
+    """``table`` in UNIT_SCHEMA: its columns in order and type, and the columns it lacks
+    (a file from before the facts, or rows of site, minute and count alone) as a page
+    view with no visitor and empty dimensions would have them."""
     if table.schema.names == list(UNIT_COLUMNS):
         return table.cast(UNIT_SCHEMA)
     rows = table.num_rows
