@@ -90,6 +90,54 @@ def make_events(n: int, start_ms: int, sites: int = 500, ids: bool = False) -> l
     return events
 
 
+USER_AGENTS = [
+    "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) "
+    "Chrome/120.0.0.0 Safari/537.36",
+    "Mozilla/5.0 (iPhone; CPU iPhone OS 17_0 like Mac OS X) AppleWebKit/605.1.15 (KHTML, "
+    "like Gecko) Version/17.0 Mobile/15E148 Safari/604.1",
+    "Mozilla/5.0 (X11; Linux x86_64; rv:121.0) Gecko/20100101 Firefox/121.0",
+]
+
+
+def with_fields(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The same events with every field a tracker sends: a path with UTM parameters, a
+    referrer, a User-Agent, a visitor id, and now and then a custom event name."""
+    return [
+        {
+            **e,
+            "path": f"/products/{i % 97}?utm_source=news&utm_medium=email",
+            "referrer": "https://www.google.com/search?q=shoes",
+            "ua": USER_AGENTS[i % len(USER_AGENTS)],
+            "visitor": f"{(i * 2654435761) % 2**64:016x}",
+            **({"name": "Signup"} if i % 20 == 0 else {}),
+        }
+        for i, e in enumerate(events)
+    ]
+
+
+def fields_ratio(ingest: str, start_ms: int, seconds: float, rounds: int) -> None:
+    """Ingest with every field against count-only bodies of the same sizes, alternating
+    on one cluster, and print each pair's events/s and ratio."""
+    url = f"{ingest}/v1/events"
+    sizes = [(1000, 16, "NDJSON 1k"), (10_000, 8, "NDJSON 10k"), (1, 64, "single")]
+    for n, conns, label in sizes:
+        plain = make_events(n, start_ms)
+        for e in plain:
+            e.pop("path", None)
+        bodies = {"count-only": ndjson(plain), "all fields": ndjson(with_fields(plain))}
+        for round_ in range(rounds):
+            rates = {
+                kind: wrk(url, body, "application/x-ndjson", seconds, conns)["rps"] * n
+                for kind, body in bodies.items()
+            }
+            ratio = rates["all fields"] / rates["count-only"]
+            print(
+                f"{label} round {round_ + 1}: count-only {rates['count-only']:,.0f} events/s, "
+                f"all fields {rates['all fields']:,.0f} events/s, ratio {ratio:.2f}",
+                flush=True,
+            )
+
+
 def ndjson(events: list[dict[str, Any]]) -> bytes:
     return b"\n".join(orjson.dumps(e) for e in events)
 
@@ -506,6 +554,13 @@ def main() -> None:
         "seconds from each stop to the next acknowledged write",
     )
     parser.add_argument(
+        "--fields-only",
+        type=int,
+        metavar="N",
+        help="only compare bodies with every field against count-only bodies of the same "
+        "sizes, N alternating rounds on one fresh cluster; print each pair's ratio",
+    )
+    parser.add_argument(
         "--fleet-only",
         type=int,
         metavar="N",
@@ -521,6 +576,11 @@ def main() -> None:
             for _ in range(args.fleet_only):
                 r = asyncio.run(fleet_latency(fr.ingest, 2 * s, start_ms))
                 print(" ".join(f"{k} {v:.1f}" for k, v in r.items()), flush=True)
+        return
+    if args.fields_only:
+        with Flowray() as fr:
+            time.sleep(2)
+            fields_ratio(fr.ingest, start_ms, s, args.fields_only)
         return
     if args.pauses_only:
         with Flowray() as fr:

@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from typing import NamedTuple, TypeAlias
 from urllib.parse import parse_qsl, urlsplit
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from ua_parser import Domain, load_lazy_builtins
@@ -369,20 +370,23 @@ _URL_SCHEMA = pa.schema([(name, pa.string()) for name in _UrlParts._fields])
 
 def _external_hosts(referrers: Strings, site: str | Strings) -> pa.Array:
     """Each row's referrer host, or "" where it is the row's own site: per distinct
-    referrer for one site, per distinct (referrer host, site) pair for many."""
+    referrer for one site, per distinct (referrer, site) pair for many, the pairs found
+    from the two columns' dictionary codes (no per-row strings are made)."""
     indices, distinct = _distinct(referrers)
     hosts = [_referrer_host(referrer) for referrer in distinct]
     if isinstance(site, str):
         key = _site_key(site)
         return _strings_at(["" if _is_internal(host, key) else host for host in hosts], indices)
-    rows_host = _strings_at(hosts, indices)
-    pairs = pc.binary_join_element_wise(rows_host, _strings(site), "\n")
-    pair_indices, distinct_pairs = _distinct(pairs)
+    site_indices, sites = _distinct(site)
+    width = max(1, len(sites))
+    codes = indices.to_numpy(zero_copy_only=False).astype(np.int64) * width
+    codes += site_indices.to_numpy(zero_copy_only=False)
+    pairs, inverse = np.unique(codes, return_inverse=True)
     external = []
-    for pair in distinct_pairs:
-        host, _, row_site = pair.partition("\n")  # a normalized host has no "\n"
+    for pair in pairs.tolist():
+        host, row_site = hosts[pair // width], sites[pair % width]
         external.append("" if _is_internal(host, _site_key(row_site)) else host)
-    return _strings_at(external, pair_indices)
+    return _strings_at(external, pa.array(inverse.astype(np.int32)))
 
 
 # ---------------------------------------------------------------------------- shared

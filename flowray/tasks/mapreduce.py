@@ -138,7 +138,8 @@ def map_block_slices(
 
 
 def reduce_partials(partials: list[pa.Table]) -> pa.Table:
-    """Final facts for one reduce key, sorted by (shard, hour, site, minute): an event
+    """Final facts for one reduce key, sorted by (shard, hour) and then in the units'
+    order (site, minute, then every other column, so files come out the same): an event
     with an id counts once per (shard, hour, site), in the first of its rows by minute
     (then by its other columns, so every run picks the same)."""
     if not partials:  # units whose parts held nothing to map
@@ -154,7 +155,7 @@ def reduce_partials(partials: list[pa.Table]) -> pa.Table:
         f"  SELECT *, row_number() OVER (PARTITION BY shard, hour, site, id"
         f"   ORDER BY minute, visitor, {_DIMS}) AS n FROM x WHERE id IS NOT NULL"
         " ) WHERE n = 1"
-        f") GROUP BY {keys} ORDER BY shard, hour, site, minute"
+        f") GROUP BY {keys} ORDER BY {keys}"
     ).to_arrow_table()
 
 
@@ -170,20 +171,42 @@ def write_units(
     reduced: list[pa.Table],
     units: list[tuple[int, int, int]],
 ) -> list[Unit]:
-    """One file per (shard, hour, parts) unit, rows sorted by (site, minute)."""
-    con = _duck()
-    con.register("r", pa.concat_tables(reduced))
+    """One file per (shard, hour, parts) unit, rows sorted by (site, minute).
+
+    Each reduced table is sorted already (reduce_partials), so a unit's rows are one
+    run of it, sliced out rather than selected and sorted again per unit."""
+    runs: dict[tuple[int, int], pa.Table] = {}
+    for table in reduced:
+        runs.update(_unit_runs(table))
     out = []
     for shard, hour, parts in units:
-        rows = con.sql(
-            f"SELECT {_UNIT_SELECT} FROM r"
-            f" WHERE shard = {int(shard)} AND hour = {int(hour)} ORDER BY {_UNIT_ORDER}"
-        ).to_arrow_table()
+        rows = _unit_rows(runs.get((shard, hour), _EMPTY_REDUCED))
         path = unit_path(root, logic_name, shard, hour, job)
         write_unit(path, rows)
         events = int(pc.sum(rows.column("count")).as_py() or 0)
         out.append(Unit(shard, hour, str(path), parts, rows.num_rows, events))
     return out
+
+
+def _unit_runs(table: pa.Table) -> dict[tuple[int, int], pa.Table]:
+    """The rows of each (shard, hour) of a table sorted by them, as zero-copy slices."""
+    if table.num_rows == 0:
+        return {}
+    shards = table.column("shard").to_numpy().astype(np.int64)
+    hours = table.column("hour").to_numpy()
+    changes = np.flatnonzero((np.diff(shards) != 0) | (np.diff(hours) != 0)) + 1
+    starts = [0, *changes.tolist()]
+    ends = [*changes.tolist(), table.num_rows]
+    return {
+        (int(shards[a]), int(hours[a])): table.slice(a, b - a)
+        for a, b in zip(starts, ends, strict=True)
+    }
+
+
+def _unit_rows(run: pa.Table) -> pa.Table:
+    """A unit file's columns from reduce's rows (minute from epoch ms)."""
+    minute = run.column("minute").cast(pa.timestamp("ms", tz="UTC"))
+    return run.select(list(UNIT_COLUMNS)).set_column(1, "minute", minute)
 
 
 # Per site, of one unit: what changed, old rows (o) against new (n) per minute.
