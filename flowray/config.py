@@ -182,6 +182,9 @@ class Settings(BaseSettings):
     process_timeout_s: Seconds = Field(
         600.0, description="Longest wait for a processing job's tasks."
     )
+    query_threads: Count = Field(
+        2, description="DuckDB threads a query may use in each API process."
+    )
     # Query limits: the longest range per interval, in days.
     query_minute_days_max: Count = Field(
         31, description="Longest query range at minute resolution, in days."

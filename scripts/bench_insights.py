@@ -103,12 +103,14 @@ def make_events(n: int, sites: int, rich: bool, seed: int = 5, hour: int = HOUR)
 
 
 def pieces(events: pa.Table, hour: int = HOUR) -> list[tuple[tuple[int, int], list[bytes]]]:
-    """The (shard, hour) pieces of about 2,000 events each that the log would hold."""
+    """The (shard, hour) pieces of about 2,000 events each, LZ4-compressed as the log holds them."""
     shard = np.array([shard_for_site(s, SHARDS) for s in events.column("site").to_pylist()])
     out = []
     for s in range(SHARDS):
         part = events.filter(pa.array(shard == s))
-        payloads = [to_ipc(part.slice(i, 2000)) for i in range(0, part.num_rows, 2000)]
+        payloads = [
+            to_ipc(part.slice(i, 2000), compress=True) for i in range(0, part.num_rows, 2000)
+        ]
         out.append(((s, hour), payloads))
     return out
 
@@ -151,8 +153,10 @@ class _Listed:
 
 
 class _Week(Warehouse):
-    def __init__(self, root: Path, files: dict[int, list[tuple[int, int, str]]], end: int) -> None:
-        super().__init__(root, SHARDS)
+    def __init__(
+        self, root: Path, files: dict[int, list[tuple[int, int, str]]], end: int, threads: int
+    ) -> None:
+        super().__init__(root, SHARDS, threads)
         self.catalog = _Listed(files)  # type: ignore[assignment]
         self.end_ms = end
 
@@ -184,12 +188,14 @@ def build_week(root: Path, sites: int, per_hour: int, days: int) -> tuple[dict, 
     return files, days * 24 * per_hour, time.perf_counter() - started
 
 
-async def week_queries(root: Path, files: dict, sites: int, rounds: int) -> dict[str, list[float]]:
+async def week_queries(
+    root: Path, files: dict, sites: int, rounds: int, threads: int
+) -> dict[str, list[float]]:
     """Server time (Server-Timing) of the two insight queries the targets name, over
     sites half among the 100 largest and half uniform: uncached (each asked once), then
     cached (the same again)."""
     end = HOUR * 3_600_000
-    warehouse = _Week(root, files, end)
+    warehouse = _Week(root, files, end, threads)
     app = create_app(
         settings=Settings(data_dir=root / "app", shards=SHARDS, groups=1),
         shard_map=ShardMap.round_robin(SHARDS, 1),
@@ -249,6 +255,9 @@ def main() -> None:
     parser.add_argument("--days", type=int, default=7)
     parser.add_argument("--queries", type=int, default=300)
     parser.add_argument("--skip-hour", action="store_true", help="only the week's queries")
+    parser.add_argument(
+        "--threads", type=int, nargs="+", default=[1], help="DuckDB threads per query, each"
+    )
     args = parser.parse_args()
     if not args.skip_hour:
         one_hour(args)
@@ -263,9 +272,10 @@ def main() -> None:
             f"{args.week_sites:,} sites = {events:,} events, processed and compacted in "
             f"{took:.0f} s; warehouse {size / 2**20:,.0f} MiB ({size / events:.1f} B/event)"
         )
-        timings = asyncio.run(week_queries(root, files, args.week_sites, args.queries))
-        for name, ms in timings.items():
-            print(f"query {name:62s} {_percentiles(ms)}")
+        for threads in args.threads:
+            timings = asyncio.run(week_queries(root, files, args.week_sites, args.queries, threads))
+            for name, ms in timings.items():
+                print(f"query, {threads} DuckDB thread(s): {name:62s} {_percentiles(ms)}")
 
 
 def one_hour(args: argparse.Namespace) -> None:

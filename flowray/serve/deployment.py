@@ -523,7 +523,7 @@ class RayAdmin:
 
 def build_app() -> FastAPI:
     settings = Settings.from_json(json.loads(os.environ[SETTINGS_ENV]))
-    warehouse = Warehouse(settings.warehouse_dir, settings.shards)
+    warehouse = Warehouse(settings.warehouse_dir, settings.shards, settings.query_threads)
     directory = Directory(settings)
     shard_map = LiveShardMap(settings.base_map(), warehouse.catalog)
     prefix = f"flowray:{warehouse.catalog.identity}:"

@@ -128,13 +128,13 @@ def conform_unit(table: pa.Table) -> pa.Table:
 class Warehouse:
     """Read side: one site's minute counts over a time range."""
 
-    def __init__(self, root: Path, shard_count: int) -> None:
+    def __init__(self, root: Path, shard_count: int, threads: int = 1) -> None:
         self.root = root
         self.shard_count = shard_count
         self.catalog = Catalog(root / "catalog.sqlite")
         # One DuckDB database per process, so every thread shares its cache of Parquet
         # metadata; each thread queries through a cursor of its own.
-        self._db = duckdb.connect(config={"threads": 1, "enable_object_cache": True})
+        self._db = duckdb.connect(config={"threads": threads, "enable_object_cache": True})
         self._local = threading.local()
 
     def _con(self) -> duckdb.DuckDBPyConnection:
