@@ -24,7 +24,7 @@ import httpx
 import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_ingest import Flowray, make_events, ndjson, seed_lines, wrk  # noqa: E402
+from bench_ingest import Flowray, make_events, ndjson, seed_lines, with_fields, wrk  # noqa: E402
 
 TICKS_S = os.sysconf("SC_CLK_TCK")
 
@@ -34,6 +34,12 @@ def bodies(start_ms: int) -> dict[str, tuple[str, bytes, str, int]]:
     k1, k10 = make_events(1000, start_ms), make_events(10_000, start_ms)
     return {
         "ndjson1k": ("/v1/events", ndjson(k1), "application/x-ndjson", 16),
+        "ndjson1k_fields": (  # every field a tracker sends: path, referrer, UA, visitor
+            "/v1/events",
+            ndjson(with_fields(k1)),
+            "application/x-ndjson",
+            16,
+        ),
         "ndjson1k_ids": (
             "/v1/events",
             ndjson(make_events(1000, start_ms, ids=True)),
@@ -100,7 +106,8 @@ def main() -> None:
     parser.add_argument(
         "--body",
         default="ndjson1k",
-        help="ndjson1k, ndjson1k_ids (each event a unique id), ndjson5k_ids, json1k (a JSON "
+        help="ndjson1k, ndjson1k_fields (every field a tracker sends), ndjson1k_ids (each "
+        "event a unique id), ndjson5k_ids, json1k (a JSON "
         "array), ndjson100, ndjson10k, seed10k or single; several, comma-separated, take "
         "turns in each round on the same cluster",
     )

@@ -342,3 +342,57 @@ def test_late_events_are_counted_and_republish_their_hour(
         time.sleep(1.2)
         total = sum(p["count"] for p in _series(client, site, start))
         assert total == 37, "late events are counted, never dropped"
+
+
+def test_live_facts_keep_fielded_events_within_their_bound() -> None:
+    """Events with insight fields are kept (for live visitors and breakdowns) until the
+    bound; the rest of each minute is still counted, and the query side turns it into
+    page views without fields, so every event is in the live facts exactly once."""
+    from flowray.query import facts
+
+    minute = 1_700_000_040_000  # a minute's start
+    key = (0, minute // 3_600_000, 0)
+    with_fields = [
+        {"ts": minute + i, "site": "a.com", "path": f"/p{i % 3}", "visitor": f"v{i % 4}"}
+        for i in range(40)
+    ]
+    bare = [{"ts": minute + 5, "site": "a.com"} for _ in range(7)]
+    probe = LiveCounts()
+    probe.apply(key, _table(with_fields[:20]))
+    live = LiveCounts(rich_bytes_max=probe.rich_bytes)  # full after the first batch
+    live.apply(key, _table(with_fields[:20]))
+    live.apply(key, _table(with_fields[20:] + bare))
+    minutes, counts, rich = live.facts("a.com", minute, minute + 60_000, 0)
+    assert (minutes.tolist(), counts.tolist()) == ([minute], [47])
+    assert rich is not None and rich.num_rows == 20  # only the first batch was kept
+    table = facts.live_facts("a.com", (minutes.tolist(), counts.tolist(), rich))
+    assert sum(table.column("count").to_pylist()) == 47
+    kept = [r for r in table.to_pylist() if r["visitor"] is not None]
+    assert sum(r["count"] for r in kept) == 20
+    assert {r["path"] for r in kept} == {"/p0", "/p1", "/p2"}
+    assert len({r["visitor"] for r in kept}) == 4
+    # Another site, and a range that misses the minute, see nothing.
+    assert live.facts("b.com", minute, minute + 60_000, 0)[2] is None
+    assert live.facts("a.com", minute + 60_000, minute + 120_000, 0)[2] is None
+
+
+def test_live_facts_hold_a_retried_event_once() -> None:
+    """A retried batch is committed (and kept) again; its ids count once, as in the
+    counts, whichever part of the live facts holds them."""
+    from flowray.query import facts
+
+    minute = 1_700_000_040_000
+    key = (0, minute // 3_600_000, 0)
+    batch = [
+        {"ts": minute + i, "site": "a.com", "path": "/", "visitor": "v", "id": f"e{i}"}
+        for i in range(5)
+    ]
+    live = LiveCounts()
+    live.apply_payloads(key, [to_ipc(_table(batch), compress=True)])
+    live.apply_payloads(key, [to_ipc(_table(batch), compress=True)])  # the retry
+    found = live.facts("a.com", minute, minute + 60_000, 0, shard=0)
+    assert found[1].tolist() == [5]
+    assert found[2] is not None and found[2].num_rows == 5
+    table = facts.live_facts("a.com", (found[0].tolist(), found[1].tolist(), found[2]))
+    assert table.to_pylist()[0]["count"] == 5 and table.num_rows == 1
+    assert live.facts("a.com", minute, minute + 60_000, 0, shard=1)[2] is None  # other shard

@@ -449,7 +449,7 @@ class Replica:
         return minutes, counts
 
     async def live_facts(
-        self, site: str, start_ms: int, end_ms: int, published_upto: int
+        self, site: str, start_ms: int, end_ms: int, published_upto: int, shard: int | None = None
     ) -> tuple[list[int], list[int], pa.Table | None]:
         """:meth:`live_minutes` and the kept raw events of the same blocks
         (LiveCounts.facts): masters only, read on a thread like live_minutes."""
@@ -459,7 +459,9 @@ class Replica:
 
         def read() -> tuple[list[int], list[int], pa.Table | None]:
             with self.live_lock:
-                minutes, counts, rich = self.live.facts(site, start_ms, end_ms, published_upto)
+                minutes, counts, rich = self.live.facts(
+                    site, start_ms, end_ms, published_upto, shard
+                )
             return minutes.tolist(), counts.tolist(), rich
 
         found = await asyncio.get_running_loop().run_in_executor(self.read_worker, read)

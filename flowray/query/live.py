@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 
 from flowray.core.invariant import require
 from flowray.core.units import HOUR_MS, MINUTE_MS
-from flowray.ingest.pieces import from_ipc, from_ipc_many
+from flowray.ingest.pieces import from_ipc, from_ipc_many, to_ipc
 from flowray.storage.replica_log import BlockKey
 
 _native: types.ModuleType | None
@@ -59,7 +59,11 @@ class _Block:
         # Raw events that carry insight fields (a visitor, path, referrer, User-Agent or
         # event name), for live visitors and breakdowns; events without any are in the
         # counts alone, and so are those past the master's memory bound.
-        self.rich: list[pa.Table] = []
+        # The committed payloads (Arrow IPC, as replicated) that hold events with insight
+        # fields (a visitor, path, referrer, User-Agent or event name), for live visitors
+        # and breakdowns, decoded only when a query asks; events without any are in the
+        # counts alone, and so are those past the master's memory bound.
+        self.rich: list[bytes] = []
         self.rich_bytes = 0
 
     def add(self, keys: np.ndarray, counts: np.ndarray) -> None:
@@ -150,11 +154,10 @@ class SeenIds:
         return np.array(keep_list, dtype=bool)
 
 
-# The raw columns live facts keep: what flowray.query.facts derives facts from.
+# The raw columns live facts answer with: what flowray.query.facts derives facts from.
 RICH_COLUMNS = ("site", "ts", "path", "referrer", "ua", "visitor", "name")
 _INSIGHT_FIELDS = ("path", "referrer", "ua", "visitor", "name")
 RICH_BYTES_MAX = 256 * 1024 * 1024
-RICH_CHUNKS_MAX = 16  # kept tables per block before they are merged into one
 
 
 class LiveCounts:
@@ -172,9 +175,11 @@ class LiveCounts:
         self.codes: dict[str, int] = {}
         self.rich_dropped = 0  # events past the memory bound: counted, not kept
 
-    def apply(self, key: BlockKey, events: pa.Table) -> None:
-        """Count one committed batch of events of block ``key``. A batch it cannot count
-        (a column missing or of another type) raises before anything changes."""
+    def apply(self, key: BlockKey, events: pa.Table, payloads: list[bytes] | None = None) -> None:
+        """Count one committed batch of events of block ``key`` (decoded from
+        ``payloads``, when given: they are kept as they are if the batch has insight
+        fields). A batch it cannot count (a column missing or of another type) raises
+        before anything changes."""
         ids, site_column, ts = events.column("id"), events.column("site"), events.column("ts")
         if site_column.null_count or ts.null_count:  # IPC does not enforce "not null"
             raise ValueError("a committed batch with a missing site or time")
@@ -202,7 +207,7 @@ class LiveCounts:
         block = self.blocks.get(key)
         if block is None:
             block = self.blocks[key] = _Block()
-        self._keep_rich(block, events)
+        self._keep_rich(block, events, payloads)
         # Counted with numpy on (site code, minute number) keys: Arrow's group_by has a
         # large fixed cost per call, and this runs for every committed entry.
         encoded = site_column.combine_chunks().dictionary_encode()
@@ -230,26 +235,25 @@ class LiveCounts:
             )
         block.add(keys, counts.astype(np.int64))
 
-    def _keep_rich(self, block: _Block, events: pa.Table) -> None:
-        """Keep the events that carry insight fields, within the memory bound."""
+    def _keep_rich(self, block: _Block, events: pa.Table, payloads: list[bytes] | None) -> None:
+        """Keep a batch that carries insight fields, within the memory bound: its payloads
+        as committed (no work beyond a look at each column's null count), or for a batch
+        given as a table, that table serialized. Duplicates of ids are in them: the reader
+        keeps the first of each (site, id), as the counts do."""
+        if self.rich_bytes >= self.rich_bytes_max:
+            return  # full: not even looked at
         rows = events.num_rows
         present = [c for c in _INSIGHT_FIELDS if c in events.column_names]
         if all(events.column(c).null_count == rows for c in present):
             return  # count-only traffic: nothing to keep
-        mask = None
-        for c in present:
-            valid = pc.is_valid(events.column(c))
-            mask = valid if mask is None else pc.or_(mask, valid)
-        rich = events.filter(mask).select([c for c in RICH_COLUMNS if c in events.column_names])
-        size = rich.nbytes
+        kept = payloads if payloads is not None else [to_ipc(events, compress=True)]
+        size = sum(len(p) for p in kept)
         if self.rich_bytes + size > self.rich_bytes_max:
-            self.rich_dropped += rich.num_rows
+            self.rich_dropped += rows
             return
-        block.rich.append(rich)
+        block.rich.extend(kept)
         block.rich_bytes += size
         self.rich_bytes += size
-        if len(block.rich) >= RICH_CHUNKS_MAX:  # a few large tables filter faster than many
-            block.rich = [pa.concat_tables(block.rich, promote_options="default").combine_chunks()]
 
     def apply_payloads(self, key: BlockKey, payloads: Iterable[bytes]) -> list[str]:
         """Count committed payloads (Arrow IPC streams, in commit order) of block ``key``
@@ -265,27 +269,28 @@ class LiveCounts:
         payloads = list(payloads)
         if len(payloads) > 1:
             try:  # one stream, one count: the usual case
-                self.apply(key, from_ipc_many(payloads))
+                self.apply(key, from_ipc_many(payloads), payloads)
                 return []
             except (pa.ArrowException, OSError, KeyError, ValueError, TypeError):
                 pass  # apply changes nothing before it raises: count them one by one
         errors: list[str] = []
-        tables = []
+        tables, good = [], []
         for payload in payloads:
             try:
                 tables.append(from_ipc(payload))
+                good.append(payload)
             except (pa.ArrowException, OSError, ValueError) as exc:
                 errors.append(f"{type(exc).__name__}: {exc}")
         if not tables:
             return errors
         try:
-            self.apply(key, tables[0] if len(tables) == 1 else pa.concat_tables(tables))
+            self.apply(key, tables[0] if len(tables) == 1 else pa.concat_tables(tables), good)
         except (pa.ArrowException, KeyError, ValueError, TypeError) as exc:
             if len(tables) == 1:
                 return [*errors, f"{type(exc).__name__}: {exc}"]
-            for table in tables:  # apply changes nothing before it raises (see apply)
-                try:
-                    self.apply(key, table)
+            for table, payload in zip(tables, good, strict=True):  # apply changes nothing
+                try:  # before it raises (see apply)
+                    self.apply(key, table, [payload])
                 except (pa.ArrowException, KeyError, ValueError, TypeError) as one:
                     errors.append(f"{type(one).__name__}: {one}")
         return errors
@@ -336,21 +341,28 @@ class LiveCounts:
         return minutes * MINUTE_MS, counts.astype(np.int64)
 
     def facts(
-        self, site: str, start_ms: int, end_ms: int, published_upto: int
+        self,
+        site: str,
+        start_ms: int,
+        end_ms: int,
+        published_upto: int,
+        shard: int | None = None,
     ) -> tuple[np.ndarray, np.ndarray, pa.Table | None]:
         """:meth:`minutes` of ``site``, and its kept raw events in [start, end) from the
         same blocks (None when there are none): the query side derives facts from those
-        and counts the rest of each minute as page views without insight fields."""
+        and counts the rest of each minute as page views without insight fields.
+        ``shard``: the site's, so that only its blocks are decoded."""
         minutes, counts = self.minutes(site, start_ms, end_ms, published_upto)
         if not len(minutes):
             return minutes, counts, None
         tables = [
-            table
+            from_ipc_many(block.rich)
             for key, block in [*self.blocks.items(), *self.retired.items()]
-            if not 0 < block.seal_index <= published_upto
+            if block.rich
+            and not 0 < block.seal_index <= published_upto
+            and (shard is None or key[0] == shard)
             and start_ms < (key[1] + 1) * HOUR_MS
             and key[1] * HOUR_MS < end_ms
-            for table in block.rich
         ]
         if not tables:
             return minutes, counts, None
@@ -362,5 +374,26 @@ class LiveCounts:
             pc.equal(rich.column("site"), pa.scalar(site, pa.string())),
             pc.and_(pc.greater_equal(minute, start_ms), pc.less(minute, end_ms)),
         )
-        found = rich.filter(mask)
-        return minutes, counts, (found.combine_chunks() if found.num_rows else None)
+        found = _first_of_each_id(rich.filter(mask))
+        if not found.num_rows:
+            return minutes, counts, None
+        return minutes, counts, found.select(list(RICH_COLUMNS)).combine_chunks()
+
+
+def _first_of_each_id(events: pa.Table) -> pa.Table:
+    """Events in commit order with each (site, id) once, the first: what the counts hold
+    (a retried batch is committed again, and its payloads were kept again)."""
+    ids = events.column("id")
+    if ids.null_count == len(ids):
+        return events
+    seen: set[tuple[str, str]] = set()
+    keep = []
+    for site, event_id in zip(events.column("site").to_pylist(), ids.to_pylist(), strict=True):
+        if event_id is None:
+            keep.append(True)
+        elif (site, event_id) in seen:
+            keep.append(False)
+        else:
+            seen.add((site, event_id))
+            keep.append(True)
+    return events.filter(pa.array(keep, pa.bool_()))

@@ -32,7 +32,7 @@ from flowray.api.app import Unavailable, create_app
 from flowray.api.auth import ADMIN_TOKEN_ENV, Authorizer, TokenStore
 from flowray.api.insights import WarehouseInsights
 from flowray.config import Settings
-from flowray.core.router import ShardMap
+from flowray.core.router import ShardMap, shard_for_site
 from flowray.ingest.events import Row, rows_table
 from flowray.ingest.pieces import GroupEvents, Piece, Routed, merge_pieces, ordered
 from flowray.query import facts
@@ -402,7 +402,10 @@ class RayLive:
         try:
             _replica, handle = await self.directory.master(group)
             raw = await asyncio.wait_for(
-                handle.live_facts.remote(site, start_ms, end_ms, published), LIVE_TIMEOUT_S
+                handle.live_facts.remote(
+                    site, start_ms, end_ms, published, shard_for_site(site, self.settings.shards)
+                ),
+                LIVE_TIMEOUT_S,
             )
         except _UNAVAILABLE as exc:
             self.directory.forget(group, getattr(cause(exc), "leader", None))
