@@ -10,12 +10,14 @@ while they hold unprocessed events, and identical concurrent misses share one qu
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
+import numpy as np
 import orjson
 import pyarrow as pa
 from fastapi import APIRouter, Depends, Path, Query
@@ -319,12 +321,12 @@ def router(deps: Deps) -> APIRouter:
 
 
 def _with_site(query: InsightQuery, site: str) -> InsightQuery:
-    return model._replace(query, site=site)
+    return dataclasses.replace(query, site=site)
 
 
 def _whole(query: InsightQuery) -> InsightQuery:
     """The query's totals: no buckets, no dimensions."""
-    return model._replace(query, interval=None, dimensions=(), order_by=())
+    return dataclasses.replace(query, interval=None, dimensions=(), order_by=())
 
 
 def _metrics(query: InsightQuery, answer: InsightAnswer) -> dict[str, int]:
@@ -384,7 +386,7 @@ def _totals_body(
 def _label(epoch_ms: int | None, query: InsightQuery) -> str | None:
     if epoch_ms is None:
         return None
-    return series.labels(pa.array([epoch_ms]).to_numpy(), query.zone, "minute")[0]
+    return series.labels(np.array([epoch_ms], dtype=np.int64), query.zone, "minute")[0]
 
 
 class WarehouseInsights:

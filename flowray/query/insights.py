@@ -18,6 +18,7 @@ reads no file itself (the caller registers the rows as ``facts``).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal
 from zoneinfo import ZoneInfo
@@ -167,13 +168,7 @@ class InsightQuery:
     def previous(self) -> InsightQuery:
         """The same query over the period of equal length just before this one."""
         span = self.end_ms - self.start_ms
-        return _replace(self, start_ms=self.start_ms - span, end_ms=self.start_ms)
-
-
-def _replace(query: InsightQuery, **changes: Any) -> InsightQuery:
-    values = {name: getattr(query, name) for name in query.__dataclass_fields__}
-    values.update(changes)
-    return InsightQuery(**values)
+        return dataclasses.replace(self, start_ms=self.start_ms - span, end_ms=self.start_ms)
 
 
 _METRIC_SQL = {

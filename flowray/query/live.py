@@ -201,7 +201,6 @@ class LiveCounts:
             )
             if not mask.all():
                 site_column, minutes = site_column.filter(pa.array(mask)), minutes[mask]
-                events = events.filter(pa.array(mask))
         if len(minutes) == 0:
             return
         block = self.blocks.get(key)
@@ -386,14 +385,5 @@ def _first_of_each_id(events: pa.Table) -> pa.Table:
     ids = events.column("id")
     if ids.null_count == len(ids):
         return events
-    seen: set[tuple[str, str]] = set()
-    keep = []
-    for site, event_id in zip(events.column("site").to_pylist(), ids.to_pylist(), strict=True):
-        if event_id is None:
-            keep.append(True)
-        elif (site, event_id) in seen:
-            keep.append(False)
-        else:
-            seen.add((site, event_id))
-            keep.append(True)
-    return events.filter(pa.array(keep, pa.bool_()))
+    keep = SeenIds().first(events.column("site").combine_chunks(), ids.combine_chunks())
+    return events.filter(pa.array(keep))
