@@ -167,12 +167,17 @@ class Settings(BaseSettings):
     )
     rpc_timeout_s: Seconds = Field(5.0, description="Timeout of calls between actors.")
     # How long the ingress waits for a group's master to commit a proposal before it
-    # gives that master up (paused, partitioned, its disk hung), finds the new one and
-    # resends the proposal when every event in it has an id (otherwise it answers 503:
-    # the write may still commit). Proposals of many bytes get longer (see ingest).
+    # asks the master's followers whether they still follow it; once they do not
+    # (paused, partitioned, its disk hung) it finds the new master and resends the
+    # proposal when every event in it has an id (otherwise it answers 503: the write
+    # may still commit). The shortest election timeout: no new master can exist
+    # sooner. Proposals of many bytes get longer (see ingest).
     propose_deadline_s: Seconds = Field(
-        1.0,
-        description="A master that has not committed a proposal by then is given up.",
+        0.5,
+        description=(
+            "A master that has not committed a proposal by then is given up once its"
+            " followers no longer follow it."
+        ),
         json_schema_extra=_docs(allowed="a number > 0, below commit_timeout_s"),
     )
     # Replicas honour fault files in their directories (tests of hung disks only).

@@ -21,6 +21,7 @@ delivers only what the script says, with fake disks. Commands (node ids are numb
     expect role ID ROLE             master, follower or candidate
     expect term ID T / expect commit ID C / expect last ID L / expect abstain ID A|None
     expect log ID T1 T2 ...         the persisted log, as the term of each entry
+    expect sent A->B N              entries in the messages from A to B not yet delivered
     expect payloads ID P1 P2 ...    payloads of the persisted data entries
 """
 
@@ -157,6 +158,11 @@ class Harness:
         self.flush(i)
 
     def _expect(self, args: list[str], where: str) -> None:
+        if args[0] == "sent":
+            src, dst = _route(args[1:2])
+            sent = sum(len(m.entries) for m in self.pending if _matches(m, src, dst))
+            assert [str(sent)] == args[2:], f"{where}: {sent} entries wait, expected {args[2:]}"
+            return
         what, i, rest = args[0], int(args[1]), args[2:]
         node, disk = self.nodes[i], self.disks[i]
         if what == "log":

@@ -147,6 +147,12 @@ class Progress:
     match: int = 0
     next: int = 1
     heard_at: int = 0  # Node.ticks when this follower last answered in this term
+    answered: bool = False  # it answered since the last heartbeat
+    # It did not answer between two heartbeats (paused, cut off, its disk hung): it is
+    # sent empty probes only, until it answers. Resending it entries at every beat
+    # read and encoded megabytes on the master's loop for nobody, and the stalls cost
+    # the master its lease with the followers that did answer.
+    paused: bool = False
 
 
 @dataclass(frozen=True)
@@ -586,6 +592,7 @@ class Node:
             return
         pr = self.progress[msg.src]
         pr.heard_at = self.ticks
+        pr.answered, pr.paused = True, False
         if msg.ok:
             if msg.index > pr.match:
                 pr.match = msg.index
@@ -606,16 +613,27 @@ class Node:
     def _broadcast_append(self, heartbeat: bool) -> None:
         for peer in self._others():
             pr = self.progress[peer]
-            if heartbeat and pr.match < self.last_index:
-                pr.next = pr.match + 1  # resend what may have been lost
-            if heartbeat or pr.next <= self.last_index:
+            if heartbeat:
+                pr.paused = not pr.answered
+                pr.answered = False
+                if pr.paused:
+                    self._send_append(peer, probe=True)
+                    continue
+                if pr.match < self.last_index:
+                    pr.next = pr.match + 1  # resend what may have been lost
+                self._send_append(peer)
+            elif pr.next <= self.last_index and not pr.paused:
                 self._send_append(peer)
 
-    def _send_append(self, peer: int) -> None:
+    def _send_append(self, peer: int, probe: bool = False) -> None:
+        """Entries from the peer's next index on; none for a ``probe``, which only asks
+        whether the peer holds the entry before them (its answer resumes the flow)."""
         pr = self.progress[peer]
         prev = pr.next - 1
         entries = (
-            self.entries_from(pr.next, self.append_bytes_max) if pr.next <= self.last_index else []
+            self.entries_from(pr.next, self.append_bytes_max)
+            if pr.next <= self.last_index and not probe
+            else []
         )
         self._send(
             Msg(
