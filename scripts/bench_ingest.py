@@ -383,7 +383,8 @@ async def fleet_latency(url: str, seconds: float, start_ms: int) -> dict[str, fl
 
 
 class _KillProbe(threading.Thread):
-    """Writes a batch every 5 ms; notes the first acknowledgement after the kill."""
+    """Writes a batch every 5 ms; notes the first acknowledgement of a batch sent after
+    the kill (one sent before may have committed before it, answered just after)."""
 
     def __init__(self, url: str, body: bytes) -> None:
         super().__init__(daemon=True)
@@ -395,6 +396,7 @@ class _KillProbe(threading.Thread):
     def run(self) -> None:
         with httpx.Client(base_url=self.url, timeout=10) as client:
             while not self.stop.is_set():
+                sent_at = time.monotonic()
                 try:
                     ok = (
                         client.post(
@@ -406,7 +408,7 @@ class _KillProbe(threading.Thread):
                     )
                 except httpx.HTTPError:
                     ok = False
-                if ok and self.killed_at and not self.acked_after:
+                if ok and 0 < self.killed_at < sent_at and not self.acked_after:
                     self.acked_after = time.monotonic()
                 time.sleep(0.005)
 
