@@ -304,6 +304,28 @@ def test_escaped_strings_decode_as_the_exact_parser_decodes_them(
 
 
 @native
+def test_strings_scanned_a_word_at_a_time_agree_at_every_position() -> None:
+    """Plain ASCII is scanned 8 bytes at a time: raw UTF-8, an escape, DEL or a raw
+    control character at every position of strings around word sizes, and a body cut
+    after every byte; each is declined or parsed as the exact parser parses it, and
+    the valid ones take the C path."""
+    valid = ["é", "😀", r"\"", r"\\", r"\u00e9", r"\t", "\x7f"]
+    invalid = ["\x01", "\t"]
+    for length in range(26):
+        for at in range(length + 1):
+            for special in valid + invalid:
+                text = "a" * at + special + "b" * (length - at)
+                body = f'{{"site":"a.com","ts":{NOW_MS},"path":"/{text}","ua":"{text}"}}'
+                table = _agree(body.encode())
+                assert (table is not None) == (special in valid), body
+    ua = "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/120"
+    body = json.dumps({"site": "a.com", "ts": NOW_MS, "path": "/a/é/b", "ua": ua}).encode()
+    assert _agree(body) is not None
+    for cut in range(len(body)):
+        _agree(body[:cut])
+
+
+@native
 def test_the_usual_escapes_take_the_c_path() -> None:
     values = ["/blog/post", "café", "😀", '"quoted"', "tab\tnew\nline", "back\\slash", "é" * 128]
     body = "\n".join(
