@@ -112,11 +112,6 @@ static size_t utf8_sequence(const unsigned char *p, const unsigned char *end) {
     return n;
 }
 
-/* A string's bytes (after the opening quote) up to its closing quote, or NULL for a
- * bad escape, a control character, bytes that are not UTF-8 or no closing quote on
- * the line. Counts its characters as they decode (a UTF-8 sequence or an escape is
- * one), and sets *escaped if it has escapes. Strings are the only place where a byte
- * of 0x80 or more is taken, so a body the parser accepts is UTF-8 throughout. */
 /* Whether any of a word's 8 bytes ends or escapes a plain string run: below 0x20,
  * 0x80 or above (UTF-8, checked byte by byte), '"' or '\\'. Exact for "any"; which
  * byte it was is left to the byte-by-byte loop. */
@@ -129,6 +124,11 @@ static inline int plain_word_ends(uint64_t w) {
     return ((w | low | zero_quote | zero_slash) & HIGHS) != 0;
 }
 
+/* A string's bytes (after the opening quote) up to its closing quote, or NULL for a
+ * bad escape, a control character, bytes that are not UTF-8 or no closing quote on
+ * the line. Counts its characters as they decode (a UTF-8 sequence or an escape is
+ * one), and sets *escaped if it has escapes. Strings are the only place where a byte
+ * of 0x80 or more is taken, so a body the parser accepts is UTF-8 throughout. */
 static const char *scan_string(const char *p, const char *end, size_t *chars, int *escaped) {
     size_t n = 0, size;
     int words = 1;

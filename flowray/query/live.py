@@ -56,9 +56,6 @@ class _Block:
         self.tail_counts: list[np.ndarray] = []
         self.tail_len = 0
         self.seal_index = 0  # 0 while open
-        # Raw events that carry insight fields (a visitor, path, referrer, User-Agent or
-        # event name), for live visitors and breakdowns; events without any are in the
-        # counts alone, and so are those past the master's memory bound.
         # The committed payloads (Arrow IPC, as replicated) that hold events with insight
         # fields (a visitor, path, referrer, User-Agent or event name), for live visitors
         # and breakdowns, decoded only when a query asks; events without any are in the

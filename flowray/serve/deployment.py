@@ -92,10 +92,6 @@ RETRY_AFTER_ELECTION_S = 1
 # While a group has no master (an election), the ingress asks again this often, within
 # commit_timeout_s.
 MASTER_RETRY_S = 0.05
-# After a proposal's deadline, how often the ingress asks whether its master is still
-# followed (it waits on while it is): one tick, so a master is given up as soon as an
-# election ends (the asks cost two small calls, and only for a proposal that is late).
-FOLLOWED_CHECK_S = 0.05
 # Tries of one proposal (new masters, resends), at most, within commit_timeout_s.
 PROPOSE_ATTEMPTS_MAX = 200
 # A proposal's deadline grows by a second per this many bytes beyond the base
@@ -338,8 +334,9 @@ class RayIngest:
     ) -> Any:
         """The proposal's answer; TimeoutError once the master is given up: past its
         deadline, when its followers no longer vouch for it (Directory.still_followed,
-        asked every FOLLOWED_CHECK_S and itself bounded by ``end``); or at ``end``. An
-        answer that arrives while the followers are asked wins over their verdict."""
+        asked every replication tick so that a master is given up as soon as an
+        election ends, and itself bounded by ``end``); or at ``end``. An answer that
+        arrives while the followers are asked wins over their verdict."""
         loop = asyncio.get_running_loop()
         wait_s = deadline_s
         try:
@@ -357,7 +354,7 @@ class RayIngest:
                     return call.result()
                 if not followed:
                     raise TimeoutError(f"replica {replica} missed its deadline and lost its group")
-                wait_s = FOLLOWED_CHECK_S
+                wait_s = self.settings.tick_s
         finally:
             call.cancel()
 
