@@ -18,6 +18,13 @@ For each scale k (k x --events events in one hour), in one run on this machine:
    measured; and, as a second baseline, from the events already in Parquet (ts, site);
 4. the two outputs are compared: every (site, minute) count must be equal.
 Ingest is not part of the processing time; it is reported for scale.
+
+With ``--fields`` the events carry every field a tracker sends (Zipf-like pages per
+site, 5% with UTM parameters, referrers, real User-Agents, visitors, 5% custom
+events) and are committed as Arrow pieces (seed lines cannot carry fields); flowray
+derives and keeps every insight dimension, and the DuckDB baseline groups the same
+raw events from Parquet by (site, minute, visitor, name, path, referrer, User-Agent)
+in one query. Counts per (site, minute) and distinct visitors per site must agree.
 """
 
 from __future__ import annotations
@@ -47,8 +54,8 @@ import pyarrow.csv as pacsv  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import ray  # noqa: E402
 
-from flowray.cluster import control as cluster  # noqa: E402
 from flowray.actors.directory import Directory  # noqa: E402
+from flowray.cluster import control as cluster  # noqa: E402
 from flowray.config import Settings  # noqa: E402
 from flowray.core.router import ShardMap  # noqa: E402
 from flowray.ingest.events import EVENT_SCHEMA  # noqa: E402
@@ -56,9 +63,13 @@ from flowray.ingest.pieces import route  # noqa: E402
 from flowray.serve.deployment import RayIngest  # noqa: E402
 from flowray.warehouse.catalog import Catalog  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_insights import REFERRERS, UAS  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 HOUR_MS = 3_600_000
 FLEET_HOUR_EVENTS = 41_700_000
+RAW_SCHEMA = pa.schema([("ts", pa.int64()), ("site", pa.string())])
 CHUNK_EVENTS = 500_000  # events per generated chunk (and per ingest call)
 INFLIGHT_CHUNKS = 4
 PROCESS_TIMEOUT_S = 3600.0
@@ -75,11 +86,12 @@ if kind == "text":
     )
     minute = "strptime(left(stamp, 16), '%Y.%m.%d %H:%M')"
 else:
-    source = "SELECT ts, site FROM read_parquet(?)"
+    source = "SELECT * FROM read_parquet(?)"
     minute = "make_timestamp((ts // 60000) * 60000 * 1000)"
+keys = ", hash(visitor) AS visitor, name, path, referrer, ua" if kind == "fields" else ""
 started = time.perf_counter()
 con.execute(
-    f"COPY (SELECT site, {minute} AS minute, count(*)::BIGINT AS count FROM ({source})"
+    f"COPY (SELECT site, {minute} AS minute{keys}, count(*)::BIGINT AS count FROM ({source})"
     f" GROUP BY ALL ORDER BY site, minute) TO '{out}' (FORMAT parquet, COMPRESSION zstd)",
     [src],
 )
@@ -158,6 +170,34 @@ def make_chunk(rng: np.random.Generator, n: int, hour_ms: int, names: pa.Array) 
     return pa.table(columns, schema=EVENT_SCHEMA)
 
 
+def with_fields(rng: np.random.Generator, table: pa.Table, chunks: int) -> pa.Table:
+    """The chunk's events (one of ``chunks`` in the hour) with every field a tracker
+    sends, drawn vectorized: a page of the site (Zipf-like, 50 at most; 5% with UTM
+    parameters), a referrer, a User-Agent, a visitor (a site's visitors view 2.5 pages
+    an hour on average) and 5% custom events."""
+    n = table.num_rows
+    page = np.minimum(rng.zipf(1.5, n), 50) - 1
+    utm = rng.random(n) < 0.05
+    paths = pa.array([f"/p{p}" for p in range(50)] + [f"/p{p}?utm_source=news" for p in range(50)])
+    site = pc.index_in(table.column("site"), value_set=pc.unique(table.column("site")))
+    site_n = site.to_numpy(zero_copy_only=False)
+    per_hour = np.bincount(site_n)[site_n] * chunks  # each event's site's events this hour
+    visitor = site_n.astype(np.uint64) << np.uint64(32)
+    visitor += (rng.random(n) * np.maximum(1, per_hour / 2.5)).astype(np.uint64)
+    fields = {
+        "path": paths.take(pa.array(page + 50 * utm)),
+        "referrer": pa.array(REFERRERS, pa.string()).take(
+            pa.array(rng.integers(0, len(REFERRERS), n))
+        ),
+        "ua": pa.array(UAS).take(pa.array(rng.integers(0, len(UAS), n))),
+        "visitor": pc.cast(pa.array(visitor), pa.string()),
+        "name": pc.if_else(pa.array(rng.random(n) < 0.05), "Signup", pa.scalar(None, pa.string())),
+    }
+    for name, column in fields.items():
+        table = table.set_column(table.schema.get_field_index(name), name, column)
+    return table
+
+
 def seed_lines(table: pa.Table) -> pa.Table:
     """A chunk as seed-form raw lines: ``YYYY.MM.DD HH:MM:SS.mmm site``."""
     stamps = pc.strftime(
@@ -167,10 +207,17 @@ def seed_lines(table: pa.Table) -> pa.Table:
 
 
 async def ingest_hour(
-    settings: Settings, hour_ms: int, events: int, names: pa.Array, text: Path, raw: Path
+    settings: Settings,
+    hour_ms: int,
+    events: int,
+    names: pa.Array,
+    text: Path,
+    raw: Path,
+    fields: bool = False,
 ) -> float:
-    """Commit ``events`` generated events into the cluster; write them as seed lines and
-    as Parquet too. Returns the seconds spent committing."""
+    """Commit ``events`` generated events into the cluster; write them as seed lines
+    (unless they carry ``fields``) and as Parquet too. Returns the seconds spent
+    committing."""
     shard_map = ShardMap.round_robin(settings.shards, settings.groups)
     ingest = RayIngest(settings, Directory(settings))
     rng = np.random.default_rng(hour_ms // HOUR_MS)
@@ -181,17 +228,19 @@ async def ingest_hour(
         pacsv.CSVWriter(
             text, pa.schema([("line", pa.string())]), write_options=text_options
         ) as text_out,
-        pq.ParquetWriter(
-            raw, EVENT_SCHEMA.remove(6).remove(5).remove(4).remove(3).remove(2)
-        ) as raw_out,
+        pq.ParquetWriter(raw, EVENT_SCHEMA if fields else RAW_SCHEMA) as raw_out,
     ):
         sent = 0
         started = time.perf_counter()
         while sent < events:
             n = min(CHUNK_EVENTS, events - sent)
             chunk = make_chunk(rng, n, hour_ms, names)
-            text_out.write_table(seed_lines(chunk))
-            raw_out.write_table(chunk.select(["ts", "site"]))
+            if fields:
+                chunk = with_fields(rng, chunk, -(-events // CHUNK_EVENTS))
+                raw_out.write_table(chunk)
+            else:
+                text_out.write_table(seed_lines(chunk))
+                raw_out.write_table(chunk.select(["ts", "site"]))
             pending.add(asyncio.create_task(ingest.commit(route(chunk, shard_map))))
             if len(pending) >= INFLIGHT_CHUNKS:
                 done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
@@ -219,7 +268,8 @@ def duckdb_baseline(src: Path, kind: str, out: Path, threads: int) -> tuple[floa
 
 
 def compare(units: list[str], baseline: Path) -> tuple[int, int]:
-    """(rows that differ, rows compared) between flowray's units and DuckDB's output."""
+    """(rows that differ, rows compared) between flowray's units and DuckDB's output,
+    as counts per (site, minute)."""
     con = duckdb.connect()
     diff = con.execute(
         "SELECT site, m FROM (SELECT site, epoch_ms(minute) AS m, count FROM read_parquet(?)"
@@ -227,9 +277,24 @@ def compare(units: list[str], baseline: Path) -> tuple[int, int]:
         " GROUP BY site, m HAVING sum(count) <> 0",
         [units, str(baseline)],
     ).fetchall()
-    rows = con.execute("SELECT count(*) FROM read_parquet(?)", [str(baseline)]).fetchone()
-    differing = len(diff)
-    return differing, int(rows[0]) if rows else 0
+    rows = con.execute(
+        "SELECT count(*) FROM (SELECT DISTINCT site, minute FROM read_parquet(?))",
+        [str(baseline)],
+    ).fetchone()
+    return len(diff), int(rows[0]) if rows else 0
+
+
+def compare_visitors(units: list[str], baseline: Path) -> tuple[int, int]:
+    """(sites whose distinct visitors over the hour differ, sites) between flowray's
+    units and DuckDB's output; both hash visitors with DuckDB's hash."""
+    con = duckdb.connect()
+    per_site = "SELECT site, count(DISTINCT visitor) AS v FROM read_parquet(?) GROUP BY site"
+    differing, sites = con.execute(
+        f"SELECT count(*) FILTER (WHERE a.v IS DISTINCT FROM b.v), count(*)"
+        f" FROM ({per_site}) a FULL OUTER JOIN ({per_site}) b USING (site)",
+        [units, str(baseline)],
+    ).fetchone() or (0, 0)
+    return int(differing), int(sites)
 
 
 def run_scale(
@@ -239,7 +304,9 @@ def run_scale(
     names = site_names(args.sites)
     text, raw = work / f"hour{scale}.log", work / f"hour{scale}.parquet"
     print(f"scale {scale}x: {events:,} events", file=sys.stderr)
-    ingest_s = asyncio.run(ingest_hour(settings, hour_ms, events, names, text, raw))
+    ingest_s = asyncio.run(
+        ingest_hour(settings, hour_ms, events, names, text, raw, fields=args.fields)
+    )
     base_pss = pss_mib(os.getpid())
     with PeakSampler() as sampler:
         started = time.perf_counter()
@@ -250,10 +317,19 @@ def run_scale(
     paths = [u.path for u in catalog.units(version) if u.hour == hour_ms // HOUR_MS]
     catalog.close()
     threads = os.cpu_count() or 2
-    duck_text_s, duck_text_peak = duckdb_baseline(text, "text", work / "duck_text.parquet", threads)
-    duck_pq_s, duck_pq_peak = duckdb_baseline(raw, "parquet", work / "duck_pq.parquet", threads)
-    differing, rows = compare(paths, work / "duck_text.parquet")
+    duck_text_s = duck_text_peak = 0.0
+    if not args.fields:
+        duck_text_s, duck_text_peak = duckdb_baseline(
+            text, "text", work / "duck_text.parquet", threads
+        )
+    kind = "fields" if args.fields else "parquet"
+    duck_pq_s, duck_pq_peak = duckdb_baseline(raw, kind, work / "duck_pq.parquet", threads)
+    differing, rows = compare(paths, work / "duck_pq.parquet")
+    visitors_differing, sites = (
+        compare_visitors(paths, work / "duck_pq.parquet") if args.fields else (0, 0)
+    )
     out = {
+        "fields": args.fields,
         "scale": scale,
         "events": events,
         "published_events": summary["events"],
@@ -270,11 +346,13 @@ def run_scale(
         "duckdb_text_peak_mib": round(duck_text_peak),
         "duckdb_parquet_s": round(duck_pq_s, 2),
         "duckdb_parquet_peak_mib": round(duck_pq_peak),
-        "ratio_text": round(process_s / duck_text_s, 2),
+        "ratio_text": round(process_s / duck_text_s, 2) if duck_text_s else None,
         "ratio_parquet": round(process_s / duck_pq_s, 2),
         "rows": rows,
         "rows_differing": differing,
-        "raw_text_mib": round(text.stat().st_size / 2**20),
+        "sites": sites,
+        "sites_visitors_differing": visitors_differing,
+        "raw_parquet_mib": round(raw.stat().st_size / 2**20),
     }
     print(json.dumps(out), file=sys.stderr)
     text.unlink()
@@ -311,6 +389,12 @@ def main() -> None:
     parser.add_argument("--sites", type=int, default=100_000)
     parser.add_argument("--reduce-keys", type=int, default=4)
     parser.add_argument("--markdown", type=Path)
+    parser.add_argument(
+        "--fields",
+        action="store_true",
+        help="events with every field a tracker sends, against DuckDB grouping them by"
+        " (site, minute, visitor, name, path, referrer, User-Agent) from Parquet",
+    )
     args = parser.parse_args()
     scales = [int(s) for s in args.scales.split(",")]
     work = Path(tempfile.mkdtemp(prefix="bench-process-", dir=ROOT))
@@ -350,6 +434,8 @@ def render(results: list[dict[str, Any]], args: Any) -> str:
         " | flowray / DuckDB (Parquet) | (site, minute) rows, differing |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
+    if args.fields:
+        return render_fields(results, lines[0])
     for r in results:
         lines.append(
             f"| {r['scale']}x | {r['events']:,} | {r['process_s']} s | {r['events_per_s']:,}"
@@ -357,6 +443,26 @@ def render(results: list[dict[str, Any]], args: Any) -> str:
             f" {r['duckdb_text_s']} s ({r['duckdb_text_peak_mib']:,} MiB) | {r['ratio_text']}"
             f" | {r['duckdb_parquet_s']} s | {r['ratio_parquet']} |"
             f" {r['rows']:,}, {r['rows_differing']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def render_fields(results: list[dict[str, Any]], heading: str) -> str:
+    lines = [
+        heading + " Events with every field (path, referrer, User-Agent, visitor, 5% custom).",
+        "",
+        "| scale | events | flowray processing | events/s | peak memory (PSS, whole Ray"
+        " session) | DuckDB grouping the raw events (Parquet) | flowray / DuckDB |"
+        " (site, minute) rows, differing | sites, visitors differing |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r['scale']}x | {r['events']:,} | {r['process_s']} s | {r['events_per_s']:,}"
+            f" | {r['peak_pss_mib']:,} MiB (before: {r['pss_before_mib']:,}) |"
+            f" {r['duckdb_parquet_s']} s ({r['duckdb_parquet_peak_mib']:,} MiB) |"
+            f" {r['ratio_parquet']} | {r['rows']:,}, {r['rows_differing']} |"
+            f" {r['sites']:,}, {r['sites_visitors_differing']} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -562,8 +562,23 @@ REFERRER_POOL = [
     "http://[::1",
     "android-app://com.google.android.gm/",
     "https://other.org:8080/",
+    "https://www.www.shop.example.com/",
+    "https://example.com/",
 ]
-SITE_POOL = ["shop.example.com", "www.shop.example.com", "other.org", "BÜCHER.DE", "bad site"]
+SITE_POOL = [
+    "shop.example.com",
+    "www.shop.example.com",
+    "blog.shop.example.com",
+    "example.com",
+    "com",
+    "Shop.Example.com.",
+    "www.",
+    "-x.org",
+    "other.org",
+    "xn--bcher-kva.de",
+    "BÜCHER.DE",
+    "bad site",
+]
 
 
 def _sample(pool: list, extra: st.SearchStrategy) -> st.SearchStrategy:

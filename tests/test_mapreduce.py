@@ -204,6 +204,84 @@ def test_pipeline_matches_duckdb(keys: int, seed: int, n: int) -> None:
         )
 
 
+def random_partials(rng: random.Random, n: int) -> list[pa.Table]:
+    """Map outputs as reduce receives them: rows of several (shard, hour)s spread over a
+    few partials, the same keys in more than one, some rows with ids, no visitor or
+    the same id twice."""
+    rows = []
+    for _ in range(n):
+        dims = {
+            "name": rng.choice(["pageview", "Signup"]),
+            "path": rng.choice(["/", "/a", "/b"]),
+            **dict.fromkeys(("source", "utm_medium", "utm_campaign", "browser", "os"), ""),
+            "device": rng.choice(["desktop", "mobile"]),
+        }
+        rows.append(
+            {
+                "shard": rng.randrange(2),
+                "hour": HOUR + rng.randrange(2),
+                "site": rng.choice(SITES[:4]),
+                "minute": T0 + 60_000 * rng.randrange(3),
+                "id": rng.choice([None, None, None, "i1", "i2"]),
+                "visitor": rng.choice([None, 1, 2, 2**64 - 1]),
+                **dims,
+                "c": rng.randint(1, 3),
+                "e": 0 if dims["name"] == "pageview" else 1,
+            }
+        )
+    con = duckdb.connect(config={"threads": 1})
+    without_hash = PARTIAL_SCHEMA.remove(PARTIAL_SCHEMA.names.index("dh"))
+    table = pa.Table.from_pylist(rows, schema=without_hash)
+    con.register("t", table)
+    table = con.sql(f"SELECT *, hash({DIMS}) AS dh FROM t").to_arrow_table()
+    table = table.select(PARTIAL_SCHEMA.names).cast(PARTIAL_SCHEMA)
+    cuts = sorted(rng.sample(range(1, n), min(n - 1, 3))) if n > 1 else []
+    return [table.slice(a, b - a) for a, b in zip([0, *cuts], [*cuts, n], strict=True)]
+
+
+DIMS = "name, path, source, utm_medium, utm_campaign, browser, os, device"
+
+
+@given(seed=st.integers(0, 2**32), n=st.integers(1, 300))
+@settings(max_examples=30, deadline=None)
+def test_reduce_sums_what_a_group_by_sums_in_the_units_order(seed: int, n: int) -> None:
+    partials = random_partials(random.Random(seed), n)
+    con = duckdb.connect(config={"threads": 1})
+    con.register("x", pa.concat_tables(partials))
+    keys = f"shard, hour, site, minute, visitor, {DIMS}"
+    expected = con.sql(
+        f"SELECT * FROM (SELECT {keys}, sum(c)::BIGINT AS count, sum(e)::BIGINT AS events FROM ("
+        f" SELECT {keys}, c, e FROM x WHERE id IS NULL UNION ALL"
+        f" SELECT {keys}, 1, (e > 0)::BIGINT FROM (SELECT *, row_number() OVER ("
+        f"  PARTITION BY shard, hour, site, id ORDER BY minute, visitor, {DIMS}) AS k"
+        "  FROM x WHERE id IS NOT NULL) WHERE k = 1"
+        f") GROUP BY ALL) ORDER BY shard, hour, site, minute, visitor NULLS LAST, hash({DIMS})"
+    ).to_arrow_table()
+    got = reduce_partials(partials)
+    assert got.to_pylist() == expected.to_pylist()
+
+
+def test_rows_whose_dimension_hashes_collide_stay_apart() -> None:
+    row = {
+        "shard": 0,
+        "hour": HOUR,
+        "site": "taobao.com",
+        "minute": T0,
+        "id": None,
+        "visitor": 7,
+        "name": "pageview",
+        "path": "/a",
+        **dict.fromkeys(("source", "utm_medium", "utm_campaign", "browser", "os"), ""),
+        "device": "desktop",
+        "dh": 42,  # not the real hash: two different paths made to collide
+        "c": 1,
+        "e": 0,
+    }
+    rows = [row, {**row, "path": "/b"}, {**row, "c": 2}]
+    got = reduce_partials([pa.Table.from_pylist(rows, schema=PARTIAL_SCHEMA)])
+    assert sorted((r["path"], r["count"]) for r in got.to_pylist()) == [("/a", 3), ("/b", 1)]
+
+
 def test_duplicates_in_different_slices_count_once(tmp_path: Path) -> None:
     site = "taobao.com"
     shard = shard_for_site(site, SHARDS)

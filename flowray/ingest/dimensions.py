@@ -35,7 +35,7 @@ import pyarrow.compute as pc
 from ua_parser import Domain, load_lazy_builtins
 from ua_parser.regex import Resolver as RegexResolver
 
-from flowray.core.router import SiteError, normalize_site
+from flowray.core.router import SITE_BYTES_MAX, SiteError, normalize_site
 from flowray.ingest.schema import PATH_CHARS_MAX
 
 # What the functions take as a column: any Arrow string-like array, or a list.
@@ -369,24 +369,65 @@ _URL_SCHEMA = pa.schema([(name, pa.string()) for name in _UrlParts._fields])
 
 
 def _external_hosts(referrers: Strings, site: str | Strings) -> pa.Array:
-    """Each row's referrer host, or "" where it is the row's own site: per distinct
-    referrer for one site, per distinct (referrer, site) pair for many, the pairs found
-    from the two columns' dictionary codes (no per-row strings are made)."""
+    """Each row's referrer host, or "" where it is the row's own site. Per distinct
+    referrer for one site; for many, no per-row or per-site Python: a row is internal
+    when its site's key is its host or a parent domain of it, so each site's key is
+    looked up among the few parent domains of the few distinct hosts."""
     indices, distinct = _distinct(referrers)
     hosts = [_referrer_host(referrer) for referrer in distinct]
     if isinstance(site, str):
         key = _site_key(site)
         return _strings_at(["" if _is_internal(host, key) else host for host in hosts], indices)
-    site_indices, sites = _distinct(site)
-    width = max(1, len(sites))
-    codes = indices.to_numpy(zero_copy_only=False).astype(np.int64) * width
-    codes += site_indices.to_numpy(zero_copy_only=False)
-    pairs, inverse = np.unique(codes, return_inverse=True)
-    external = []
-    for pair in pairs.tolist():
-        host, row_site = hosts[pair // width], sites[pair % width]
-        external.append("" if _is_internal(host, _site_key(row_site)) else host)
-    return _strings_at(external, pa.array(inverse.astype(np.int32)))
+    parents = sorted({p for host in hosts for p in _parent_domains(host)})
+    host_of_row = indices.to_numpy(zero_copy_only=False).astype(np.int64)
+    if not parents:  # no referrer with a host: nothing to compare
+        return _strings_at(hosts, indices)
+    encoded = pc.dictionary_encode(_strings(site))
+    keys = _site_keys(encoded.dictionary)
+    parent_of_key = pc.fill_null(pc.index_in(keys, value_set=pa.array(parents)), -1)
+    parent_of_row = parent_of_key.to_numpy()[encoded.indices.to_numpy(zero_copy_only=False)]
+    # internal[h, p]: parent domain p is host h or one of its parents; the last
+    # column stands for "no parent domain" and is never internal.
+    internal = np.zeros((len(hosts), len(parents) + 1), dtype=bool)
+    column = {parent: i for i, parent in enumerate(parents)}
+    for h, host in enumerate(hosts):
+        for parent in _parent_domains(host):
+            internal[h, column[parent]] = True
+    inside = internal[host_of_row, parent_of_row]
+    return _strings_at([*hosts, ""], pa.array(np.where(inside, len(hosts), host_of_row)))
+
+
+def _parent_domains(host: str) -> list[str]:
+    """The host and every domain it is under ("a.b.c": "a.b.c", "b.c", "c"): the site
+    keys it is internal to; none for no host."""
+    if not host:
+        return []
+    labels = host.split(".")
+    return [".".join(labels[i:]) for i in range(len(labels))]
+
+
+# A site name already in normalize_site's form (lower-case ASCII labels of at most 63
+# letters, digits and inner hyphens), as an RE2 pattern for Arrow.
+_LABEL_RE2 = "[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
+_NORMAL_SITE = f"^{_LABEL_RE2}(?:\\.{_LABEL_RE2})*$"
+
+
+def _site_keys(sites: pa.Array) -> pa.Array:
+    """_site_key of each distinct site: by Arrow for sites already normal (every site
+    ingest stores), by normalize_site for the rest."""
+    normal = pc.and_(
+        pc.match_substring_regex(sites, _NORMAL_SITE),
+        pc.less_equal(pc.binary_length(sites), SITE_BYTES_MAX),
+    )
+    www = pc.and_(pc.starts_with(sites, "www."), pc.greater(pc.binary_length(sites), 4))
+    keys = pc.if_else(www, pc.utf8_slice_codeunits(sites, 4), sites)
+    if pc.all(normal).as_py():
+        return keys
+    odd = np.flatnonzero(~normal.to_numpy(zero_copy_only=False))
+    values = keys.to_pylist()
+    for i in odd.tolist():
+        values[i] = _site_key(sites[i].as_py())
+    return pa.array(values, pa.string())
 
 
 # ---------------------------------------------------------------------------- shared

@@ -1,11 +1,12 @@
 """Map-reduce over sealed blocks, as pure functions with thin Ray task wrappers.
 
 Map: decode a slice of raw event payloads, apply the processing logic, count events
-per (site, minute) — events carrying an id are kept per id so that duplicates can be
-dropped later — and rehash every site into one of R reduce keys (the key of its
-shard, see ``router.reduce_key_for_shard``). Reduce: merge every map output for one
-key, count each (site, id) once, sum per (shard, hour, site, minute), sort, and write
-one Parquet file per (shard, hour) unit the key owns — R tasks write in parallel.
+per (site, minute, visitor, dimensions) — events carrying an id are kept per id so
+that duplicates can be dropped later — and rehash every site into one of R reduce
+keys (the key of its shard, see ``router.reduce_key_for_shard``). Reduce: merge every
+map output for one key, count each (site, id) once, sort and sum equal rows, and
+write one Parquet file per (shard, hour) unit the key owns — R tasks write in
+parallel.
 
 Re-processing uses the same map and reduce (with the run's logic, and optionally only
 some sites) and then *rewrites* each unit: the sites re-processed take their new
@@ -41,8 +42,13 @@ from flowray.warehouse.files import (
 )
 
 _DIMS = ", ".join(("name", *DIMENSION_COLUMNS))
+_DIM_NAMES = ("name", *DIMENSION_COLUMNS)
+# A fact's name and dimensions as one number (DuckDB's hash, as for visitors): what
+# rows of one (site, minute, visitor) are ordered by, in every unit file.
+_DIMS_HASH = f"hash({_DIMS})"
 # What a map makes: facts per (shard, hour, site, minute, id, visitor, name, dimensions),
-# an event with an id alone in its row so that reduce can count it once.
+# an event with an id alone in its row so that reduce can count it once; dh is
+# _DIMS_HASH.
 PARTIAL_SCHEMA = pa.schema(
     [
         ("shard", pa.int32()),
@@ -53,6 +59,7 @@ PARTIAL_SCHEMA = pa.schema(
         ("visitor", pa.uint64()),
         ("name", pa.string()),
         *((c, pa.string()) for c in DIMENSION_COLUMNS),
+        ("dh", pa.uint64()),
         ("c", pa.int64()),
         ("e", pa.int64()),
     ]
@@ -121,10 +128,11 @@ def map_block_slices(
         con.register("ev", facts.derive(events))
         partial = con.sql(
             f"SELECT {int(shard)}::INTEGER AS shard, {int(hour)}::BIGINT AS hour, site, minute,"
-            f" id, visitor_hash AS visitor, {_DIMS}, count(*)::BIGINT AS c,"
+            f" id, visitor, {_DIMS}, {_DIMS_HASH} AS dh, c, e FROM ("
+            f" SELECT site, minute, id, visitor_hash AS visitor, {_DIMS}, count(*)::BIGINT AS c,"
             " sum(is_event)::BIGINT AS e"
             f" FROM (SELECT {facts.FACT_SELECT}, id FROM ev)"
-            f" GROUP BY site, minute, id, visitor_hash, {_DIMS}"
+            f" GROUP BY site, minute, id, visitor_hash, {_DIMS})"
         ).to_arrow_table()
         con.unregister("ev")
         partials.append(partial.cast(PARTIAL_SCHEMA))
@@ -139,29 +147,99 @@ def map_block_slices(
 
 def reduce_partials(partials: list[pa.Table]) -> pa.Table:
     """Final facts for one reduce key, sorted by (shard, hour) and then in the units'
-    order (site, minute, then every other column, so files come out the same): an event
-    with an id counts once per (shard, hour, site), in the first of its rows by minute
-    (then by its other columns, so every run picks the same)."""
+    order (site, minute, visitor with no visitor last, dimensions hash: the same in
+    every run, so files come out the same): an event with an id counts once per
+    (shard, hour, site), in the first of its rows by minute (then by its other
+    columns, so every run picks the same)."""
     if not partials:  # units whose parts held nothing to map
         return _EMPTY_REDUCED
+    table = pa.concat_tables([p.cast(PARTIAL_SCHEMA) for p in partials])
+    columns = [n for n in PARTIAL_SCHEMA.names if n != "id"]
+    with_id = pc.is_valid(table.column("id"))
+    if pc.any(with_id).as_py():
+        con = _duck()
+        con.register("x", table.filter(with_id))
+        keys = f"shard, hour, site, minute, visitor, {_DIMS}, dh"
+        once = con.sql(
+            f"SELECT {keys}, 1::BIGINT AS c, (e > 0)::BIGINT AS e FROM ("
+            f" SELECT *, row_number() OVER (PARTITION BY shard, hour, site, id"
+            f"  ORDER BY minute, visitor, {_DIMS}) AS n FROM x"
+            ") WHERE n = 1"
+        ).to_arrow_table()
+        plain = table.filter(pc.invert(with_id)).select(columns)
+        table = pa.concat_tables([plain, once.cast(plain.schema)])
+    return _sum_equal_rows(table.select(columns))
+
+
+def _sum_equal_rows(table: pa.Table) -> pa.Table:
+    """One row per (shard, hour, site, minute, visitor, name and dimensions) with the
+    counts summed, in the units' order. Sorting numbers (the site's rank among the
+    sites, the dimensions' hash) and then gathering the rows moves each text once,
+    where an SQL GROUP BY and ORDER BY carry eight text columns through both."""
+    if table.num_rows == 0:
+        return _EMPTY_REDUCED
+    site = table.column("site").combine_chunks()
+    encoded = pc.dictionary_encode(site)
+    ranks = pc.rank(encoded.dictionary, sort_keys="ascending", tiebreaker="dense")
+    site_rank = ranks.to_numpy()[encoded.indices.to_numpy()]
+    visitor = table.column("visitor").combine_chunks()
+    no_visitor = pc.is_null(visitor).to_numpy(zero_copy_only=False)
+    keys = [
+        table.column("dh").to_numpy(),
+        pc.fill_null(visitor, 0).to_numpy(),
+        no_visitor,
+        table.column("minute").to_numpy(),
+        site_rank,
+        table.column("hour").to_numpy(),
+        table.column("shard").to_numpy(),
+    ]
+    order = np.lexsort(keys)  # the last key first
+    new_row = np.zeros(len(order), dtype=bool)
+    new_row[0] = True
+    for key in keys:
+        sorted_key = key[order]
+        new_row[1:] |= sorted_key[1:] != sorted_key[:-1]
+    if _hashes_collide(table, order, new_row):
+        return _sum_equal_rows_by_sql(table)
+    starts = np.flatnonzero(new_row)
+    count = np.add.reduceat(table.column("c").to_numpy()[order], starts)
+    events = np.add.reduceat(table.column("e").to_numpy()[order], starts)
+    first = table.take(pa.array(order[starts]))
+    return pa.Table.from_arrays(
+        [first.column(n) for n in _EMPTY_REDUCED.schema.names[:-2]]
+        + [pa.array(count, pa.int64()), pa.array(events, pa.int64())],
+        schema=_EMPTY_REDUCED.schema,
+    )
+
+
+def _hashes_collide(table: pa.Table, order: np.ndarray, new_row: np.ndarray) -> bool:
+    """Whether two rows about to be summed differ in name or dimensions: their 64-bit
+    hashes collided. Only those rows are compared."""
+    joined = np.flatnonzero(~new_row)
+    if not len(joined):
+        return False
+    left, right = pa.array(order[joined - 1]), pa.array(order[joined])
+    return any(
+        pc.any(pc.not_equal(table.column(n).take(left), table.column(n).take(right))).as_py()
+        for n in _DIM_NAMES
+    )
+
+
+def _sum_equal_rows_by_sql(table: pa.Table) -> pa.Table:
+    """What _sum_equal_rows gives, by SQL, for the tables where two dimension hashes
+    collide: the text breaks the tie."""
     con = _duck()
-    con.register("x", pa.concat_tables([p.cast(PARTIAL_SCHEMA) for p in partials]))
+    con.register("x", table)
     keys = f"shard, hour, site, minute, visitor, {_DIMS}"
     return con.sql(
-        f"SELECT {keys}, sum(c)::BIGINT AS count, sum(e)::BIGINT AS events FROM ("
-        f" SELECT {keys}, c, e FROM x WHERE id IS NULL"
-        " UNION ALL"
-        f" SELECT {keys}, 1::BIGINT AS c, (e > 0)::BIGINT AS e FROM ("
-        f"  SELECT *, row_number() OVER (PARTITION BY shard, hour, site, id"
-        f"   ORDER BY minute, visitor, {_DIMS}) AS n FROM x WHERE id IS NOT NULL"
-        " ) WHERE n = 1"
-        f") GROUP BY {keys} ORDER BY {keys}"
+        f"SELECT {keys}, sum(c)::BIGINT AS count, sum(e)::BIGINT AS events FROM x"
+        f" GROUP BY {keys}, dh ORDER BY shard, hour, site, minute, visitor NULLS LAST, dh, {_DIMS}"
     ).to_arrow_table()
 
 
 # A unit file's columns, from reduce's output (minute in epoch ms there).
 _UNIT_SELECT = f"site, make_timestamptz(minute * 1000) AS minute, {', '.join(UNIT_COLUMNS[2:])}"
-_UNIT_ORDER = f"site, minute, visitor, {_DIMS}"
+_UNIT_ORDER = f"site, minute, visitor NULLS LAST, {_DIMS_HASH}, {_DIMS}"
 
 
 def write_units(
