@@ -5,6 +5,7 @@ The pipeline's output is checked against an independent DuckDB count of the raw 
 
 from __future__ import annotations
 
+import math
 import random
 import tempfile
 from collections import defaultdict
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -23,6 +25,7 @@ from flowray.ingest.events import EVENT_SCHEMA
 from flowray.ingest.pieces import HOUR_MS, to_ipc
 from flowray.tasks.mapreduce import (
     PARTIAL_SCHEMA,
+    _packed,
     map_block_slices,
     reduce_partials,
     rewrite_units,
@@ -259,6 +262,25 @@ def test_reduce_sums_what_a_group_by_sums_in_the_units_order(seed: int, n: int) 
     ).to_arrow_table()
     got = reduce_partials(partials)
     assert got.to_pylist() == expected.to_pylist()
+
+
+@given(
+    columns=st.lists(
+        st.lists(st.integers(0, 2**40), min_size=5, max_size=5), min_size=1, max_size=4
+    )
+)
+@settings(max_examples=50, deadline=None)
+def test_packed_keys_sort_as_the_keys_do(columns: list[list[int]]) -> None:
+    keys = [np.array(c, dtype=np.int64) for c in columns]
+    packed = _packed(keys)
+    widths = [int(k.max()) - int(k.min()) + 1 for k in keys]
+    if math.prod(widths) >= 2**63:
+        assert packed is None
+        return
+    assert packed is not None
+    by_keys = sorted(range(5), key=lambda i: [int(k[i]) for k in keys])
+    assert sorted(range(5), key=lambda i: int(packed[i])) == by_keys
+    assert len(set(packed.tolist())) == len({tuple(int(k[i]) for k in keys) for i in range(5)})
 
 
 def test_rows_whose_dimension_hashes_collide_stay_apart() -> None:
