@@ -236,7 +236,7 @@ def random_partials(rng: random.Random, n: int) -> list[pa.Table]:
     without_hash = PARTIAL_SCHEMA.remove(PARTIAL_SCHEMA.names.index("dh"))
     table = pa.Table.from_pylist(rows, schema=without_hash)
     con.register("t", table)
-    table = con.sql(f"SELECT *, hash({DIMS}) AS dh FROM t").to_arrow_table()
+    table = con.sql(f"SELECT *, hash(visitor, {DIMS}) AS dh FROM t").to_arrow_table()
     table = table.select(PARTIAL_SCHEMA.names).cast(PARTIAL_SCHEMA)
     cuts = sorted(rng.sample(range(1, n), min(n - 1, 3))) if n > 1 else []
     return [table.slice(a, b - a) for a, b in zip([0, *cuts], [*cuts, n], strict=True)]
@@ -258,7 +258,8 @@ def test_reduce_sums_what_a_group_by_sums_in_the_units_order(seed: int, n: int) 
         f" SELECT {keys}, 1, (e > 0)::BIGINT FROM (SELECT *, row_number() OVER ("
         f"  PARTITION BY shard, hour, site, id ORDER BY minute, visitor, {DIMS}) AS k"
         "  FROM x WHERE id IS NOT NULL) WHERE k = 1"
-        f") GROUP BY ALL) ORDER BY shard, hour, site, minute, visitor NULLS LAST, hash({DIMS})"
+        f") GROUP BY ALL) ORDER BY shard, hour, site, minute, visitor IS NULL,"
+        f" hash(visitor, {DIMS})"
     ).to_arrow_table()
     got = reduce_partials(partials)
     assert got.to_pylist() == expected.to_pylist()
@@ -283,7 +284,7 @@ def test_packed_keys_sort_as_the_keys_do(columns: list[list[int]]) -> None:
     assert len(set(packed.tolist())) == len({tuple(int(k[i]) for k in keys) for i in range(5)})
 
 
-def test_rows_whose_dimension_hashes_collide_stay_apart() -> None:
+def test_rows_whose_hashes_collide_stay_apart() -> None:
     row = {
         "shard": 0,
         "hour": HOUR,
@@ -295,13 +296,22 @@ def test_rows_whose_dimension_hashes_collide_stay_apart() -> None:
         "path": "/a",
         **dict.fromkeys(("source", "utm_medium", "utm_campaign", "browser", "os"), ""),
         "device": "desktop",
-        "dh": 42,  # not the real hash: two different paths made to collide
+        "dh": 42,  # not the real hash: rows that differ made to collide
         "c": 1,
         "e": 0,
     }
-    rows = [row, {**row, "path": "/b"}, {**row, "c": 2}]
+    rows = [row, {**row, "path": "/b"}, {**row, "c": 2}, {**row, "visitor": 8}]
     got = reduce_partials([pa.Table.from_pylist(rows, schema=PARTIAL_SCHEMA)])
-    assert sorted((r["path"], r["count"]) for r in got.to_pylist()) == [("/a", 3), ("/b", 1)]
+    assert sorted((r["visitor"], r["path"], r["count"]) for r in got.to_pylist()) == [
+        (7, "/a", 3),
+        (7, "/b", 1),
+        (8, "/a", 1),
+    ]
+    # A row without a visitor and one with: "no visitor" is part of the sort key, so
+    # they never meet; two without one do, and are summed.
+    rows = [{**row, "visitor": None}, {**row, "visitor": None, "c": 4}, row]
+    got = reduce_partials([pa.Table.from_pylist(rows, schema=PARTIAL_SCHEMA)])
+    assert [(r["visitor"], r["count"]) for r in got.to_pylist()] == [(7, 1), (None, 5)]
 
 
 def test_duplicates_in_different_slices_count_once(tmp_path: Path) -> None:

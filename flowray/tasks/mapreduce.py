@@ -43,12 +43,12 @@ from flowray.warehouse.files import (
 
 _DIMS = ", ".join(("name", *DIMENSION_COLUMNS))
 _DIM_NAMES = ("name", *DIMENSION_COLUMNS)
-# A fact's name and dimensions as one number (DuckDB's hash, as for visitors): what
-# rows of one (site, minute, visitor) are ordered by, in every unit file.
-_DIMS_HASH = f"hash({_DIMS})"
+# A fact's visitor, name and dimensions as one number (DuckDB's hash, as for visitors):
+# what the rows of one (site, minute) are ordered by, in every unit file.
+_ROW_HASH = f"hash(visitor, {_DIMS})"
 # What a map makes: facts per (shard, hour, site, minute, id, visitor, name, dimensions),
 # an event with an id alone in its row so that reduce can count it once; dh is
-# _DIMS_HASH.
+# _ROW_HASH.
 PARTIAL_SCHEMA = pa.schema(
     [
         ("shard", pa.int32()),
@@ -128,7 +128,7 @@ def map_block_slices(
         con.register("ev", facts.derive(events))
         partial = con.sql(
             f"SELECT {int(shard)}::INTEGER AS shard, {int(hour)}::BIGINT AS hour, site, minute,"
-            f" id, visitor, {_DIMS}, {_DIMS_HASH} AS dh, c, e FROM ("
+            f" id, visitor, {_DIMS}, {_ROW_HASH} AS dh, c, e FROM ("
             f" SELECT site, minute, id, visitor_hash AS visitor, {_DIMS}, count(*)::BIGINT AS c,"
             " sum(is_event)::BIGINT AS e"
             f" FROM (SELECT {facts.FACT_SELECT}, id FROM ev)"
@@ -147,8 +147,9 @@ def map_block_slices(
 
 def reduce_partials(partials: list[pa.Table]) -> pa.Table:
     """Final facts for one reduce key, sorted by (shard, hour) and then in the units'
-    order (site, minute, visitor with no visitor last, dimensions hash: the same in
-    every run, so files come out the same): an event with an id counts once per
+    order (site, minute, rows without a visitor last, the hash of visitor, name and
+    dimensions: the same in every run, so files come out the same): an event with an
+    id counts once per
     (shard, hour, site), in the first of its rows by minute (then by its other
     columns, so every run picks the same)."""
     if not partials:  # units whose parts held nothing to map
@@ -174,27 +175,27 @@ def reduce_partials(partials: list[pa.Table]) -> pa.Table:
 def _sum_equal_rows(table: pa.Table) -> pa.Table:
     """One row per (shard, hour, site, minute, visitor, name and dimensions) with the
     counts summed, in the units' order. Sorting numbers (the site's rank among the
-    sites, the dimensions' hash) and then gathering the rows moves each text once,
-    where an SQL GROUP BY and ORDER BY carry eight text columns through both."""
+    sites, the row hash) and then gathering the rows moves each text once, where an
+    SQL GROUP BY and ORDER BY carry eight text columns through both."""
     if table.num_rows == 0:
         return _EMPTY_REDUCED
     site = table.column("site").combine_chunks()
     encoded = pc.dictionary_encode(site)
     ranks = pc.rank(encoded.dictionary, sort_keys="ascending", tiebreaker="dense")
-    site_rank = ranks.to_numpy()[encoded.indices.to_numpy()]
-    visitor = table.column("visitor").combine_chunks()
-    no_visitor = pc.is_null(visitor).to_numpy(zero_copy_only=False)
-    leading = [  # the first keys, most significant first
+    leading = [  # the keys before the row hash, most significant first
         table.column("shard").to_numpy(),
         table.column("hour").to_numpy(),
-        site_rank,
+        ranks.to_numpy()[encoded.indices.to_numpy()],
         table.column("minute").to_numpy(),
-        no_visitor,
+        pc.is_null(table.column("visitor")).to_numpy(),
     ]
     packed = _packed(leading)
-    rest = [table.column("dh").to_numpy(), pc.fill_null(visitor, 0).to_numpy()]
-    keys = [*rest, packed] if packed is not None else [*rest, *reversed(leading)]
-    order = np.lexsort(keys)  # the last key first
+    keys = [packed] if packed is not None else leading
+    keys.append(table.column("dh").to_numpy())
+    names = [f"k{i}" for i in range(len(keys))]
+    order = pc.sort_indices(
+        pa.table(dict(zip(names, keys, strict=True))), sort_keys=[(n, "ascending") for n in names]
+    ).to_numpy()
     new_row = np.zeros(len(order), dtype=bool)
     new_row[0] = True
     for key in keys:
@@ -231,33 +232,36 @@ def _packed(keys: list[np.ndarray]) -> np.ndarray | None:
 
 
 def _hashes_collide(table: pa.Table, order: np.ndarray, new_row: np.ndarray) -> bool:
-    """Whether two rows about to be summed differ in name or dimensions: their 64-bit
-    hashes collided. Only those rows are compared."""
+    """Whether two rows about to be summed differ in visitor, name or dimensions: their
+    64-bit hashes collided. Only those rows are compared."""
     joined = np.flatnonzero(~new_row)
     if not len(joined):
         return False
     left, right = pa.array(order[joined - 1]), pa.array(order[joined])
-    return any(
-        pc.any(pc.not_equal(table.column(n).take(left), table.column(n).take(right))).as_py()
-        for n in _DIM_NAMES
-    )
+    for name in ("visitor", *_DIM_NAMES):
+        a, b = table.column(name).take(left), table.column(name).take(right)
+        same = pc.or_(pc.fill_null(pc.equal(a, b), False), pc.and_(pc.is_null(a), pc.is_null(b)))
+        if not pc.all(same).as_py():
+            return True
+    return False
 
 
 def _sum_equal_rows_by_sql(table: pa.Table) -> pa.Table:
-    """What _sum_equal_rows gives, by SQL, for the tables where two dimension hashes
-    collide: the text breaks the tie."""
+    """What _sum_equal_rows gives, by SQL, for the tables where two row hashes collide:
+    the visitor and the text break the tie."""
     con = _duck()
     con.register("x", table)
     keys = f"shard, hour, site, minute, visitor, {_DIMS}"
     return con.sql(
         f"SELECT {keys}, sum(c)::BIGINT AS count, sum(e)::BIGINT AS events FROM x"
-        f" GROUP BY {keys}, dh ORDER BY shard, hour, site, minute, visitor NULLS LAST, dh, {_DIMS}"
+        f" GROUP BY {keys}, dh"
+        f" ORDER BY shard, hour, site, minute, visitor IS NULL, dh, visitor, {_DIMS}"
     ).to_arrow_table()
 
 
 # A unit file's columns, from reduce's output (minute in epoch ms there).
 _UNIT_SELECT = f"site, make_timestamptz(minute * 1000) AS minute, {', '.join(UNIT_COLUMNS[2:])}"
-_UNIT_ORDER = f"site, minute, visitor NULLS LAST, {_DIMS_HASH}, {_DIMS}"
+_UNIT_ORDER = f"site, minute, visitor IS NULL, {_ROW_HASH}, visitor, {_DIMS}"
 
 
 def write_units(
