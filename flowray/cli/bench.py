@@ -30,6 +30,7 @@ class Benchmark(StrEnum):
     visitors = "visitors"
     dimensions = "dimensions"
     insights = "insights"
+    fleet = "fleet"
 
 
 BENCHMARKS = tuple(b.value for b in Benchmark)
