@@ -378,7 +378,8 @@ def _external_hosts(referrers: Strings, site: str | Strings) -> pa.Array:
     if isinstance(site, str):
         key = _site_key(site)
         return _strings_at(["" if _is_internal(host, key) else host for host in hosts], indices)
-    parents = sorted({p for host in hosts for p in _parent_domains(host)})
+    domains = [_parent_domains(host) for host in hosts]
+    parents = sorted({p for under in domains for p in under})
     host_of_row = indices.to_numpy(zero_copy_only=False).astype(np.int64)
     if not parents:  # no referrer with a host: nothing to compare
         return _strings_at(hosts, indices)
@@ -390,9 +391,8 @@ def _external_hosts(referrers: Strings, site: str | Strings) -> pa.Array:
     # column stands for "no parent domain" and is never internal.
     internal = np.zeros((len(hosts), len(parents) + 1), dtype=bool)
     column = {parent: i for i, parent in enumerate(parents)}
-    for h, host in enumerate(hosts):
-        for parent in _parent_domains(host):
-            internal[h, column[parent]] = True
+    for h, under in enumerate(domains):
+        internal[h, [column[p] for p in under]] = True
     inside = internal[host_of_row, parent_of_row]
     return _strings_at([*hosts, ""], pa.array(np.where(inside, len(hosts), host_of_row)))
 

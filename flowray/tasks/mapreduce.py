@@ -41,8 +41,8 @@ from flowray.warehouse.files import (
     write_unit,
 )
 
-_DIMS = ", ".join(("name", *DIMENSION_COLUMNS))
 _DIM_NAMES = ("name", *DIMENSION_COLUMNS)
+_DIMS = ", ".join(_DIM_NAMES)
 # A fact's visitor, name and dimensions as one number (DuckDB's hash, as for visitors):
 # what the rows of one (site, minute) are ordered by, in every unit file.
 _ROW_HASH = f"hash(visitor, {_DIMS})"
@@ -162,9 +162,8 @@ def reduce_partials(partials: list[pa.Table]) -> pa.Table:
     """Final facts for one reduce key, sorted by (shard, hour) and then in the units'
     order (site, minute, rows without a visitor last, the hash of visitor, name and
     dimensions: the same in every run, so files come out the same): an event with an
-    id counts once per
-    (shard, hour, site), in the first of its rows by minute (then by its other
-    columns, so every run picks the same)."""
+    id counts once per (shard, hour, site), in the first of its rows by minute (then
+    by its other columns, so every run picks the same)."""
     if not partials:  # units whose parts held nothing to map
         return _EMPTY_REDUCED
     table = pa.concat_tables([p.cast(PARTIAL_SCHEMA) for p in partials])
@@ -228,7 +227,7 @@ def _sum_equal_rows(table: pa.Table) -> pa.Table:
 
 
 def _packed(keys: list[np.ndarray]) -> np.ndarray | None:
-    """The keys (non-negative integers, most significant first) as one int64 that sorts
+    """The keys (integers or booleans, most significant first) as one int64 that sorts
     the same, when their ranges fit in 63 bits; else None. Fewer keys to sort by: the
     sort's cost grows with each."""
     out = np.zeros(len(keys[0]), dtype=np.int64)
